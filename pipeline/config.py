@@ -1,0 +1,451 @@
+"""The one typed Config: pydantic v2 schema, YAML loading, dotted CLI overrides, RunPaths.
+
+Every section forbids unknown keys, so a typo in a YAML file or an override fails at once with
+the offending key named. Library functions take one section (or plain arguments), never the
+whole Config.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+class PreprocessSpec(_Section):
+    """How a model wants its input. Applied on tensors to the shared RGB [0, 1] pixel cache."""
+
+    size: int = Field(32, ge=8, description="square input side in pixels")
+    channels: Literal[1, 3] = 3
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+    invert: bool = Field(False, description="1 - x before normalising (white-on-black domains)")
+
+    @model_validator(mode="after")
+    def _stats_match_channels(self) -> "PreprocessSpec":
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if len(v) not in (1, self.channels):
+                raise ValueError(f"{name} has {len(v)} values for {self.channels} channels")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class ModelSpec(_Section):
+    """A model from a library: `{library: open_clip, name: ViT-B-32, pretrained: <tag|file>}`."""
+
+    key: str | None = Field(None, description="short name for caches and reports; default: name")
+    library: Literal["project", "torchvision", "timm", "open_clip"] = "project"
+    name: str = "cnn_small"
+    weights: str | None = Field(None, description="local safetensors or torch state-dict file")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or local checkpoint")
+    num_classes: int | None = Field(None, description="default: len(data.classes)")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}."],
+        description="open_clip zero-shot prompt templates; {} is the class name",
+    )
+
+    @property
+    def cache_key(self) -> str:
+        return self.key or self.name.replace("/", "_")
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------
+class DataConfig(_Section):
+    sources: list[str] = Field(
+        default_factory=list,
+        description="web image sources, by prefix: folder:DIR, manifest:FILE.csv|.parquet, wds:SHARDS.tar",
+    )
+    classes: list[str] = Field(default_factory=list, description="teacher's classes, in output order")
+    label_map: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="web query -> class name; a query not in classes and not mapped is off-class",
+    )
+    image_size: int = Field(32, ge=8, description="side of the decoded pixel cache all models read")
+    fit: Literal["squash", "crop", "pad"] = Field(
+        "squash", description="how non-square images reach image_size"
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out slice of the pool")
+    val_source: str | None = Field(None, description="optional labelled validation source")
+    test_source: str | None = Field(None, description="optional labelled test source, read once")
+
+    @field_validator("sources")
+    @classmethod
+    def _known_prefix(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if s.split(":", 1)[0] not in ("folder", "manifest", "wds") or ":" not in s:
+                raise ValueError(f"source {s!r} must start with folder:, manifest: or wds:")
+        return v
+
+
+class IngestConfig(_Section):
+    min_side: int = Field(16, ge=1, description="smaller images are quarantined as too_small")
+    max_pixels: int = Field(89_478_485, description="Pillow's decompression-bomb limit (w*h)")
+    max_bytes: int = Field(50 * 2**20, description="larger files are quarantined as too_large")
+    path_column: str = "path"
+    label_column: str = "label"
+    caption_column: str = "caption"
+    url_column: str = "url"
+    extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"],
+        description="file names considered images in folders and shards",
+    )
+
+
+class FeaturesConfig(_Section):
+    batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(0, ge=0)
+    encoders: list[Literal["teachers", "student"]] = Field(default_factory=lambda: ["teachers"])
+
+
+class IndexConfig(_Section):
+    encoder: str | None = Field(None, description="feature cache key to index; default: first teacher")
+    factory: str | None = Field(None, description="FAISS factory string; default: chosen by size")
+    flat_max: int = Field(20_000, description="exact Flat index up to this many vectors")
+    memory_budget_mb: float = Field(2048, description="past this, IVF-PQ instead of IVF-Flat")
+    nprobe: int = Field(16, ge=1)
+    k: int = Field(10, ge=1)
+    block_size: int = Field(4096, ge=1, description="queries per search block")
+    near_dup_threshold: float | None = Field(0.98, description="cosine; None disables")
+    use_gpu: Literal["auto", "never"] = "auto"
+
+
+class KnnConfig(_Section):
+    enabled: bool = False
+    k: int = Field(10, ge=1)
+    min_agree: float = Field(0.3, ge=0.0, le=1.0, description="share of neighbours with the same pseudo-label")
+
+
+class SelectionConfig(_Section):
+    mode: Literal["kd3", "teacher", "none"] = Field(
+        "kd3", description="kd3: teacher+student dynamic; teacher: teacher only; none: keep all"
+    )
+    p_cut: float = Field(0.95, gt=0.0, le=1.0)
+    tau_min: float = Field(0.0, ge=0.0, lt=1.0, description="floor on per-class thresholds")
+    reselect_every: int = Field(1, ge=1, description="epochs between re-selection")
+    query_top2: bool = Field(False, description="reject when the web query class is outside the teacher top-2")
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    fallback: Literal["previous", "all"] = Field("previous", description="on an empty selection")
+
+
+class TrainConfig(_Section):
+    method: str = "kd3"
+    method_args: dict[str, Any] = Field(default_factory=dict)
+    label_source: Literal["web", "refined"] = "web"
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: bool = True
+    eval_batch_size: int = 512
+    warm_start: str | None = Field(None, description="student checkpoint or export dir to start from")
+
+
+class ExportConfig(_Section):
+    onnx: bool = True
+    opset: int = 17
+    atol: float = 1e-4
+
+
+class FlowsConfig(_Section):
+    curate_cron: str | None = "0 2 * * *"
+    refresh_cron: str | None = "0 3 * * 1"
+    timezone: str = "UTC"
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(5.0, ge=0)
+
+
+class Config(_Section):
+    name: str = "webkd"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    data: DataConfig = Field(default_factory=DataConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    teachers: list[ModelSpec] = Field(default_factory=list)
+    student: ModelSpec = Field(default_factory=ModelSpec)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    flows: FlowsConfig = Field(default_factory=FlowsConfig)
+
+    @model_validator(mode="after")
+    def _unique_teacher_keys(self) -> "Config":
+        keys = [t.cache_key for t in self.teachers]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"teacher keys must be unique, got {keys}")
+        return self
+
+    @property
+    def paths(self) -> "RunPaths":
+        return RunPaths(Path(self.run_dir))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# loading and overrides
+# --------------------------------------------------------------------------------------------
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {e['msg']}")
+    return f"invalid config ({origin}): " + "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.1` -> (["train", "lr"], 0.1). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw (un-validated) config dict; list items by index."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = out
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = _list_item(node, part, parts[: i + 1])
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {text!r}: '{'.'.join(parts[:i])}' is not a section")
+                nxt = node.get(part)
+                if nxt is None:
+                    nxt = [] if parts[i + 1].isdigit() else {}
+                    node[part] = nxt
+                node = nxt
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = int(last) if last.isdigit() else -1
+            if not 0 <= idx < len(node):
+                raise ConfigError(f"override {text!r}: no list item {last!r}")
+            node[idx] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override {text!r}: '{'.'.join(parts[:-1])}' is not a section")
+    return out
+
+
+def _list_item(node: list, part: str, where: list[str]) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"no list item '{'.'.join(where)}' (list has {len(node)} items)")
+    return node[int(part)]
+
+
+def _resolve_relative(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A relative path in a YAML file (source, weights, checkpoint) is taken relative to that
+    file's folder when it exists there, else relative to the working directory."""
+    def fix(p: str) -> str:
+        if Path(p).is_absolute() or not (base / p).exists():
+            return p
+        return str(base / p)
+
+    def fix_source(s: str) -> str:
+        prefix, sep, rest = s.partition(":")
+        return f"{prefix}:{fix(rest)}" if sep and prefix in ("folder", "manifest", "wds") else s
+
+    out = copy.deepcopy(raw)
+    data = out.get("data")
+    if isinstance(data, dict):
+        if isinstance(data.get("sources"), list):
+            data["sources"] = [fix_source(s) if isinstance(s, str) else s for s in data["sources"]]
+        for k in ("val_source", "test_source"):
+            if isinstance(data.get(k), str):
+                data[k] = fix_source(data[k])
+    specs = list(out.get("teachers") or []) + [out.get("student")]
+    for spec in specs:
+        if isinstance(spec, dict):
+            for k in ("weights", "pretrained"):
+                if isinstance(spec.get(k), str):
+                    spec[k] = fix(spec[k])
+    return out
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 origin: str = "<dict>") -> Config:
+    raw = apply_overrides(raw or {}, list(overrides))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (relative paths resolved against its folder), then apply overrides."""
+    if path is None:
+        return build_config({}, overrides)
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = _resolve_relative(raw, path.resolve().parent)
+    return build_config(raw, overrides, origin=str(path))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def save_resolved_config(cfg: Config) -> Path:
+    """Write the resolved config into the run directory (atomically) before work starts."""
+    from pipeline.storage import atomic_write_text
+
+    p = cfg.paths.config
+    atomic_write_text(p, dump_config(cfg))
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# run directory layout: every name defined once
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine.parquet"
+
+    @property
+    def ingest_state(self) -> Path:
+        """Source listings already seen (uri -> size, mtime, id) for incremental ingest."""
+        return self.root / "ingest_state.parquet"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    def features(self, key: str) -> Path:
+        return self.features_dir / f"{key}.npy"
+
+    def logits(self, key: str) -> Path:
+        return self.features_dir / f"{key}.logits.npy"
+
+    def features_meta(self, key: str) -> Path:
+        return self.features_dir / f"{key}.json"
+
+    def pixels(self, size: int, fit: str) -> Path:
+        return self.root / "pixels" / f"rgb{size}_{fit}.npy"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    def index(self, key: str) -> Path:
+        return self.index_dir / f"{key}.faiss"
+
+    @property
+    def selection_dir(self) -> Path:
+        return self.root / "selection"
+
+    def ledger(self, epoch: int) -> Path:
+        return self.selection_dir / f"epoch_{epoch:03d}.parquet"
+
+    @property
+    def labels(self) -> Path:
+        """Refined labels (PLL two-hot): id, refined_label, pair_1, pair_2, agree."""
+        return self.root / "labels.parquet"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.parquet"
+
+    @property
+    def gallery_dir(self) -> Path:
+        return self.root / "gallery"
+
+    @property
+    def gallery(self) -> Path:
+        return self.gallery_dir / "index.html"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints_dir / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints_dir / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def overrides(self) -> Path:
+        return self.root / "overrides.json"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry.json"
+
+    @property
+    def students_dir(self) -> Path:
+        return self.root / "students"

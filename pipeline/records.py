@@ -1,0 +1,145 @@
+"""Record schema and manifest I/O (Parquet).
+
+A record is one distinct image (id = sha256 of its bytes, as img2dataset and DataComp do). The
+manifest's row index joins every row-aligned array of the run (features, logits, pixel cache,
+ledger). Rows are only ever appended (incremental ingest) or updated in place (extra labels of
+an exact duplicate, a near-duplicate status), never reordered or removed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage import atomic_write_table
+
+OK = "ok"
+
+# Reason codes. Quarantine rows carry one of these; a manifest row's status is OK or one of
+# the post-ingest codes (near_duplicate).
+REASONS = {
+    "not_found": "file listed but missing",
+    "unreadable": "file exists but cannot be read (permissions, I/O error)",
+    "empty": "zero bytes",
+    "too_large": "file larger than ingest.max_bytes",
+    "not_an_image": "bytes are not an image format Pillow knows (HTML, text, ...)",
+    "truncated": "image data ends early or is corrupt",
+    "bomb": "pixel count above the decompression-bomb limit",
+    "too_small": "a side below ingest.min_side",
+    "unsupported_mode": "pixel mode that cannot be converted to RGB faithfully",
+    "unsafe_path": "path escapes its root (.., absolute, link outside)",
+    "bad_row": "manifest row without a usable path",
+    "duplicate": "same bytes as an earlier record (labels merged into it)",
+    "near_duplicate": "embedding cosine above the threshold to a kept representative",
+}
+
+
+@dataclass
+class Record:
+    id: str                                  # sha256 hex of the file bytes
+    uri: str                                 # file path, or "<tar>/<member>" for shard members
+    source: str                              # the source spec it came from (folder:..., ...)
+    web_label: str | None = None             # the web query of the first occurrence
+    web_labels: list[str] = field(default_factory=list)  # every query it was found under
+    caption: str | None = None
+    url: str | None = None
+    container: str | None = None             # tar shard path for shard members
+    offset: int = -1                         # byte offset of the member data in the shard
+    length: int = -1                         # byte length (file size)
+    width: int = 0                           # after EXIF transpose
+    height: int = 0
+    format: str = ""                         # JPEG, PNG, ...
+    mode: str = ""                           # original Pillow mode
+    status: str = OK
+    dup_of: str | None = None                # representative id for near duplicates
+    batch: int = 0                           # ingest round that added it
+
+
+@dataclass
+class QuarantineRow:
+    uri: str
+    source: str
+    reason: str
+    detail: str = ""
+    id: str | None = None
+    web_label: str | None = None
+    dup_of: str | None = None
+    batch: int = 0
+
+
+RECORD_SCHEMA = pa.schema([
+    ("id", pa.string()), ("uri", pa.string()), ("source", pa.string()),
+    ("web_label", pa.string()), ("web_labels", pa.list_(pa.string())),
+    ("caption", pa.string()), ("url", pa.string()),
+    ("container", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("mode", pa.string()),
+    ("status", pa.string()), ("dup_of", pa.string()), ("batch", pa.int32()),
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("uri", pa.string()), ("source", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("id", pa.string()), ("web_label", pa.string()), ("dup_of", pa.string()), ("batch", pa.int32()),
+])
+
+
+def _to_table(rows: Iterable[Any], schema: pa.Schema, cls: type) -> pa.Table:
+    names = [f.name for f in fields(cls)]
+    cols: dict[str, list] = {n: [] for n in names}
+    for r in rows:
+        d = asdict(r) if not isinstance(r, dict) else r
+        for n in names:
+            cols[n].append(d.get(n))
+    return pa.table(cols, schema=schema)
+
+
+def records_to_table(records: Iterable[Record]) -> pa.Table:
+    return _to_table(records, RECORD_SCHEMA, Record)
+
+
+def quarantine_to_table(rows: Iterable[QuarantineRow]) -> pa.Table:
+    return _to_table(rows, QUARANTINE_SCHEMA, QuarantineRow)
+
+
+def save_manifest(path: str | Path, records: Iterable[Record]) -> None:
+    atomic_write_table(path, records_to_table(records))
+
+
+def load_manifest(path: str | Path) -> list[Record]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [Record(**row) for row in pq.read_table(path, schema=RECORD_SCHEMA).to_pylist()]
+
+
+def save_quarantine(path: str | Path, rows: Iterable[QuarantineRow]) -> None:
+    atomic_write_table(path, quarantine_to_table(rows))
+
+
+def load_quarantine(path: str | Path) -> list[QuarantineRow]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [QuarantineRow(**row) for row in pq.read_table(path, schema=QUARANTINE_SCHEMA).to_pylist()]
+
+
+def read_bytes(record: Record) -> bytes:
+    """The original bytes of a record: a plain file, or a member of a tar shard by offset."""
+    if record.container:
+        with open(record.container, "rb") as fh:
+            fh.seek(record.offset)
+            return fh.read(record.length)
+    return Path(record.uri).read_bytes()
+
+
+def class_index(records: list[Record], classes: list[str], label_map: dict[str, str | None]) -> list[int]:
+    """Web query -> class index of the teacher (-1 for off-class queries)."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    out = []
+    for r in records:
+        q = r.web_label
+        name = label_map.get(q, q) if q is not None else None
+        out.append(lookup.get(name, -1) if name is not None else -1)
+    return out

@@ -1,0 +1,63 @@
+"""Shared fixtures: real image data from ../shared/data, written as real files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from pipeline import datasets  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def clothing() -> datasets.ImageSet:
+    try:
+        return datasets.load_clothing()
+    except datasets.DataNotFound as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def pacs32() -> datasets.ImageSet:
+    try:
+        return datasets.load_pacs(size=32)
+    except datasets.DataNotFound as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def pacs_jpeg():
+    """(list of real JPEG byte strings, ImageSet metadata) for PACS at 64 px."""
+    try:
+        return datasets.pacs_jpeg_bytes()
+    except datasets.DataNotFound as exc:
+        pytest.skip(str(exc))
+
+
+def write_query_folder(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str],
+                       fmt: str = "JPEG", prefix: str = "img") -> list[Path]:
+    """Write images as real files into <root>/<query>/<prefix>_<i>.<ext> (folder: source layout)."""
+    from PIL import Image
+
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+    out = []
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        d = root / class_names[int(lab)]
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{prefix}_{i:05d}.{ext}"
+        Image.fromarray(img).save(p, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+        out.append(p)
+    return out
+
+
+@pytest.fixture
+def query_folder_factory(tmp_path):
+    def make(images, labels, class_names, name="web", fmt="JPEG", prefix="img"):
+        root = tmp_path / name
+        write_query_folder(root, images, labels, class_names, fmt=fmt, prefix=prefix)
+        return root
+    return make
