@@ -14,16 +14,27 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+import os
+import re
+import stat
 import threading
 import warnings
-from dataclasses import dataclass
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
-from pipeline.config import IngestConfig
-from pipeline.records import REASONS, Record, read_bytes
+from pipeline.config import IngestConfig, RunPaths
+from pipeline.records import (OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine, read_bytes,
+                              save_manifest, save_quarantine)
+from pipeline.storage import atomic_write_table
 
 log = logging.getLogger(__name__)
 
@@ -226,3 +237,495 @@ def load_rgb(record: Record, verify_id: bool = True) -> Image.Image:
         raise ValueError(f"{record.uri}: bytes changed since ingest (sha256 no longer {record.id[:12]}...)")
     max_pixels = max(IngestConfig().max_pixels, record.width * record.height)
     return _decode(data, max_pixels, min_side=1, max_bytes=None).image
+
+
+# ============================================================================================
+# 2. sources: folder:, manifest:, wds:
+# ============================================================================================
+@dataclass
+class Entry:
+    """One listed image (or a listing failure), before any image bytes are read."""
+
+    uri: str                                  # absolute file path, or "<shard>/<member>"
+    source: str                               # the source spec it was listed from
+    web_label: str | None = None
+    caption: str | None = None
+    url: str | None = None
+    path: str | None = None                   # plain file to read
+    container: str | None = None              # tar shard holding the bytes
+    offset: int = -1                          # member data offset in the shard
+    size: int = -1                            # bytes (file size or member size)
+    mtime_ns: int = -1
+    error: tuple[str, str] | None = None      # (reason, detail) decided while listing
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Incremental-state key: the same file under another source or label is its own entry."""
+        return (self.source, self.uri, self.web_label or "")
+
+
+def _within(real: str, real_root: str) -> bool:
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _unsafe_relpath(rel: str, any_dotdot: bool) -> str | None:
+    """Why a relative path is refused, or None. Absolute paths always are; with `any_dotdot`
+    (tar members) any `..` component is, else (manifests) only a `..` that climbs out."""
+    if rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive:
+        return f"absolute path {rel!r}"
+    posix = rel.replace("\\", "/")
+    if any_dotdot and ".." in PurePosixPath(posix).parts:
+        return f"path {rel!r} contains '..'"
+    norm = os.path.normpath(posix)
+    if norm == ".." or norm.startswith("../"):
+        return f"path {rel!r} climbs out of its root with '..'"
+    return None
+
+
+def _file_entry(path: str, source: str, **meta: Any) -> Entry:
+    """Stat one listed path: a regular file becomes a readable entry, anything else an error."""
+    try:
+        st = os.stat(path)                                   # follows symlinks
+    except FileNotFoundError:
+        kind = "dangling symlink" if os.path.islink(path) else "missing file"
+        return Entry(uri=path, source=source, error=("not_found", kind), **meta)
+    except OSError as exc:
+        return Entry(uri=path, source=source, error=("unreadable", f"stat: {exc}"), **meta)
+    if stat.S_ISDIR(st.st_mode):
+        return Entry(uri=path, source=source, error=("unreadable", "is a directory"), **meta)
+    if not stat.S_ISREG(st.st_mode):                         # FIFO, socket, device: never opened
+        return Entry(uri=path, source=source, error=("unreadable", "not a regular file"), **meta)
+    return Entry(uri=path, source=source, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, **meta)
+
+
+def _iter_folder(source: str, folder: str, cfg: IngestConfig, notes: Counter) -> Iterator[Entry]:
+    """`folder:DIR`: DIR/<query>/.../*.jpg gets web label <query>; files directly in DIR none.
+
+    Symlinks are followed only while they resolve inside DIR (else `unsafe_path`); a folder
+    with an image extension (`x.jpg/`) or a FIFO is `unreadable`; files without an image
+    extension and hidden files are counted as ignored, not read.
+    """
+    root = os.path.abspath(folder)
+    if not os.path.isdir(root):
+        yield Entry(uri=root, source=source, error=("not_found", "source folder does not exist"))
+        return
+    real_root = os.path.realpath(root)
+    exts = {e.lower() for e in cfg.extensions}
+    seen_dirs: set[str] = set()
+
+    def walk(d: str, label: str | None, top: bool) -> Iterator[Entry]:
+        real_d = os.path.realpath(d)
+        if real_d in seen_dirs:                              # symlink loop / second route in
+            return
+        seen_dirs.add(real_d)
+        try:
+            names = sorted(os.listdir(d))
+        except OSError as exc:
+            yield Entry(uri=d, source=source, web_label=label, error=("unreadable", f"list: {exc}"))
+            return
+        for name in names:
+            p = os.path.join(d, name)
+            has_ext = os.path.splitext(name)[1].lower() in exts
+            if name.startswith("."):
+                notes["ignored"] += 1
+                continue
+            if os.path.islink(p) and not _within(os.path.realpath(p), real_root):
+                yield Entry(uri=p, source=source, web_label=label,
+                            error=("unsafe_path", f"symlink resolves outside {root}"))
+                continue
+            if os.path.isdir(p) and not has_ext:
+                yield from walk(p, name if top else label, top=False)
+            elif has_ext:
+                yield _file_entry(p, source, web_label=label)
+            else:
+                notes["ignored"] += 1
+
+    yield from walk(root, None, top=True)
+
+
+def _str_or_none(v: Any) -> str | None:
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _read_table(path: str, columns: list[str]) -> Any:
+    """A CSV or Parquet file as a pyarrow Table (CSV columns named in `columns` kept as text)."""
+    import pyarrow as pa
+
+    if path.lower().endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in columns}, strings_can_be_null=True))
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def _iter_manifest(source: str, file: str, cfg: IngestConfig, notes: Counter) -> Iterator[Entry]:
+    """`manifest:FILE.csv|.parquet`: one row per image, path relative to the manifest's folder.
+
+    A path that is absolute, climbs out with `..` or resolves (symlink) outside the folder is
+    `unsafe_path`; a row with no path is `bad_row`.
+    """
+    mpath = os.path.abspath(file)
+    if not os.path.isfile(mpath):
+        yield Entry(uri=mpath, source=source, error=("not_found", "manifest file does not exist"))
+        return
+    if not mpath.lower().endswith((".csv", ".parquet", ".pq")):
+        yield Entry(uri=mpath, source=source, error=("bad_row", "manifest must be .csv or .parquet"))
+        return
+    cols = [cfg.path_column, cfg.label_column, cfg.caption_column, cfg.url_column]
+    try:
+        table = _read_table(mpath, cols)
+    except Exception as exc:
+        yield Entry(uri=mpath, source=source, error=("bad_row", f"cannot read manifest: {exc}"))
+        return
+    if cfg.path_column not in table.column_names:
+        yield Entry(uri=mpath, source=source, error=(
+            "bad_row", f"no column {cfg.path_column!r} (columns: {', '.join(table.column_names)})"))
+        return
+    base = os.path.dirname(mpath)
+    real_base = os.path.realpath(base)
+    get = {c: (table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows)
+           for c in cols}
+    for i in range(table.num_rows):
+        meta = dict(web_label=_str_or_none(get[cfg.label_column][i]),
+                    caption=_str_or_none(get[cfg.caption_column][i]),
+                    url=_str_or_none(get[cfg.url_column][i]))
+        rel = _str_or_none(get[cfg.path_column][i])
+        if rel is None:
+            yield Entry(uri=f"{mpath}#row{i}", source=source, error=("bad_row", f"row {i}: no {cfg.path_column}"), **meta)
+            continue
+        why = _unsafe_relpath(rel, any_dotdot=False)
+        full = os.path.normpath(os.path.join(base, rel))
+        if why is None and not _within(os.path.realpath(full), real_base):
+            why = f"{rel!r} resolves outside the manifest folder"
+        if why:
+            yield Entry(uri=rel, source=source, error=("unsafe_path", f"row {i}: {why}"), **meta)
+            continue
+        yield _file_entry(full, source, **meta)
+
+
+_WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")        # webdataset's key/extension split
+
+
+def _shard_metadata(shard: str, cfg: IngestConfig, notes: Counter) -> dict[str, dict[str, Any]]:
+    """img2dataset's per-shard Parquet (`00000.tar` -> `00000.parquet`): key -> row."""
+    pq_path = os.path.splitext(shard)[0] + ".parquet"
+    if not os.path.isfile(pq_path):
+        return {}
+    try:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(pq_path).to_pylist()
+    except Exception as exc:
+        log.warning("%s: unreadable shard metadata (%s); using members' .txt/.json only", pq_path, exc)
+        return {}
+    out = {}
+    for row in rows:
+        key = _str_or_none(row.get("key"))
+        if key is None:
+            continue
+        if row.get("status") not in (None, "success"):
+            notes["upstream_failed"] += 1                    # a failed download: no member exists
+        out[key] = row
+    return out
+
+
+def _iter_wds(source: str, pattern: str, cfg: IngestConfig, notes: Counter) -> Iterator[Entry]:
+    """`wds:SHARDS`: img2dataset-style tar shards, brace ranges (`{00000..00009}.tar`) allowed.
+
+    Members `<key>.jpg|png|webp|...` are images; `<key>.txt` is the caption and `<key>.json`
+    the metadata; the per-shard `<shard>.parquet` (key, url, caption, status, label column)
+    wins over both. Offsets come from Python's `tarfile` (`TarInfo.offset_data`, `size`), so
+    `Record.container/offset/length` let later stages read a member by one seek, without
+    scanning the tar. Only uncompressed tars qualify (byte offsets must be file offsets).
+    Member names that are absolute or contain `..`, and link members, are `unsafe_path`.
+    """
+    import tarfile
+
+    from braceexpand import braceexpand
+
+    shards = list(braceexpand(pattern))
+    if len(shards) == 1 and os.path.isdir(shards[0]):
+        shards = sorted(os.path.join(shards[0], n) for n in os.listdir(shards[0]) if n.endswith(".tar"))
+    exts = {e.lower() for e in cfg.extensions}
+    for shard in shards:
+        shard = os.path.abspath(shard)
+        if not os.path.isfile(shard):
+            yield Entry(uri=shard, source=source, error=("not_found", "shard does not exist"))
+            continue
+        meta = _shard_metadata(shard, cfg, notes)
+        shard_size = os.path.getsize(shard)
+        members, texts = [], {}
+        try:
+            with tarfile.open(shard, mode="r:") as tf:
+                for m in tf:
+                    members.append(m)
+                    km = _WDS_KEY.match(m.name)
+                    if km and m.isreg() and km.group(2).lower() in ("txt", "json") \
+                            and m.offset_data + m.size <= shard_size and _unsafe_relpath(m.name, any_dotdot=True) is None:
+                        fh = tf.extractfile(m)
+                        texts[(km.group(1), km.group(2).lower())] = fh.read().decode("utf-8", "replace") if fh else ""
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            if not members:
+                yield Entry(uri=shard, source=source, error=("unreadable", f"not a plain tar shard: {exc}"))
+                continue
+            log.warning("%s: tar ends early (%s); keeping the %d members before it", shard, exc, len(members))
+        for m in members:
+            uri = f"{shard}/{m.name}"
+            km = _WDS_KEY.match(m.name)
+            key, ext = (km.group(1), km.group(2).lower()) if km else (m.name, "")
+            if not (m.isreg() or m.issym() or m.islnk()):
+                continue                                     # directory entries
+            why = _unsafe_relpath(m.name, any_dotdot=True)
+            if why is None and not m.isreg():
+                why = "link member"
+            if why is not None:
+                yield Entry(uri=uri, source=source, error=("unsafe_path", f"tar member: {why}"))
+                continue
+            if "." + ext not in exts:
+                if ext not in ("txt", "json"):
+                    notes["ignored"] += 1
+                continue
+            row = meta.get(PurePosixPath(key).name, meta.get(key, {}))
+            info: dict[str, Any] = {}
+            if (key, "json") in texts:
+                try:
+                    info = json.loads(texts[(key, "json")]) or {}
+                except ValueError:
+                    info = {}
+            label = _str_or_none(row.get(cfg.label_column)) or _str_or_none(info.get(cfg.label_column))
+            caption = (_str_or_none(row.get(cfg.caption_column)) or _str_or_none(texts.get((key, "txt")))
+                       or _str_or_none(info.get(cfg.caption_column)))
+            url = _str_or_none(row.get(cfg.url_column)) or _str_or_none(info.get(cfg.url_column))
+            e = Entry(uri=uri, source=source, web_label=label, caption=caption, url=url, container=shard,
+                      offset=m.offset_data, size=m.size, mtime_ns=int(m.mtime) * 10**9)
+            if m.offset_data + m.size > shard_size:
+                e.error = ("truncated", "member data runs past the end of the shard")
+            yield e
+
+
+def iter_source(source: str, cfg: IngestConfig, notes: Counter | None = None) -> Iterator[Entry]:
+    """List one source by its prefix; each backend is imported only in its own branch."""
+    notes = notes if notes is not None else Counter()
+    prefix, sep, rest = source.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"source {source!r} must look like folder:DIR, manifest:FILE or wds:SHARDS")
+    if prefix == "folder":
+        return _iter_folder(source, rest, cfg, notes)
+    if prefix == "manifest":
+        return _iter_manifest(source, rest, cfg, notes)
+    if prefix == "wds":
+        return _iter_wds(source, rest, cfg, notes)
+    raise ValueError(f"source {source!r}: unknown prefix {prefix!r} (use folder:, manifest: or wds:)")
+
+
+# ============================================================================================
+# 3. run_ingest: ids, duplicates, quarantine, incremental state
+# ============================================================================================
+@dataclass
+class IngestReport:
+    """Counts of one ingest round; `summary()` is the table the CLI prints."""
+
+    batch: int = 0
+    seen: int = 0                 # entries listed by all sources (including listing failures)
+    skipped_unchanged: int = 0    # listed before with the same size/mtime/offset: not read again
+    new: int = 0                  # new or changed entries processed (read + decoded) this round
+    kept: int = 0                 # new records appended to the manifest
+    duplicates: int = 0           # exact byte duplicates merged into an earlier record
+    refreshed: int = 0            # same file re-read (touched / shard rewritten), same bytes
+    ignored: int = 0              # files without an image extension (or hidden): not read
+    upstream_failed: int = 0      # rows img2dataset marked as failed downloads (no bytes)
+    quarantined: dict[str, int] = field(default_factory=dict)   # reason -> count (incl. duplicate)
+    total_records: int = 0
+    total_quarantined: int = 0
+
+    @property
+    def n_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+    def summary(self) -> str:
+        rows = [("ingest round", self.batch), ("listed", self.seen),
+                ("unchanged (skipped)", self.skipped_unchanged), ("processed (new/changed)", self.new),
+                ("kept (new records)", self.kept), ("duplicates (merged)", self.duplicates),
+                ("quarantined", self.n_quarantined)]
+        rows += [(f"  {reason}", n) for reason, n in sorted(self.quarantined.items())]
+        if self.refreshed:
+            rows.append(("refreshed (same bytes)", self.refreshed))
+        if self.ignored:
+            rows.append(("ignored (not an image name)", self.ignored))
+        if self.upstream_failed:
+            rows.append(("failed downloads (shard parquet)", self.upstream_failed))
+        rows += [("manifest rows", self.total_records), ("quarantine rows", self.total_quarantined)]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v:>8}" for k, v in rows)
+
+
+@dataclass
+class _Outcome:
+    entry: Entry
+    id: str | None = None
+    reason: str | None = None
+    detail: str = ""
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    mode: str = ""
+
+
+def _read_entry(entry: Entry, cfg: IngestConfig) -> bytes:
+    """The entry's bytes (file or tar member), with read failures as `Rejected`."""
+    if entry.size > cfg.max_bytes:                           # refuse before reading it all
+        raise Rejected("too_large", f"{entry.size} bytes > {cfg.max_bytes}")
+    try:
+        if entry.container:
+            with open(entry.container, "rb") as fh:
+                fh.seek(entry.offset)
+                data = fh.read(entry.size)
+            if len(data) != entry.size:
+                raise Rejected("truncated", f"shard ends inside the member ({len(data)}/{entry.size} bytes)")
+            return data
+        with open(entry.path or entry.uri, "rb") as fh:
+            return fh.read(cfg.max_bytes + 1)
+    except FileNotFoundError:
+        raise Rejected("not_found", "vanished after listing") from None
+    except OSError as exc:
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
+
+
+def _process(entry: Entry, cfg: IngestConfig) -> _Outcome:
+    """Read, hash and validate one entry (runs in a worker thread; never raises)."""
+    if entry.error:
+        return _Outcome(entry, reason=entry.error[0], detail=entry.error[1])
+    cid = None
+    try:
+        data = _read_entry(entry, cfg)
+        cid = content_id(data)
+        dec = decode_image(data, cfg)
+    except Rejected as rej:
+        return _Outcome(entry, id=cid, reason=rej.reason, detail=rej.detail)
+    except Exception as exc:  # anything unforeseen in a decoder: this file, not the run
+        log.exception("unexpected error on %s", entry.uri)
+        return _Outcome(entry, id=cid, reason="truncated", detail=f"unexpected {type(exc).__name__}: {exc}")
+    return _Outcome(entry, id=cid, width=dec.width, height=dec.height, format=dec.format, mode=dec.mode)
+
+
+def _ordered_map(fn: Callable[[Entry], _Outcome], items: Iterable[Entry], workers: int) -> Iterator[_Outcome]:
+    """map() over a thread pool, results in input order, at most 4 x workers in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 4 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+_STATE_COLUMNS = ["source", "uri", "web_label", "size", "mtime_ns", "offset", "outcome", "id", "batch"]
+
+
+def _load_state(path: Path) -> dict[tuple[str, str, str], dict[str, Any]]:
+    if not path.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    return {(r["source"], r["uri"], r["web_label"] or ""): r for r in pq.read_table(path).to_pylist()}
+
+
+def _save_state(path: Path, state: dict[tuple[str, str, str], dict[str, Any]]) -> None:
+    import pyarrow as pa
+
+    schema = pa.schema([("source", pa.string()), ("uri", pa.string()), ("web_label", pa.string()),
+                        ("size", pa.int64()), ("mtime_ns", pa.int64()), ("offset", pa.int64()),
+                        ("outcome", pa.string()), ("id", pa.string()), ("batch", pa.int32())])
+    rows = list(state.values())
+    atomic_write_table(path, pa.table({c: [r[c] for r in rows] for c in _STATE_COLUMNS}, schema=schema))
+
+
+def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: int = 2) -> IngestReport:
+    """One ingest round over `sources` into `paths.manifest` / `paths.quarantine`.
+
+    Record id = sha256 of the bytes. The first occurrence of some bytes becomes the record; each
+    further copy adds its label to that record's `web_labels` and gets a `duplicate` quarantine
+    row (`dup_of` = the record id). Every failure is a quarantine row with a reason. Incremental:
+    `paths.ingest_state` remembers each listed entry (source, uri, label -> size, mtime_ns,
+    offset, outcome); an unchanged entry is not read again, new records are appended (existing
+    rows keep their order), and every new row carries `batch` = this round's number.
+    """
+    records = load_manifest(paths.manifest)
+    quarantine = load_quarantine(paths.quarantine)
+    state = _load_state(paths.ingest_state)
+    batch = 1 + max([r["batch"] for r in state.values()] + [r.batch for r in records] + [-1])
+    report = IngestReport(batch=batch)
+    notes: Counter = Counter()
+
+    todo: list[Entry] = []
+    for source in sources:
+        for entry in iter_source(source, cfg, notes):
+            report.seen += 1
+            prev = state.get(entry.key)
+            if prev is not None and (prev["size"], prev["mtime_ns"], prev["offset"]) == \
+                    (entry.size, entry.mtime_ns, entry.offset):
+                report.skipped_unchanged += 1
+                continue
+            todo.append(entry)
+    report.ignored, report.upstream_failed = notes["ignored"], notes["upstream_failed"]
+
+    by_id = {r.id: i for i, r in enumerate(records)}
+    state_before = dict(state)
+    quarantined: Counter = Counter()
+    outcomes = _ordered_map(lambda e: _process(e, cfg), todo, workers)
+    for out in tqdm(outcomes, total=len(todo), desc=f"ingest round {batch}", unit="img", leave=False):
+        e = out.entry
+        report.new += 1
+        state[e.key] = dict(source=e.source, uri=e.uri, web_label=e.web_label, size=e.size,
+                            mtime_ns=e.mtime_ns, offset=e.offset, outcome=out.reason or OK,
+                            id=out.id, batch=batch)
+        if out.reason:
+            quarantine.append(QuarantineRow(uri=e.uri, source=e.source, reason=out.reason, detail=out.detail,
+                                            id=out.id, web_label=e.web_label, batch=batch))
+            quarantined[out.reason] += 1
+            continue
+        assert out.id is not None
+        prev = state_before.get(e.key)
+        if prev is not None and prev["outcome"] == OK and prev["id"] not in (None, out.id):
+            log.warning("%s changed content since round %s; its old record %s stays in the manifest",
+                        e.uri, prev["batch"], prev["id"][:12])
+        if out.id in by_id:
+            rep = records[by_id[out.id]]
+            if e.web_label and e.web_label not in rep.web_labels:
+                rep.web_labels.append(e.web_label)
+            if (rep.source, rep.uri, rep.web_label or "") == e.key:   # the same entry re-read
+                rep.container, rep.offset, rep.length = e.container, e.offset, e.size
+                report.refreshed += 1
+                continue
+            quarantine.append(QuarantineRow(uri=e.uri, source=e.source, reason="duplicate",
+                                            detail=f"same bytes as {rep.uri}", id=out.id,
+                                            web_label=e.web_label, dup_of=rep.id, batch=batch))
+            quarantined["duplicate"] += 1
+            report.duplicates += 1
+            state[e.key]["outcome"] = "duplicate"
+            continue
+        by_id[out.id] = len(records)
+        records.append(Record(
+            id=out.id, uri=e.uri, source=e.source, web_label=e.web_label,
+            web_labels=[e.web_label] if e.web_label else [], caption=e.caption, url=e.url,
+            container=e.container, offset=e.offset, length=e.size, width=out.width, height=out.height,
+            format=out.format, mode=out.mode, status=OK, batch=batch))
+        report.kept += 1
+
+    save_manifest(paths.manifest, records)
+    save_quarantine(paths.quarantine, quarantine)
+    _save_state(paths.ingest_state, state)                   # last: a kill before it re-reads, never skips
+    report.quarantined = dict(quarantined)
+    report.total_records, report.total_quarantined = len(records), len(quarantine)
+    log.info("ingest round %d:\n%s", batch, report.summary())
+    return report
