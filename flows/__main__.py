@@ -77,6 +77,94 @@ verb("distill", "Select, train and export a student with the configured method (
      "webkd distill flows/configs/fashion_web.yaml train.method=kd3 train.epochs=20", _run_distill)
 
 
+# ---- review: overrides and inspection (selection.overrides, selection.gallery) -----------------
+def _override_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory (the store is RUN_DIR/overrides.json)")
+    p.add_argument("file", nargs="?", help="overrides JSON exported by the gallery page (same format)")
+    p.add_argument("--accept", nargs="+", action="extend", default=[], metavar="ID",
+                   help="force keep these record ids (reason 'override')")
+    p.add_argument("--reject", nargs="+", action="extend", default=[], metavar="ID",
+                   help="force reject these record ids (reason 'override')")
+    p.add_argument("--remove", nargs="+", action="extend", default=[], metavar="ID",
+                   help="drop these ids from the store (the policy decides again)")
+    p.add_argument("--note", default="", help="note stored with --accept/--reject entries")
+
+
+def _run_override(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.config import RunPaths
+    from selection.overrides import OverridesError, import_overrides_file, load_entries, record_overrides
+
+    paths = RunPaths(Path(args.run_dir))
+    if not paths.root.is_dir():
+        print(f"webkd override: {paths.root}: no such run directory", file=sys.stderr)
+        return 2
+    try:
+        changes = []
+        if args.file:
+            changes.append(import_overrides_file(paths.overrides, args.file))
+        if args.accept or args.reject or args.remove:
+            changes.append(record_overrides(paths.overrides, accept=args.accept, reject=args.reject,
+                                            remove=args.remove, note=args.note))
+        if not changes:  # nothing to record: list the store
+            entries = load_entries(paths.overrides)
+            for i, e in entries.items():
+                print(f"{e['action']:<6} {i}  {e['time']}  {e['note']}")
+            print(f"{len(entries)} override(s) in {paths.overrides}")
+            return 0
+    except OverridesError as exc:
+        print(f"webkd override: {exc}", file=sys.stderr)
+        return 2
+    touched = {i for c in changes for i in (*c.added, *c.changed)}
+    if paths.manifest.exists() and touched:
+        import pyarrow.parquet as pq
+
+        known = set(pq.read_table(paths.manifest, columns=["id"])["id"].to_pylist())
+        for i in sorted(touched - known):
+            print(f"warning: {i} is not in the manifest (recorded anyway; check the id)")
+    for c in changes:
+        print("\n".join(c.lines()))
+    print(f"store: {paths.overrides} (applied at the next curate / refresh)")
+    return 0
+
+
+verb("override", "Record human overrides (forced keep / reject) in the run's overrides store; "
+     "FILE is the JSON the gallery page exports.",
+     "webkd override runs/web1 ~/Downloads/overrides.json\n"
+     "webkd override runs/web1 --reject 3fa2...e9 --accept 77c1...04 --note 'wrong class'\n"
+     "webkd override runs/web1 --remove 3fa2...e9", _run_override, _override_args)
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--render", action="store_true", help="re-render the gallery page even if it exists")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.config import RunPaths
+    from selection.gallery import GalleryError, render_gallery, summarize_run
+
+    paths = RunPaths(Path(args.run_dir))
+    try:
+        print(summarize_run(paths.root).text())
+        fresh = args.render or not paths.gallery.exists()
+        if fresh:
+            render_gallery(paths.root)
+    except GalleryError as exc:
+        print(f"webkd inspect: {exc}", file=sys.stderr)
+        return 2
+    print(f"gallery: {paths.gallery}" + (" (rendered now)" if fresh else ""))
+    return 0
+
+
+verb("inspect", "Print a run's summary (records, quarantine, kept/rejected per class, reasons, "
+     "overrides) and the path of its gallery page, rendering the page if missing.",
+     "webkd inspect runs/web1 --render", _run_inspect, _inspect_args)
+
+
 # ---- entry point ----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -1,0 +1,252 @@
+"""The run's human overrides store: forced keep ("accept") or forced reject ("reject") per id.
+
+The store is `overrides.json` in the run directory (`RunPaths.overrides`), in the format of
+ARCHITECTURE.md::
+
+    {"version": 1, "entries": {"<id>": {"action": "accept" | "reject", "note": str, "time": iso8601}}}
+
+People write it with `webkd override` (ids on the command line, or the file the gallery page
+exports, which has the same shape; there `entries` only need `action`). The training loop
+calls `apply_overrides` after every selection, so every ledger written after an override
+shows it with reason `override`. Entries persist across refreshes until removed.
+
+Writes are read-merge-replace under an advisory lock and land atomically
+(`pipeline.storage`), so a killed write leaves the old store, and two writers do not lose
+each other's entries.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.storage import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+ACTIONS = ("accept", "reject")
+OVERRIDE = "override"          # the ledger reason of a forced keep or forced reject
+PROTECTED = ("validation",)    # reasons an override never changes (val rows are never trained on)
+
+
+class OverridesError(ValueError):
+    """A malformed overrides store or import file; the message names the file and the entry."""
+
+
+@dataclass
+class OverrideChanges:
+    """What one write did to the store (for the CLI to print)."""
+
+    added: dict[str, str] = field(default_factory=dict)                 # id -> action
+    changed: dict[str, tuple[str, str]] = field(default_factory=dict)   # id -> (old, new)
+    unchanged: dict[str, str] = field(default_factory=dict)             # id -> action (same as before)
+    removed: dict[str, str] = field(default_factory=dict)               # id -> action it had
+    missing: list[str] = field(default_factory=list)                    # remove asked, not present
+    total: int = 0                                                      # entries after the write
+
+    @property
+    def any(self) -> bool:
+        return bool(self.added or self.changed or self.removed)
+
+    def lines(self) -> list[str]:
+        """One human-readable line per affected id, then a total."""
+        out = [f"+ {a:<6} {i}" for i, a in self.added.items()]
+        out += [f"~ {new:<6} {i}  (was {old})" for i, (old, new) in self.changed.items()]
+        out += [f"= {a:<6} {i}  (unchanged)" for i, a in self.unchanged.items()]
+        out += [f"- {a:<6} {i}  (removed)" for i, a in self.removed.items()]
+        out += [f"? {'':<6} {i}  (not in the store, nothing removed)" for i in self.missing]
+        out.append(f"{len(self.added)} added, {len(self.changed)} changed, {len(self.removed)} removed; "
+                   f"{self.total} override(s) in the store")
+        return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_id(i: Any, where: str) -> str:
+    if not isinstance(i, str) or not i.strip():
+        raise OverridesError(f"{where}: id {i!r} must be a non-empty string")
+    return i.strip()
+
+
+def _parse(obj: Any, where: str, full: bool) -> dict[str, dict[str, str]]:
+    """Validate a store / export object; return its entries (id -> {action, note, time}).
+
+    `full` is for the store itself; an import file only needs `action` per entry.
+    """
+    if not isinstance(obj, dict):
+        raise OverridesError(f"{where}: top level must be a JSON object with 'version' and 'entries', "
+                             f"got {type(obj).__name__}")
+    unknown = set(obj) - {"version", "entries"}
+    if unknown:
+        raise OverridesError(f"{where}: unknown top-level key(s) {sorted(unknown)} "
+                             "(expected 'version' and 'entries')")
+    version = obj.get("version", VERSION)
+    if version != VERSION:
+        raise OverridesError(f"{where}: unsupported version {version!r} (this webkd reads version {VERSION})")
+    if "entries" not in obj:
+        raise OverridesError(f"{where}: missing 'entries' (an object id -> {{\"action\": ...}})")
+    entries = obj["entries"]
+    if not isinstance(entries, dict):
+        raise OverridesError(f"{where}: 'entries' must be an object id -> {{\"action\": ...}}, "
+                             f"got {type(entries).__name__}")
+    out: dict[str, dict[str, str]] = {}
+    for raw_id, e in entries.items():
+        i = _check_id(raw_id, where)
+        if not isinstance(e, dict):
+            raise OverridesError(f"{where}: entry {i!r} must be an object with an 'action', got {e!r}")
+        action = e.get("action")
+        if action not in ACTIONS:
+            raise OverridesError(f"{where}: entry {i!r} has unknown action {action!r} "
+                                 f"(expected one of {', '.join(ACTIONS)})")
+        note = e.get("note", "")
+        if not isinstance(note, str):
+            raise OverridesError(f"{where}: entry {i!r}: 'note' must be a string")
+        time = e.get("time", "")
+        if not isinstance(time, str):
+            raise OverridesError(f"{where}: entry {i!r}: 'time' must be an ISO 8601 string")
+        if full and not time:
+            log.debug("%s: entry %s has no time", where, i)
+        out[i] = {"action": action, "note": note, "time": time}
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise OverridesError(f"{path}: not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise OverridesError(f"{path}: cannot read ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OverridesError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_entries(path: str | Path) -> dict[str, dict[str, str]]:
+    """The store's full entries (id -> {action, note, time}); {} when there is no store yet."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return _parse(_read_json(path), str(path), full=True)
+
+
+def load_overrides(path: str | Path) -> dict[str, str]:
+    """The store as id -> "accept" | "reject" ({} when there is no store yet)."""
+    return {i: e["action"] for i, e in load_entries(path).items()}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An advisory lock beside the store for the read-merge-write (no-op where fcntl is missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: atomic replace still holds, concurrent merges may race
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _merge(path: Path, updates: Mapping[str, dict[str, str]], remove: Iterable[str]) -> OverrideChanges:
+    """Read the store, apply `updates` (id -> entry) then `remove`, write it back atomically."""
+    with _locked(path):
+        entries = load_entries(path)
+        ch = OverrideChanges()
+        for i, e in updates.items():
+            old = entries.get(i)
+            if old is None:
+                ch.added[i] = e["action"]
+            elif old["action"] != e["action"]:
+                ch.changed[i] = (old["action"], e["action"])
+            else:
+                ch.unchanged[i] = e["action"]
+            entries[i] = e                      # later write wins (note and time refresh too)
+        for i in remove:
+            if i in entries:
+                ch.removed[i] = entries.pop(i)["action"]
+            else:
+                ch.missing.append(i)
+        ch.total = len(entries)
+        if ch.any or updates:
+            atomic_write_json(path, {"version": VERSION, "entries": dict(sorted(entries.items()))})
+    return ch
+
+
+def record_overrides(path: str | Path, accept: Sequence[str] = (), reject: Sequence[str] = (),
+                     remove: Sequence[str] = (), note: str = "") -> OverrideChanges:
+    """Merge forced keeps / forced rejects / removals into the store at `path` (atomic).
+
+    The newest call wins for an id; an id may appear in only one of the three lists of a call.
+    """
+    path = Path(path)
+    acc = [_check_id(i, "accept") for i in accept]
+    rej = [_check_id(i, "reject") for i in reject]
+    rem = [_check_id(i, "remove") for i in remove]
+    clash = (set(acc) & set(rej)) | (set(acc) & set(rem)) | (set(rej) & set(rem))
+    if clash:
+        raise OverridesError(f"id(s) given more than one action in one call: {sorted(clash)}")
+    time = _now()
+    updates = {i: {"action": "accept", "note": note, "time": time} for i in acc}
+    updates.update({i: {"action": "reject", "note": note, "time": time} for i in rej})
+    return _merge(path, updates, rem)
+
+
+def import_overrides_file(path: str | Path, file: str | Path) -> OverrideChanges:
+    """Merge an overrides file (the gallery's export, same format) into the store at `path`.
+
+    The whole file is validated before anything is written; entries keep their own note, and
+    get the import time when they carry none.
+    """
+    file = Path(file)
+    if not file.exists():
+        raise OverridesError(f"{file}: no such file")
+    incoming = _parse(_read_json(file), str(file), full=False)
+    time = _now()
+    for e in incoming.values():
+        e["time"] = e["time"] or time
+        e["note"] = e["note"] or f"imported from {file.name}"
+    return _merge(Path(path), incoming, ())
+
+
+def apply_overrides(keep: np.ndarray, reason: np.ndarray, ids: Sequence[str],
+                    overrides: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Force the human decisions onto one selection: accept -> kept, reject -> rejected.
+
+    keep (N,) bool, reason (N,) str and ids (N,) are row-aligned. Overridden rows get reason
+    `override`; rows whose reason is `validation` are never touched (they are never trained
+    on). Returns new arrays; the inputs are not modified. Weights follow `keep` (the caller
+    sets 1.0 / 0.0 as for any KD³ decision).
+    """
+    as_unicode = isinstance(reason, np.ndarray) and reason.dtype.kind == "U"
+    keep = np.array(keep, dtype=bool, copy=True)                  # (N,)
+    reason = np.array(reason, dtype=object, copy=True)            # (N,)
+    if not (len(keep) == len(reason) == len(ids)):
+        raise ValueError(f"keep ({len(keep)}), reason ({len(reason)}) and ids ({len(ids)}) must be row-aligned")
+    bad = {a for a in overrides.values() if a not in ACTIONS}
+    if bad:
+        raise OverridesError(f"unknown override action(s) {sorted(bad)} (expected {', '.join(ACTIONS)})")
+    for n, i in enumerate(ids if overrides else ()):
+        action = overrides.get(i)
+        if action is None or reason[n] in PROTECTED:
+            continue
+        keep[n] = action == "accept"
+        reason[n] = OVERRIDE
+    if as_unicode:  # give back the caller's kind of array (widened: "override" may be longer)
+        reason = reason.astype(str)
+    return keep, reason

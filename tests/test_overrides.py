@@ -1,0 +1,128 @@
+"""The overrides store (selection/overrides.py): round trip, merge, remove, bad files, apply."""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from selection.overrides import (OverridesError, apply_overrides, import_overrides_file, load_entries,
+                                 load_overrides, record_overrides)
+
+A, B, C, V = "a" * 64, "b" * 64, "c" * 64, "d" * 64
+
+
+def test_store_round_trip_and_format(tmp_path):
+    store = tmp_path / "run" / "overrides.json"
+    assert load_overrides(store) == {}                       # no store yet
+    ch = record_overrides(store, accept=[A], reject=[B], note="checked by hand")
+    assert ch.added == {A: "accept", B: "reject"} and ch.total == 2
+    assert load_overrides(store) == {A: "accept", B: "reject"}
+    doc = json.loads(store.read_text())                      # the documented format, exactly
+    assert doc["version"] == 1 and set(doc) == {"version", "entries"}
+    assert doc["entries"][A]["action"] == "accept" and doc["entries"][A]["note"] == "checked by hand"
+    assert doc["entries"][B]["time"].endswith("+00:00")      # ISO 8601, UTC
+    assert not list(store.parent.glob(".overrides.json.*"))  # no temp file left behind
+
+
+def test_merge_later_call_wins_and_remove(tmp_path):
+    store = tmp_path / "overrides.json"
+    record_overrides(store, accept=[A, B])
+    ch = record_overrides(store, reject=[B, C])
+    assert ch.changed == {B: ("accept", "reject")} and ch.added == {C: "reject"}
+    assert load_overrides(store) == {A: "accept", B: "reject", C: "reject"}
+    ch = record_overrides(store, reject=[C])
+    assert ch.unchanged == {C: "reject"} and not ch.any
+    ch = record_overrides(store, remove=[A, V])
+    assert ch.removed == {A: "accept"} and ch.missing == [V] and ch.total == 2
+    assert load_overrides(store) == {B: "reject", C: "reject"}
+    assert any("removed" in line for line in ch.lines())
+    with pytest.raises(OverridesError, match="more than one action"):
+        record_overrides(store, accept=[A], reject=[A])
+    with pytest.raises(OverridesError, match="non-empty string"):
+        record_overrides(store, accept=[""])
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    store = tmp_path / "overrides.json"
+    ids = [f"{k:064x}" for k in range(40)]
+
+    def work(part):
+        for i in part:
+            record_overrides(store, reject=[i])
+
+    threads = [threading.Thread(target=work, args=(ids[k::4],)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert load_overrides(store) == {i: "reject" for i in ids}
+
+
+def test_import_gallery_export(tmp_path):
+    store = tmp_path / "overrides.json"
+    record_overrides(store, accept=[A])
+    export = tmp_path / "export.json"    # as the page writes it (entries only need "action")
+    export.write_text(json.dumps({"version": 1, "entries": {A: {"action": "reject"}, B: {"action": "accept", "note": "n"}}}))
+    ch = import_overrides_file(store, export)
+    assert ch.changed == {A: ("accept", "reject")} and ch.added == {B: "accept"}
+    e = load_entries(store)
+    assert e[B]["note"] == "n" and e[A]["note"] == "imported from export.json" and e[A]["time"]
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "top level must be a JSON object"),
+    ('{"version": 2, "entries": {}}', "unsupported version 2"),
+    ('{"version": 1}', "missing 'entries'"),
+    ('{"version": 1, "entries": []}', "'entries' must be an object"),
+    ('{"version": 1, "entries": {"x": "reject"}}', "must be an object with an 'action'"),
+    ('{"version": 1, "entries": {"x": {"action": "keep"}}}', "unknown action 'keep'"),
+    ('{"version": 1, "entries": {"x": {}}}', "unknown action None"),
+    ('{"version": 1, "entries": {"x": {"action": "accept", "note": 3}}}', "'note' must be a string"),
+    ('{"version": 1, "entries": {"": {"action": "accept"}}}', "non-empty string"),
+    ('{"version": 1, "entries": {}, "extra": 1}', "unknown top-level key"),
+])
+def test_bad_files_give_clear_errors_and_change_nothing(tmp_path, content, match):
+    store = tmp_path / "overrides.json"
+    record_overrides(store, reject=[A])
+    before = store.read_bytes()
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    with pytest.raises(OverridesError, match=match) as info:
+        import_overrides_file(store, bad)
+    assert "bad.json" in str(info.value)                       # the message names the file
+    assert store.read_bytes() == before
+    with pytest.raises(OverridesError, match="no such file"):
+        import_overrides_file(store, tmp_path / "missing.json")
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(OverridesError, match="not UTF-8|not valid JSON"):
+        import_overrides_file(store, bad)
+
+
+def test_broken_store_is_an_error_not_an_empty_store(tmp_path):
+    store = tmp_path / "overrides.json"
+    store.write_text('{"version": 1, "entries": {"x": {"action": "maybe"}}}')
+    with pytest.raises(OverridesError, match="unknown action 'maybe'"):
+        load_overrides(store)
+    with pytest.raises(OverridesError):                        # never silently overwritten
+        record_overrides(store, accept=[A])
+
+
+def test_apply_semantics():
+    ids = [A, B, C, V, "e" * 64]
+    keep = np.array([True, False, True, False, False])
+    reason = np.array(["selected", "low_confidence", "selected", "validation", "near_duplicate"])
+    ov = {A: "reject", B: "accept", V: "accept", "e" * 64: "accept", "zz": "reject"}
+    k2, r2 = apply_overrides(keep, reason, ids, ov)
+    assert k2.tolist() == [False, True, True, False, True]
+    assert r2.tolist() == ["override", "override", "selected", "validation", "override"]
+    assert keep.tolist() == [True, False, True, False, False]   # inputs untouched
+    assert reason[0] == "selected" and r2.dtype.kind == "U"
+    k3, r3 = apply_overrides(keep, reason.astype(object), ids, {})
+    assert (k3 == keep).all() and list(r3) == list(reason)
+    with pytest.raises(ValueError, match="row-aligned"):
+        apply_overrides(keep[:2], reason, ids, ov)
+    with pytest.raises(OverridesError, match="unknown override action"):
+        apply_overrides(keep, reason, ids, {A: "keep"})
