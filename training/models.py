@@ -745,7 +745,8 @@ def fingerprint(model: nn.Module, spec: ModelSpec) -> str:
         t = sd[k].detach().cpu().contiguous()
         h.update(k.encode())
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())   # the raw bytes, no copy
     pre = getattr(model, "preprocess", None)
     pspec = pre.spec if isinstance(pre, Preprocess) else spec.preprocess
     h.update(pspec.model_dump_json().encode())
