@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from tqdm import tqdm
 from pipeline.config import RunPaths
 from pipeline.records import REASONS as RECORD_REASONS
 from pipeline.records import load_manifest, load_quarantine
-from pipeline.storage import atomic_path, atomic_write_json, atomic_write_text, read_json
+from pipeline.storage import atomic_path, atomic_write_text, read_json
 from selection.overrides import load_overrides
 
 log = logging.getLogger(__name__)
@@ -395,8 +396,8 @@ class ThumbIndex:
         return self.dir / "index.json"
 
     def save(self) -> None:
-        atomic_write_json(self.index_path, {"version": 1, "thumb_size": self.thumb_size,
-                                            "per_sheet": self.per_sheet, "ids": self.ids})
+        doc = {"version": 1, "thumb_size": self.thumb_size, "per_sheet": self.per_sheet, "ids": self.ids}
+        atomic_write_text(self.index_path, json.dumps(doc, separators=(",", ":")))
 
     @classmethod
     def load(cls, d: Path, thumb_size: int, per_sheet: int) -> "ThumbIndex":
@@ -444,6 +445,14 @@ def _pixel_cache(paths: RunPaths) -> np.ndarray | None:
     return arr
 
 
+def _resize_batch(px: np.ndarray, size: int) -> np.ndarray:
+    """Square uint8 images (n, S, S, 3) -> (n, size, size, 3), bicubic (Pillow, per image)."""
+    if px.shape[1] == size:
+        return np.ascontiguousarray(px)
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(p)).resize(
+        (size, size), Image.Resampling.BICUBIC)) for p in px])
+
+
 def _square(img: Image.Image, size: int) -> np.ndarray:
     """Whole image, aspect kept, centred on a light square: uint8 (size, size, 3)."""
     img = img.convert("RGB")
@@ -460,11 +469,13 @@ class _ThumbSource:
         self.paths, self.rows, self.size = paths, manifest_rows, size
         self.cache = _pixel_cache(paths)
         self._records: dict[str, Any] | None = None
+        self._lock = threading.Lock()
         self.failed = 0
 
     def _record(self, i: str) -> Any:
-        if self._records is None:
-            self._records = {r.id: r for r in load_manifest(self.paths.manifest)}
+        with self._lock:
+            if self._records is None:
+                self._records = {r.id: r for r in load_manifest(self.paths.manifest)}
         return self._records.get(i)
 
     def _from_file(self, i: str) -> np.ndarray:
@@ -479,7 +490,8 @@ class _ThumbSource:
         try:
             return self._from_file(i)
         except Exception as exc:  # a vanished / changed file gets a placeholder, not a crash
-            self.failed += 1
+            with self._lock:
+                self.failed += 1
             if self.failed <= 3:
                 log.warning("thumbnail for %s: %s: %s", i[:12], type(exc).__name__, exc)
             return np.full((self.size, self.size, 3), _PLACEHOLDER, dtype=np.uint8)
@@ -487,17 +499,12 @@ class _ThumbSource:
     def get(self, ids: Sequence[str], pool: concurrent.futures.Executor) -> np.ndarray:
         """uint8 (len(ids), size, size, 3)."""
         out = np.empty((len(ids), self.size, self.size, 3), dtype=np.uint8)   # (n, t, t, 3)
-        todo: list[int] = []
         n_cache = 0 if self.cache is None else self.cache.shape[0]
-        for k, i in enumerate(ids):
-            r = self.rows.get(i, -1)
-            if 0 <= r < n_cache:
-                px = np.asarray(self.cache[r])                                   # (S, S, 3)
-                if px.shape[0] != self.size:
-                    px = np.asarray(Image.fromarray(px).resize((self.size, self.size), Image.Resampling.BICUBIC))
-                out[k] = px
-            else:
-                todo.append(k)
+        rows = np.array([self.rows.get(i, -1) for i in ids], dtype=np.int64)
+        hit = (rows >= 0) & (rows < n_cache)
+        if hit.any():
+            out[hit] = _resize_batch(self.cache[rows[hit]], self.size)         # (h, S, S, 3) -> (h, t, t, 3)
+        todo = np.flatnonzero(~hit).tolist()
         for k, arr in zip(todo, pool.map(self._one, [ids[k] for k in todo])):
             out[k] = arr
         return out
@@ -507,8 +514,10 @@ def build_thumbnails(run_dir: str | Path, ids: Sequence[str], thumb_size: int = 
                      per_sheet: int = 256) -> ThumbIndex:
     """Make the thumbnails of `ids` that the run's cache lacks; return the (saved) index.
 
-    New thumbnails fill the last sheet, then new sheets; each finished sheet is written
-    atomically and the index after it, so a killed render keeps what it finished.
+    New thumbnails fill the last sheet, then new sheets. Sheets are built two at a time
+    (Pillow releases the GIL while resizing, decoding and encoding), each written
+    atomically; the index is saved as finished sheets come in, so a killed render keeps
+    most of its work and a re-render makes only what is missing.
     """
     paths = RunPaths(Path(run_dir))
     d = paths.gallery_dir / f"thumbs{thumb_size}"
@@ -523,31 +532,41 @@ def build_thumbnails(run_dir: str | Path, ids: Sequence[str], thumb_size: int = 
         rows = {i: r for r, i in enumerate(pq.read_table(paths.manifest, columns=["id"])["id"].to_pylist())}
     src = _ThumbSource(paths, rows, thumb_size)
     t, cols, srows = thumb_size, idx.cols, idx.sheet_rows
-    start = len(idx.ids)
+    jobs: list[tuple[int, int, list[str]]] = []          # (sheet, first cell, ids)
+    pos, start = 0, len(idx.ids)
+    while pos < len(new):
+        sheet, cell0 = divmod(start + pos, per_sheet)
+        jobs.append((sheet, cell0, new[pos: pos + per_sheet - cell0]))
+        pos += len(jobs[-1][2])
+    d.mkdir(parents=True, exist_ok=True)
+
+    def make_sheet(job: tuple[int, int, list[str]], pool: concurrent.futures.Executor) -> None:
+        sheet, cell0, take = job
+        path = d / ThumbIndex.sheet_name(sheet)
+        if cell0 and path.exists():               # extend the partly filled last sheet
+            with Image.open(path) as im:
+                canvas = np.array(im.convert("RGB"))
+        else:
+            canvas = np.full((srows * t, cols * t, 3), 250, dtype=np.uint8)   # (H, W, 3)
+        thumbs = src.get(take, pool)                                            # (n, t, t, 3)
+        for k, th in enumerate(thumbs):
+            r, c = divmod(cell0 + k, cols)
+            canvas[r * t:(r + 1) * t, c * t:(c + 1) * t] = th
+        with atomic_path(path) as tmp:
+            Image.fromarray(canvas).save(tmp, format="JPEG", quality=85)
+
     workers = min(8, 2 * (os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+    with concurrent.futures.ThreadPoolExecutor(workers) as decode_pool, \
+            concurrent.futures.ThreadPoolExecutor(2) as sheet_pool, \
             tqdm(total=len(new), desc="thumbnails", unit="img", leave=False) as bar:
-        pos = 0
-        while pos < len(new):
-            slot0 = start + pos
-            sheet, cell0 = divmod(slot0, per_sheet)
-            take = new[pos: pos + per_sheet - cell0]
-            path = d / ThumbIndex.sheet_name(sheet)
-            if cell0 and path.exists():           # extend the partly filled last sheet
-                with Image.open(path) as im:
-                    canvas = np.array(im.convert("RGB"))
-            else:
-                canvas = np.full((srows * t, cols * t, 3), 250, dtype=np.uint8)   # (H, W, 3)
-            thumbs = src.get(take, pool)                                            # (n, t, t, 3)
-            for k, th in enumerate(thumbs):
-                r, c = divmod(cell0 + k, cols)
-                canvas[r * t:(r + 1) * t, c * t:(c + 1) * t] = th
-            with atomic_path(path) as tmp:
-                Image.fromarray(canvas).save(tmp, format="JPEG", quality=85)
-            idx.ids.extend(take)
-            idx.save()
-            pos += len(take)
-            bar.update(len(take))
+        saved = time.perf_counter()
+        for job, _ in zip(jobs, sheet_pool.map(lambda j: make_sheet(j, decode_pool), jobs)):
+            idx.ids.extend(job[2])                # in slot order: map yields in job order
+            bar.update(len(job[2]))
+            if time.perf_counter() - saved > 5.0:
+                idx.save()
+                saved = time.perf_counter()
+    idx.save()
     idx.generated, idx.failed = len(new), src.failed
     if src.failed:
         log.warning("%d of %d thumbnails are placeholders (image unreadable)", src.failed, len(new))
@@ -618,6 +637,9 @@ def render_gallery(run_dir: str | Path, classes: list[str] | None = None, thumb_
     thumb_size: thumbnail side in pixels; page_size: tiles per page; per_sheet: thumbnails
     per sprite-sheet JPEG (smaller sheets make the first page load less image data).
     """
+    if thumb_size < 8 or page_size < 1 or per_sheet < 1:
+        raise ValueError(f"thumb_size >= 8, page_size >= 1 and per_sheet >= 1 "
+                         f"(got {thumb_size}, {page_size}, {per_sheet})")
     t0 = time.perf_counter()
     paths = RunPaths(Path(run_dir))
     data = load_run(paths.root, classes)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import RunPaths
-from pipeline.records import Record, save_manifest
+from pipeline.records import QuarantineRow, Record, save_manifest, save_quarantine
 from pipeline.storage import atomic_write_table
 from selection.gallery import build_thumbnails, js_json, load_run, render_gallery, summarize_run
 from selection.overrides import apply_overrides, import_overrides_file, load_overrides, record_overrides
@@ -465,14 +465,20 @@ def test_inspect_and_override_cli(tmp_path, shirts, capsys):
     images, labels, names = shirts
     run = make_run(tmp_path, images[:60], labels[:60], names)
     paths = run["paths"]
+    save_quarantine(paths.quarantine, [QuarantineRow(uri=f"/web/bad{i}.jpg", source="folder:/web", reason=r)
+                                       for i, r in enumerate(["truncated", "truncated", "not_an_image"])])
     last = run["ledgers"][-1]
     s = summarize_run(paths.root)
     assert s.images == 60 and s.kept == int(np.sum(last["kept"]))
+    assert s.quarantine == {"truncated": 2, "not_an_image": 1}
     assert s.groups == len(set(run["dups"].values())) and s.group_members == len(run["dups"])
 
     assert main(["inspect", str(paths.root)]) == 0
     out = capsys.readouterr().out
-    assert "records: 60" in out and f"kept {s.kept}" in out
+    assert "records: 60 (near_duplicate 3, ok 57)" in out and f"kept {s.kept}" in out
+    assert "quarantine: 3 (truncated 2, not_an_image 1)" in out
+    top = ", ".join(f"{r} {n}" for r, n in s.reasons[:6])
+    assert f"top rejection reasons: {top}" in out
     assert f"gallery: {paths.gallery}" in out and paths.gallery.exists()
     for c in s.by_pseudo:
         assert re.search(rf"^\s+{re.escape(c.name)}\s+{c.kept}\s+{c.rejected}\s", out, re.M)
