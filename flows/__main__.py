@@ -138,7 +138,9 @@ verb("override", "Record human overrides (forced keep / reject) in the run's ove
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory")
-    p.add_argument("--render", action="store_true", help="re-render the gallery page even if it exists")
+    p.add_argument("--render", action="store_true",
+                   help="re-render the gallery page even if it is up to date (it is re-rendered anyway "
+                        "when missing or older than the ledgers / overrides)")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -148,15 +150,19 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from selection.gallery import GalleryError, render_gallery, summarize_run
 
     paths = RunPaths(Path(args.run_dir))
+    inputs = [paths.manifest, paths.overrides, *paths.selection_dir.glob("epoch_*.parquet")]
+    newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     try:
         print(summarize_run(paths.root).text())
-        fresh = args.render or not paths.gallery.exists()
+        stale = paths.gallery.exists() and paths.gallery.stat().st_mtime < newest
+        fresh = args.render or stale or not paths.gallery.exists()
         if fresh:
             render_gallery(paths.root)
     except GalleryError as exc:
         print(f"webkd inspect: {exc}", file=sys.stderr)
         return 2
-    print(f"gallery: {paths.gallery}" + (" (rendered now)" if fresh else ""))
+    note = " (re-rendered: older than the ledgers / overrides)" if stale else " (rendered now)" if fresh else ""
+    print(f"gallery: {paths.gallery}{note}")
     return 0
 
 

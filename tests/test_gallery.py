@@ -496,7 +496,10 @@ def test_inspect_and_override_cli(tmp_path, shirts, capsys):
     assert main(["override", str(paths.root), str(bad)]) == 2
     assert "unknown action 'keep'" in capsys.readouterr().err
     assert main(["inspect", str(paths.root)]) == 0
-    assert "overrides: 2 (accept 2)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "overrides: 2 (accept 2)" in out and "re-rendered" in out     # the store is newer
+    assert main(["inspect", str(paths.root)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(str(paths.gallery))  # up to date: not rendered
     # a record_overrides call from the library shows in the next inspect
     record_overrides(paths.overrides, reject=[b])
     assert "overrides: 2 (accept 1, reject 1)" in summarize_run(paths.root).text()
