@@ -1,0 +1,366 @@
+"""FAISS index over cached embeddings: build / search / save / load, numpy brute force as the
+reference, and near-duplicate groups.
+
+All vectors are L2-normalised float32 and compared by inner product, so every score is a cosine.
+The index type is chosen by size (exact `Flat` for small pools, `IVF{nlist},Flat` for larger,
+`IVF{nlist},PQ{m}` past a memory budget) unless a factory string is given. Searches run in
+blocks of queries (as faiss `contrib/exhaustive_search.py` does) so memory stays bounded, and a
+numpy brute force is the reference every fast path is checked against (faiss
+`contrib/evaluation.py` habit). faiss is imported only in this module.
+
+Index ids are manifest rows: row i of `features/<key>.npy` is vector i of `index/<key>.faiss`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.config import IndexConfig, RunPaths
+from pipeline.records import OK, QuarantineRow, load_manifest, load_quarantine, save_manifest, save_quarantine
+from pipeline.storage import atomic_path
+
+log = logging.getLogger(__name__)
+
+NEAR_DUPLICATE = "near_duplicate"
+MIN_POINTS_PER_LIST = 39          # faiss k-means warns below 39 training points per centroid
+PQ_MIN_TRAIN = 256                # 8-bit PQ needs at least 2^8 training vectors
+_PROGRESS_MIN_BLOCKS = 4          # show a progress bar when a search has at least this many blocks
+
+
+# --------------------------------------------------------------------------------------------
+# vectors
+# --------------------------------------------------------------------------------------------
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2-normalised float32 copy (C-contiguous, as faiss wants). Non-finite values
+    become 0 and all-zero rows stay zero (they score 0 against everything) instead of NaN."""
+    x = np.array(x, dtype=np.float32, copy=True, order="C")  # (N, D)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-d array of embeddings, got shape {x.shape}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        log.warning("%d non-finite embedding values set to 0", int(bad.sum()))
+        x[bad] = 0.0
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# choosing and building an index
+# --------------------------------------------------------------------------------------------
+def _nlist(n: int) -> int:
+    """~4*sqrt(n) inverted lists, clamped so each list gets >= 39 training points."""
+    return max(1, min(int(round(4 * math.sqrt(n))), n // MIN_POINTS_PER_LIST))
+
+
+def _pq_m(n: int, d: int, budget_bytes: float) -> int:
+    """Number of PQ sub-quantisers: a divisor of d, at most 64 and at most d/2 (>= 2 dims per
+    sub-vector), the largest whose codes (n*m bytes) fit the budget; else the smallest divisor."""
+    divisors = [m for m in range(1, d + 1) if d % m == 0 and m <= 64 and (m <= d // 2 or d == 1)]
+    fitting = [m for m in divisors if n * m <= budget_bytes]
+    return max(fitting) if fitting else min(divisors)
+
+
+def choose_factory(n: int, d: int, cfg: IndexConfig) -> str:
+    """The FAISS factory string for n vectors of dimension d (`cfg.factory` wins when given).
+
+    - exact `Flat` for n <= cfg.flat_max;
+    - `IVF{nlist},Flat` above that;
+    - `IVF{nlist},PQ{m}` when the raw float32 vectors (n*d*4 bytes) exceed cfg.memory_budget_mb
+      (whatever n is), as long as there are enough vectors to train 8-bit PQ codebooks.
+    """
+    if cfg.factory:
+        return cfg.factory
+    if n < 1 or d < 1:
+        raise ValueError(f"cannot index {n} vectors of dimension {d}")
+    budget = cfg.memory_budget_mb * 2**20
+    if n * d * 4 > budget:
+        if n >= PQ_MIN_TRAIN:
+            return f"IVF{_nlist(n)},PQ{_pq_m(n, d, budget)}"
+        log.warning("raw vectors exceed the memory budget but %d vectors are too few to train PQ; "
+                    "using an exact Flat index", n)
+        return "Flat"
+    if n <= cfg.flat_max:
+        return "Flat"
+    return f"IVF{_nlist(n)},Flat"
+
+
+def _gpu_count() -> int:
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set the number of probed lists on an IVF index (CPU, GPU, or replicated over several
+    GPUs); a no-op for index types without lists (Flat)."""
+    space = faiss.GpuParameterSpace() if _gpu_count() > 0 and hasattr(faiss, "GpuParameterSpace") \
+        else faiss.ParameterSpace()
+    try:
+        space.set_index_parameter(index, "nprobe", nprobe)
+    except RuntimeError:
+        pass  # not an IVF index: nothing to probe
+
+
+def _no_polysemous(index: faiss.Index) -> None:
+    """Switch off polysemous PQ training (on by default for factory PQ indexes). It only serves
+    Hamming-distance pre-filtering, which we never use, and costs minutes of simulated annealing
+    even on a few thousand vectors."""
+    try:
+        inner = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except (RuntimeError, TypeError):
+        inner = faiss.downcast_index(index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
+
+
+def build_index(embeddings: np.ndarray, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
+    """Build (train when needed, add, set nprobe) an inner-product index over the L2-normalised
+    embeddings. Runs on the GPU(s) when faiss has any and `cfg.use_gpu == "auto"`; the returned
+    index may then be a GPU index (`save_index` always writes a CPU copy)."""
+    x = normalize(embeddings)  # (N, D)
+    n, d = x.shape
+    factory = choose_factory(n, d, cfg)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    _no_polysemous(index)
+    if cfg.use_gpu == "auto" and _gpu_count() > 0:
+        try:
+            index = faiss.index_cpu_to_all_gpus(index)
+            log.info("FAISS index %s on %d GPU(s)", factory, _gpu_count())
+        except RuntimeError as exc:  # e.g. a PQ size the GPU kernels do not support
+            log.warning("FAISS GPU index for %s failed (%s); staying on CPU", factory, exc)
+    t0 = time.perf_counter()
+    if not index.is_trained:
+        ivf_lists = _nlist(n)
+        n_train = min(n, max(ivf_lists * 256, PQ_MIN_TRAIN * 40))
+        rng = np.random.default_rng(seed)
+        train = x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))]
+        index.train(train)
+    step = max(cfg.block_size * 16, 65536)
+    for lo in tqdm(range(0, n, step), desc=f"index add ({factory})", unit="block",
+                   disable=n <= step * _PROGRESS_MIN_BLOCKS):
+        index.add(x[lo:lo + step])
+    set_nprobe(index, cfg.nprobe)
+    log.info("built %s over %d x %d in %.2fs", factory, n, d, time.perf_counter() - t0)
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# search
+# --------------------------------------------------------------------------------------------
+def search(index: faiss.Index, queries: np.ndarray, k: int, block_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN search in blocks of `block_size` queries (L2-normalised here).
+
+    Returns (scores float32 (Q, k), ids int64 (Q, k)), best first; missing neighbours (k larger
+    than what the index can return) have id -1 and score -inf, as faiss reports them.
+    """
+    q = normalize(queries)  # (Q, D)
+    nq = q.shape[0]
+    if q.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {q.shape[1]}, the index {index.d}")
+    scores = np.empty((nq, k), dtype=np.float32)
+    ids = np.empty((nq, k), dtype=np.int64)
+    starts = range(0, nq, block_size)
+    for lo in tqdm(starts, desc="knn search", unit="block", disable=len(starts) < _PROGRESS_MIN_BLOCKS):
+        s, i = index.search(q[lo:lo + block_size], k)
+        scores[lo:lo + block_size], ids[lo:lo + block_size] = s, i
+    return scores, ids
+
+
+def brute_force_knn(base: np.ndarray, queries: np.ndarray, k: int, block_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact reference k-NN with numpy, in blocks of queries: cosines of the L2-normalised
+    float32 vectors, accumulated in float64 so the result does not depend on the block size.
+
+    Ties are broken by the smaller id, so the result is deterministic.
+    Same return convention as `search`.
+    """
+    b = normalize(base).astype(np.float64)     # (N, D)
+    q = normalize(queries).astype(np.float64)  # (Q, D)
+    n, nq = b.shape[0], q.shape[0]
+    kk = min(k, n)
+    scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    ids = np.full((nq, k), -1, dtype=np.int64)
+    starts = range(0, nq, block_size)
+    for lo in tqdm(starts, desc="brute-force knn", unit="block", disable=len(starts) < _PROGRESS_MIN_BLOCKS):
+        sims = q[lo:lo + block_size] @ b.T  # (B, N)
+        if kk < n:
+            part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]  # (B, kk) unordered top-k
+            # ties at the cut: take every column scoring >= the k-th value, then sort stably
+            kth = np.take_along_axis(sims, part, 1).min(axis=1, keepdims=True)  # (B, 1)
+            cand = [np.flatnonzero(row >= t) for row, t in zip(sims, kth[:, 0])]
+        else:
+            cand = [np.arange(n)] * sims.shape[0]
+        for r, (row, c) in enumerate(zip(sims, cand)):
+            order = c[np.lexsort((c, -row[c]))][:kk]  # by score desc, then id asc
+            ids[lo + r, :kk] = order
+            scores[lo + r, :kk] = row[order]
+    return scores, ids
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean share of each row's exact k neighbours found by the approximate search (-1 ignored)."""
+    approx_ids, exact_ids = np.asarray(approx_ids), np.asarray(exact_ids)
+    if approx_ids.shape[0] != exact_ids.shape[0]:
+        raise ValueError("approx and exact results have different numbers of queries")
+    k = exact_ids.shape[1]
+    hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits) / k) if hits else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# disk
+# --------------------------------------------------------------------------------------------
+def save_index(index: faiss.Index, path: str | Path) -> Path:
+    """Write the index atomically; a GPU index is copied to the CPU first."""
+    if "Gpu" in type(index).__name__ or _gpu_count() > 0:
+        try:
+            index = faiss.index_gpu_to_cpu(index)
+        except (RuntimeError, AttributeError):
+            pass  # already a CPU index
+    with atomic_path(path, suffix=".faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    return Path(path)
+
+
+def load_index(path: str | Path, nprobe: int | None = None) -> faiss.Index:
+    """Read a saved (CPU) index; set nprobe when given and the index is IVF."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no FAISS index at {path}: run `webkd index` first")
+    index = faiss.read_index(str(path))
+    if nprobe is not None:
+        set_nprobe(index, nprobe)
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# near duplicates
+# --------------------------------------------------------------------------------------------
+def _find(parent: np.ndarray, i: int) -> int:
+    root = i
+    while parent[root] != root:
+        root = parent[root]
+    while parent[i] != root:  # path compression
+        parent[i], i = root, parent[i]
+    return root
+
+
+def near_duplicate_groups(embeddings: np.ndarray, threshold: float, k: int = 10, block_size: int = 4096,
+                          index: faiss.Index | None = None) -> np.ndarray:
+    """Representative row of each row's near-duplicate group.
+
+    Groups are the connected components of the graph whose edges join rows with cosine >=
+    `threshold`, found from each row's k nearest neighbours (union-find). `rep[i]` is the
+    earliest row of i's group, so representatives stay stable when rows are appended later.
+    Rows with `rep[i] == i` are kept. `index` (built over the same rows) is used for the search
+    when given; otherwise an exact Flat index.
+    """
+    x = normalize(embeddings)  # (N, D)
+    n = x.shape[0]
+    rep = np.arange(n, dtype=np.int64)
+    if n < 2:
+        return rep
+    if index is None:
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+    elif index.ntotal != n:
+        raise ValueError(f"index holds {index.ntotal} vectors, embeddings have {n} rows")
+    _, ids = search(index, x, min(k + 1, n), block_size)  # (N, k+1): +1 for the row itself
+    src = np.repeat(np.arange(n), ids.shape[1]).reshape(ids.shape)  # (N, k+1)
+    valid = (ids >= 0) & (ids != src)
+    # exact cosines of the candidate pairs: an approximate (IVF-PQ) index only proposes them
+    cos = np.einsum("nkd,nd->nk", x[np.where(valid, ids, 0)], x)  # (N, k+1)
+    edge = valid & (cos >= threshold)
+    parent = rep.copy()
+    for a, b in zip(src[edge].tolist(), ids[edge].tolist()):
+        ra, rb = _find(parent, a), _find(parent, b)
+        if ra != rb:  # the smaller row becomes the root, so a root is its group's earliest row
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline stage
+# --------------------------------------------------------------------------------------------
+@dataclass
+class IndexReport:
+    key: str
+    rows: int
+    dim: int
+    factory: str
+    path: Path
+    threshold: float | None
+    candidates: int        # rows considered for near-duplicate grouping (status ok/near_duplicate)
+    groups: int            # groups with more than one member
+    near_duplicates: int   # rows marked near_duplicate (non-representatives)
+    changed: int           # rows whose status or dup_of changed in this run
+    seconds: float
+
+    def __str__(self) -> str:
+        nd = ("near-duplicates: off" if self.threshold is None else
+              f"near-duplicates (cosine >= {self.threshold}): {self.near_duplicates} rows in "
+              f"{self.groups} groups of {self.candidates} candidates, {self.changed} changed")
+        return (f"index {self.key}: {self.rows} x {self.dim} {self.factory} -> {self.path}\n"
+                f"{nd}\ntime {self.seconds:.1f}s")
+
+
+def index_run(paths: RunPaths, key: str, cfg: IndexConfig) -> IndexReport:
+    """Build and save `index/<key>.faiss` over `features/<key>.npy`, then mark near duplicates.
+
+    Among manifest rows whose status is ok or near_duplicate, each non-representative row of a
+    near-duplicate group gets `status="near_duplicate"` and `dup_of=<representative id>`, and
+    one quarantine row (reason near_duplicate). The marks are recomputed from scratch on every
+    run: rows whose group dissolved go back to ok, and old near_duplicate quarantine rows are
+    replaced, never repeated. `near_dup_threshold: null` clears every mark.
+    """
+    t0 = time.perf_counter()
+    records = load_manifest(paths.manifest)
+    feat_path = paths.features(key)
+    if not feat_path.exists():
+        raise FileNotFoundError(f"no feature cache {feat_path}: run `webkd features` first")
+    emb = np.load(feat_path, mmap_mode="r")  # (N, D) float16
+    if emb.ndim != 2 or emb.shape[0] != len(records):
+        raise ValueError(f"{feat_path} has shape {emb.shape} but the manifest has {len(records)} rows: "
+                         "re-run `webkd features` so the cache is row-aligned with the manifest")
+    x = normalize(emb)  # (N, D)
+    index = build_index(x, cfg)
+    factory = choose_factory(*x.shape, cfg)
+    save_index(index, paths.index(key))
+
+    cand = np.array([r.status in (OK, NEAR_DUPLICATE) for r in records], dtype=bool)
+    rows = np.flatnonzero(cand)
+    rep_rows = rows.copy()
+    if cfg.near_dup_threshold is not None and len(rows) > 1:
+        sub_index = index if len(rows) == len(records) else None
+        rep_local = near_duplicate_groups(x[rows], cfg.near_dup_threshold, k=cfg.k,
+                                          block_size=cfg.block_size, index=sub_index)
+        rep_rows = rows[rep_local]
+
+    changed = 0
+    quarantine = [q for q in load_quarantine(paths.quarantine) if q.reason != NEAR_DUPLICATE]
+    for row, rep in zip(rows.tolist(), rep_rows.tolist()):
+        r = records[row]
+        new_status, new_dup = (OK, None) if rep == row else (NEAR_DUPLICATE, records[rep].id)
+        if (r.status, r.dup_of) != (new_status, new_dup):
+            changed += 1
+            r.status, r.dup_of = new_status, new_dup
+        if rep != row:
+            cos = float(x[row] @ x[rep])
+            quarantine.append(QuarantineRow(uri=r.uri, source=r.source, reason=NEAR_DUPLICATE,
+                                            detail=f"cosine {cos:.4f} to row {rep} ({records[rep].uri})",
+                                            id=r.id, web_label=r.web_label, dup_of=records[rep].id,
+                                            batch=r.batch))
+    save_manifest(paths.manifest, records)
+    save_quarantine(paths.quarantine, quarantine)
+    n_dup = int((rep_rows != rows).sum())
+    report = IndexReport(key=key, rows=x.shape[0], dim=x.shape[1], factory=factory, path=paths.index(key),
+                         threshold=cfg.near_dup_threshold, candidates=len(rows),
+                         groups=len(set(rep_rows[rep_rows != rows].tolist())), near_duplicates=n_dup,
+                         changed=changed, seconds=time.perf_counter() - t0)
+    log.info("%s", report)
+    return report

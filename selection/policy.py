@@ -1,0 +1,289 @@
+"""KD^3 dynamic instance selection -> `Selection(keep, weight, reason)`, per-class thresholds,
+and the per-epoch decision ledger (`selection/epoch_<kkk>.parquet`).
+
+Spec: ../shared/docs/methods.md §1.3(b) and §7 point 1. Once per (re-)selection, over the whole
+pool: z_bar = alpha z_T + (1 - alpha) z_S, c = max softmax(z_bar), y_hat = argmax,
+tau_k = p_cut beta_k / (2 - beta_k) with beta_k = n_k / max_j n_j, keep iff c > tau_{y_hat}.
+Everything works on whole arrays, so the result does not depend on batch size or row order.
+
+Rows that are not candidates (validation split, manifest status near_duplicate) are scored for
+the ledger but never kept, and do not count in n_k: pass `split` and `status` to `select`, which
+gives them the reasons `validation` / `near_duplicate`. `ledger_table` refuses a Selection that
+keeps a validation row, so a ledger always shows what training used.
+
+The per-step instance weight w_i (teacher-student disagreement) is computed in the training
+step, not here: `weight` is 1.0 for kept rows and 0 for rejected ones.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import SelectionConfig
+from pipeline.storage import atomic_write_table
+from selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
+
+log = logging.getLogger(__name__)
+
+KEEP_REASONS = ("selected", "fallback", "override")
+REJECT_REASONS = ("low_confidence", "below_class_threshold", "off_class", "knn_disagree", "override",
+                  "near_duplicate", "validation")
+SPLITS = ("train", "val")
+
+LEDGER_SCHEMA = pa.schema([
+    ("id", pa.string()), ("row", pa.int64()), ("epoch", pa.int32()), ("split", pa.string()),
+    ("kept", pa.bool_()), ("weight", pa.float32()), ("reason", pa.string()),
+    ("pseudo_label", pa.int32()), ("confidence", pa.float32()), ("threshold", pa.float32()),
+    ("teacher_share", pa.float32()),
+    ("teacher_top1", pa.int32()), ("teacher_top2", pa.int32()),
+    ("teacher_p1", pa.float32()), ("teacher_p2", pa.float32()),
+    ("student_pred", pa.int32()), ("student_conf", pa.float32()),
+    ("web_label", pa.string()), ("web_class", pa.int32()), ("knn_agree", pa.float32()),
+])
+_LEDGER_NAME = re.compile(r"^epoch_(\d+)\.parquet$")
+
+
+@dataclass
+class Selection:
+    """One selection over the pool; every array is (N,) and row-aligned with the manifest."""
+
+    keep: np.ndarray            # bool
+    weight: np.ndarray          # float32: 1.0 kept, 0 rejected
+    reason: np.ndarray          # str (object): KEEP_REASONS or REJECT_REASONS
+    pseudo_label: np.ndarray    # int64: argmax of the combined prediction
+    confidence: np.ndarray      # float64: max softmax of the combined prediction
+    threshold: np.ndarray       # float64: tau of the row's pseudo-label
+    teacher_share: float        # alpha used
+    teacher_top1: np.ndarray    # int64
+    teacher_top2: np.ndarray    # int64 (-1 with a single class)
+    teacher_p1: np.ndarray      # float64
+    teacher_p2: np.ndarray      # float64
+    student_pred: np.ndarray    # int64, -1 before the student exists
+    student_conf: np.ndarray    # float64, NaN before the student exists
+    knn_agree: np.ndarray       # float64, NaN when the k-NN check is off
+    class_thresholds: np.ndarray  # (K,) float64 tau_k
+    class_counts: np.ndarray      # (K,) int64 n_k over the candidates
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def kept_per_class(self) -> np.ndarray:
+        """(K,) number of kept rows per pseudo-label."""
+        return np.bincount(self.pseudo_label[self.keep], minlength=len(self.class_thresholds))
+
+    def summary(self) -> str:
+        reasons, counts = np.unique(self.reason.astype(str), return_counts=True)
+        parts = ", ".join(f"{r} {c}" for r, c in zip(reasons, counts))
+        return f"kept {int(self.keep.sum())}/{len(self)} (alpha {self.teacher_share:.4f}): {parts}"
+
+
+def class_thresholds(pseudo_labels: np.ndarray, num_classes: int, p_cut: float = 0.95,
+                     tau_min: float = 0.0) -> np.ndarray:
+    """tau_k = p_cut beta_k / (2 - beta_k), beta_k = n_k / max_j n_j, floored at tau_min.
+
+    The most-predicted class gets p_cut, a class never predicted gets 0 (or tau_min).
+    """
+    counts = np.bincount(np.asarray(pseudo_labels, dtype=np.int64), minlength=num_classes)[:num_classes]
+    top = counts.max() if counts.size else 0
+    beta = counts / top if top > 0 else np.zeros(num_classes)  # (K,)
+    tau = p_cut * beta / (2.0 - beta)
+    return np.maximum(tau, tau_min)
+
+
+def exclusion_reasons(n: int, split: Sequence[str] | np.ndarray | None = None,
+                      status: Sequence[str] | np.ndarray | None = None) -> np.ndarray:
+    """(N,) str: "" for candidate rows, else why the row is out of the pool before scoring:
+    `validation` (split val) before `near_duplicate` (or any other non-ok manifest status)."""
+    out = np.full(n, "", dtype=object)
+    if status is not None:
+        st = np.asarray(status, dtype=object)
+        if len(st) != n:
+            raise ValueError(f"status has {len(st)} rows, logits {n}")
+        bad = st != "ok"
+        out[bad] = st[bad]
+    if split is not None:
+        sp = np.asarray(split, dtype=object)
+        if len(sp) != n:
+            raise ValueError(f"split has {len(sp)} rows, logits {n}")
+        unknown = set(sp.tolist()) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"unknown split values {sorted(map(str, unknown))}; expected {SPLITS}")
+        out[sp == "val"] = "validation"
+    return out
+
+
+def _check_rows(name: str, arr: Any, n: int, dtype: Any) -> np.ndarray | None:
+    if arr is None:
+        return None
+    a = np.asarray(arr, dtype=dtype)
+    if a.shape[0] != n:
+        raise ValueError(f"{name} has {a.shape[0]} rows, logits {n}")
+    return a
+
+
+def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg: SelectionConfig,
+           web_class: np.ndarray | None = None, neighbors: np.ndarray | None = None,
+           previous_keep: np.ndarray | None = None, split: Sequence[str] | np.ndarray | None = None,
+           status: Sequence[str] | np.ndarray | None = None) -> Selection:
+    """KD^3 dynamic instance selection over the whole pool.
+
+    teacher_logits / student_logits (N, K) numpy or torch; student None before training (the
+    teacher alone decides). progress in [0, 1] drives alpha (cfg.mode "teacher": alpha 1).
+    web_class (N,) int, -1 for off-class queries (needed by cfg.query_top2); neighbors (N, k)
+    manifest rows from the FAISS index (needed by cfg.knn.enabled); previous_keep (N,) bool, the
+    last selection (for cfg.fallback "previous"); split (N,) "train"/"val" and status (N,)
+    manifest status exclude rows from the pool (see the module docstring).
+
+    Reasons, first match wins: validation / near_duplicate (not candidates), low_confidence
+    (c <= tau_min), below_class_threshold (c <= tau_y_hat), off_class, knn_disagree, else
+    selected. An empty selection falls back (reason `fallback`) to the previous kept set, or to
+    every candidate.
+    """
+    zt = as_numpy(teacher_logits)  # (N, K)
+    if zt.ndim != 2:
+        raise ValueError(f"teacher logits must be (N, K), got {zt.shape}")
+    n, k = zt.shape
+    zs = None if student_logits is None else as_numpy(student_logits)  # (N, K)
+    if zs is not None and zs.shape != zt.shape:
+        raise ValueError(f"student logits {zs.shape} and teacher logits {zt.shape} differ in shape")
+    for name, z in (("teacher", zt), ("student", zs)):
+        if z is not None and not np.isfinite(z).all():
+            raise ValueError(f"{name} logits contain {int((~np.isfinite(z)).sum())} non-finite values")
+    web_class = _check_rows("web_class", web_class, n, np.int64)
+    previous_keep = _check_rows("previous_keep", previous_keep, n, bool)
+    excl = exclusion_reasons(n, split, status)
+    cand = excl == ""
+
+    alpha = 1.0 if zs is None or cfg.mode == "teacher" else teacher_share_progress(progress)
+    zbar = combine_logits(zt, zs, alpha)  # (N, K)
+    pred, conf = prediction(zbar)
+    t1, t2, p1, p2 = top2(zt)
+    if zs is not None:
+        s_pred, s_conf = prediction(zs)
+    else:
+        s_pred, s_conf = np.full(n, -1, dtype=np.int64), np.full(n, np.nan)
+
+    counts = np.bincount(pred[cand], minlength=k)
+    tau = class_thresholds(pred[cand], k, cfg.p_cut, cfg.tau_min)  # (K,)
+    thr = tau[pred]  # (N,)
+
+    agree = np.full(n, np.nan)
+    knn_bad = np.zeros(n, dtype=bool)
+    if cfg.knn.enabled:
+        if neighbors is None:
+            raise ValueError("selection.knn.enabled needs neighbours (N, k) from the FAISS index")
+        agree = knn_agreement(pred, zt.argmax(axis=1), neighbors, k=cfg.knn.k)
+        knn_bad = np.nan_to_num(agree, nan=1.0) < cfg.knn.min_agree
+    off = np.zeros(n, dtype=bool)
+    if cfg.query_top2:
+        if web_class is None:
+            raise ValueError("selection.query_top2 needs web_class (the web query's teacher class)")
+        off = (web_class < 0) | ((web_class != t1) & (web_class != t2))
+
+    if cfg.mode == "none":
+        reason = np.where(cand, "selected", excl).astype(object)
+    else:
+        reason = np.select(
+            [~cand, conf <= cfg.tau_min, conf <= thr, off, knn_bad],
+            [excl, "low_confidence", "below_class_threshold", "off_class", "knn_disagree"],
+            "selected").astype(object)
+    keep = reason == "selected"
+
+    if cand.any() and not keep.any():
+        if cfg.fallback == "previous" and previous_keep is not None and (previous_keep & cand).any():
+            keep, source = previous_keep & cand, "the previous selection"
+        else:
+            keep, source = cand.copy(), "every candidate"
+        reason[keep] = "fallback"
+        log.warning("selection kept nothing (alpha %.4f); falling back to %s (%d rows)", alpha, source,
+                    int(keep.sum()))
+
+    sel = Selection(keep=keep, weight=keep.astype(np.float32), reason=reason, pseudo_label=pred,
+                    confidence=conf, threshold=thr, teacher_share=float(alpha), teacher_top1=t1,
+                    teacher_top2=t2, teacher_p1=p1, teacher_p2=p2, student_pred=s_pred, student_conf=s_conf,
+                    knn_agree=agree, class_thresholds=tau, class_counts=counts)
+    kept = sel.kept_per_class()
+    log.info("selection: %s", sel.summary())
+    log.info("per class (k: n_k, tau_k, kept): %s",
+             "; ".join(f"{c}: {counts[c]}, {tau[c]:.4f}, {kept[c]}" for c in range(k)))
+    return sel
+
+
+# --------------------------------------------------------------------------------------------
+# the decision ledger
+# --------------------------------------------------------------------------------------------
+def ledger_table(selection: Selection, ids: Sequence[str], rows: Sequence[int] | np.ndarray, epoch: int,
+                 split: Sequence[str] | np.ndarray | None = None,
+                 web_labels: Sequence[str | None] | None = None,
+                 web_class: Sequence[int] | np.ndarray | None = None) -> pa.Table:
+    """The ledger of one epoch as a pyarrow Table with exactly LEDGER_SCHEMA (ARCHITECTURE.md).
+
+    split defaults to "train" for every row. A validation row must have been excluded by
+    `select(..., split=...)` (reason `validation`, not kept); anything else is an error, so the
+    ledger never disagrees with what training used.
+    """
+    n = len(selection)
+    split_arr = np.full(n, "train", dtype=object) if split is None else np.asarray(split, dtype=object)
+    web_class_arr = np.full(n, -1, dtype=np.int64) if web_class is None else np.asarray(web_class, dtype=np.int64)
+    labels = [None] * n if web_labels is None else list(web_labels)
+    for name, col in (("ids", ids), ("rows", rows), ("split", split_arr), ("web_labels", labels),
+                      ("web_class", web_class_arr)):
+        if len(col) != n:
+            raise ValueError(f"{name} has {len(col)} entries, the selection {n}")
+    val = split_arr == "val"
+    bad = val & (selection.keep | (selection.reason != "validation"))
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} validation rows are kept or lack reason 'validation' "
+                         "(pass split= to select())")
+    cols = {
+        "id": [str(i) for i in ids], "row": np.asarray(rows, dtype=np.int64),
+        "epoch": np.full(n, epoch, dtype=np.int32), "split": split_arr.astype(str),
+        "kept": selection.keep.astype(bool), "weight": selection.weight.astype(np.float32),
+        "reason": selection.reason.astype(str), "pseudo_label": selection.pseudo_label.astype(np.int32),
+        "confidence": selection.confidence.astype(np.float32), "threshold": selection.threshold.astype(np.float32),
+        "teacher_share": np.full(n, selection.teacher_share, dtype=np.float32),
+        "teacher_top1": selection.teacher_top1.astype(np.int32), "teacher_top2": selection.teacher_top2.astype(np.int32),
+        "teacher_p1": selection.teacher_p1.astype(np.float32), "teacher_p2": selection.teacher_p2.astype(np.float32),
+        "student_pred": selection.student_pred.astype(np.int32),
+        "student_conf": selection.student_conf.astype(np.float32),
+        "web_label": labels, "web_class": web_class_arr.astype(np.int32),
+        "knn_agree": selection.knn_agree.astype(np.float32),
+    }
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in LEDGER_SCHEMA}, schema=LEDGER_SCHEMA)
+
+
+def _check_schema(table: pa.Table, where: str) -> None:
+    if not table.schema.equals(LEDGER_SCHEMA, check_metadata=False):
+        raise ValueError(f"{where}: ledger schema differs from LEDGER_SCHEMA:\n{table.schema}")
+
+
+def write_ledger(path: str | Path, table: pa.Table) -> Path:
+    """Write one epoch's ledger atomically (Parquet)."""
+    _check_schema(table, str(path))
+    atomic_write_table(path, table)
+    return Path(path)
+
+
+def read_ledger(path: str | Path) -> pa.Table:
+    table = pq.read_table(path)
+    _check_schema(table, str(path))
+    return table
+
+
+def read_ledgers(selection_dir: str | Path) -> list[tuple[int, pa.Table]]:
+    """Every `epoch_<kkk>.parquet` in the folder as (epoch, table), sorted by epoch."""
+    d = Path(selection_dir)
+    found = []
+    if d.is_dir():
+        for p in d.iterdir():
+            m = _LEDGER_NAME.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+    return [(e, read_ledger(p)) for e, p in sorted(found)]
