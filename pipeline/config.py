@@ -82,6 +82,10 @@ class DataConfig(_Section):
         default_factory=dict,
         description="web query -> class name; a query not in classes and not mapped is off-class",
     )
+    class_groups: list[list[str]] = Field(
+        default_factory=list,
+        description="classes that count as one when scoring validation (e.g. footwear for a 'shoes' query)",
+    )
     image_size: int = Field(32, ge=8, description="side of the decoded pixel cache all models read")
     fit: Literal["squash", "crop", "pad"] = Field(
         "squash", description="how non-square images reach image_size"
@@ -168,7 +172,7 @@ class TrainConfig(_Section):
 
 class ExportConfig(_Section):
     onnx: bool = True
-    opset: int = 17
+    opset: int = Field(18, ge=18, description="ONNX opset (the dynamo exporter needs >= 18)")
     atol: float = 1e-4
 
 

@@ -138,3 +138,85 @@ def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None)
     images = _read_idx(d / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(d / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
     return ImageSet(images=images, labels=labels, class_names=list(FMNIST_CLASSES))
+
+
+# --------------------------------------------------------------------------------------------
+# the fashion-web scenario: a Fashion-MNIST teacher, and web images found by class-name queries
+# --------------------------------------------------------------------------------------------
+# clothing-dataset-small query -> Fashion-MNIST class (the data README's suggested mapping);
+# hat, shorts and skirt have no counterpart and stay off-class queries.
+CLOTHING_TO_FMNIST: dict[str, str | None] = {
+    "t-shirt": "T-shirt/top", "pants": "Trouser", "longsleeve": "Pullover", "dress": "Dress",
+    "outwear": "Coat", "shirt": "Shirt", "shoes": "Sneaker", "hat": None, "shorts": None, "skirt": None,
+}
+FOOTWEAR = ["Sandal", "Sneaker", "Ankle boot"]   # "shoes" photos may be any of these
+
+
+def safe_name(label: str) -> str:
+    """A class name as a folder name ("T-shirt/top" -> "T-shirt_top")."""
+    return label.replace("/", "_").replace("\\", "_")
+
+
+@dataclass
+class Scenario:
+    web_dir: Path                      # folder: source, sub-folders named by web query
+    test_dir: Path | None              # folder: source of the labelled test set
+    classes: list[str]                 # teacher classes
+    label_map: dict[str, str | None]   # query (folder name) -> class
+    class_groups: list[list[str]]
+    counts: dict[str, int]
+
+
+def write_fashion_web(out_dir: str | Path, data_dir: str | Path | None = None, pacs_images: int = 1500,
+                      clothing_fraction: float = 1.0, test_images: int | None = None, seed: int = 0,
+                      write_test: bool = True) -> Scenario:
+    """Write the fashion-web pool as real image files (idempotent: existing files are kept).
+
+    - web/<query>/*.jpg: clothing photos (all splits; JPEG q90 of the 64 px images) under their
+      own query names, plus `pacs_images` PACS images (real JPEGs, all four domains) under the
+      PACS class names as off-class queries;
+    - test/<class>/*.png: Fashion-MNIST test (the teacher's domain), read once at the end.
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    web = out_dir / "web"
+    counts: dict[str, int] = {}
+    cloth = load_clothing(data_dir)
+    idx = np.arange(len(cloth.labels))
+    if clothing_fraction < 1.0:
+        idx = np.sort(rng.choice(idx, int(round(len(idx) * clothing_fraction)), replace=False))
+    for i in idx:
+        q = cloth.class_names[int(cloth.labels[i])]
+        p = web / q / f"clothing_{i:05d}.jpg"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(cloth.images[i]).save(p, format="JPEG", quality=90)
+        counts[q] = counts.get(q, 0) + 1
+    blobs, meta = pacs_jpeg_bytes(data_dir)
+    pick = np.sort(rng.choice(len(blobs), min(pacs_images, len(blobs)), replace=False))
+    for i in pick:
+        q = meta.class_names[int(meta.labels[i])]
+        p = web / q / f"pacs_{meta.domain_names[int(meta.domains[i])]}_{i:05d}.jpg"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(blobs[i])
+        counts[q] = counts.get(q, 0) + 1
+    label_map: dict[str, str | None] = dict(CLOTHING_TO_FMNIST)
+    label_map.update({c: None for c in meta.class_names})
+    test_dir = None
+    if write_test:
+        test = load_fashion_mnist("test", data_dir)
+        test_dir = out_dir / "test"
+        tidx = np.arange(len(test.labels)) if test_images is None else np.sort(
+            rng.choice(len(test.labels), test_images, replace=False))
+        for i in tidx:
+            c = safe_name(FMNIST_CLASSES[int(test.labels[i])])
+            p = test_dir / c / f"fmnist_test_{i:05d}.png"
+            if not p.exists():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(test.images[i]).save(p, format="PNG")
+        label_map.update({safe_name(c): c for c in FMNIST_CLASSES if safe_name(c) != c})
+    return Scenario(web_dir=web, test_dir=test_dir, classes=list(FMNIST_CLASSES), label_map=label_map,
+                    class_groups=[list(FOOTWEAR)], counts=counts)

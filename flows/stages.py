@@ -1,0 +1,344 @@
+"""Config -> library calls, one function per stage. The CLI verbs and the Prefect tasks both call
+these, so a stage behaves the same with or without the Prefect engine (this module does not
+import Prefect). Stages hand each other run-directory paths, never tensors.
+"""
+import hashlib
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config, RunPaths, dump_config, save_resolved_config
+from pipeline.features import build_pixel_cache, extract_features, load_features, resolve_device
+from pipeline.index import index_run, load_index, search
+from pipeline.ingest import IngestReport, run_ingest
+from pipeline.records import Record, class_index, load_manifest
+from pipeline.storage import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# curation stages
+# --------------------------------------------------------------------------------------------
+def ingest(cfg: Config) -> IngestReport:
+    save_resolved_config(cfg)
+    if not cfg.data.sources:
+        raise ValueError("data.sources is empty: give at least one folder:, manifest: or wds: source")
+    return run_ingest(cfg.data.sources, cfg.paths, cfg.ingest)
+
+
+def pixels(cfg: Config, paths: RunPaths | None = None) -> np.ndarray:
+    """The run's decoded pixel cache, (N, S, S, 3) uint8, row-aligned with the manifest."""
+    paths = paths or cfg.paths
+    records = load_manifest(paths.manifest)
+    return build_pixel_cache(records, paths.pixels(cfg.data.image_size, cfg.data.fit),
+                             cfg.data.image_size, cfg.data.fit)
+
+
+def build_teachers(cfg: Config, device: str = "cpu") -> list[tuple[str, Any, str]]:
+    """[(cache key, frozen model, fingerprint)] for every configured teacher."""
+    from training.models import build_model, fingerprint, freeze
+
+    out = []
+    for spec in cfg.teachers:
+        model = freeze(build_model(spec, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes))
+        out.append((spec.cache_key, model.to(device), fingerprint(model, spec)))
+    return out
+
+
+def features(cfg: Config, teachers: list | None = None) -> dict[str, str]:
+    """Cached embeddings + logits of every teacher (and the student when configured)."""
+    from training.models import build_model, fingerprint
+
+    if not cfg.teachers and "student" not in cfg.features.encoders:
+        raise ValueError("no encoder to run: configure `teachers:` (or features.encoders: [student])")
+    device = resolve_device(cfg.device)
+    pix = pixels(cfg)
+    ids = [r.id for r in load_manifest(cfg.paths.manifest)]
+    encoders = []
+    if "teachers" in cfg.features.encoders:
+        encoders += teachers if teachers is not None else build_teachers(cfg, device)
+    if "student" in cfg.features.encoders:
+        s = build_model(cfg.student, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes)
+        encoders.append(("student", s, fingerprint(s, cfg.student)))
+    out = {}
+    for key, model, fp in encoders:
+        cache = extract_features(model, pix, key, fp, cfg.paths, batch_size=cfg.features.batch_size,
+                                 device=device, row_ids=ids)
+        out[key] = f"{cache.rows} rows x {cache.dim} dims, {cache.num_classes} classes ({cache.computed} computed now)"
+    return out
+
+
+def index_key(cfg: Config) -> str:
+    if cfg.index.encoder:
+        return cfg.index.encoder
+    if not cfg.teachers:
+        raise ValueError("index.encoder is not set and there is no teacher to index")
+    return cfg.teachers[0].cache_key
+
+
+def index(cfg: Config):
+    return index_run(cfg.paths, index_key(cfg), cfg.index)
+
+
+# --------------------------------------------------------------------------------------------
+# the pool the training loop sees
+# --------------------------------------------------------------------------------------------
+def split_of(record_id: str, val_fraction: float) -> str:
+    """Deterministic train/val split from the content hash: stable when the pool grows."""
+    return "val" if int(record_id[:8], 16) / 16 ** 8 < val_fraction else "train"
+
+
+def class_groups(cfg: Config) -> np.ndarray | None:
+    if not cfg.data.class_groups:
+        return None
+    lookup = {c: i for i, c in enumerate(cfg.data.classes)}
+    group = np.arange(len(cfg.data.classes))
+    for members in cfg.data.class_groups:
+        idx = [lookup[m] for m in members if m in lookup]
+        if len(idx) != len(members):
+            raise ValueError(f"data.class_groups entry {members} names classes not in data.classes")
+        group[idx] = min(idx)
+    return group
+
+
+def refined_labels(paths: RunPaths, ids: list[str]) -> np.ndarray:
+    """Refined labels (PLL two-hot curation) aligned to ids; -1 where none."""
+    import pyarrow.parquet as pq
+
+    if not paths.labels.exists():
+        raise FileNotFoundError(f"train.label_source=refined but {paths.labels} does not exist: run `webkd refine` first")
+    t = pq.read_table(paths.labels, columns=["id", "refined_label"]).to_pydict()
+    lookup = dict(zip(t["id"], t["refined_label"]))
+    return np.array([lookup.get(i, -1) if lookup.get(i) is not None else -1 for i in ids], np.int64)
+
+
+def build_pool(cfg: Config, with_neighbors: bool | None = None):
+    from training.loop import Pool
+
+    paths = cfg.paths
+    records = load_manifest(paths.manifest)
+    if not records:
+        raise ValueError(f"{paths.manifest} has no records: run ingest first")
+    pix = pixels(cfg)
+    ids = [r.id for r in records]
+    web_class = np.array(class_index(records, cfg.data.classes, cfg.data.label_map), np.int64)
+    split = np.array([split_of(i, cfg.data.val_fraction) for i in ids], dtype=object)
+    labels = refined_labels(paths, ids) if cfg.train.label_source == "refined" else web_class.copy()
+    teacher_logits = None
+    if cfg.teachers:
+        caches = [load_features(paths, t.cache_key) for t in cfg.teachers]
+        if all(c is not None and c.rows == len(records) for c in caches):
+            teacher_logits = np.mean([np.asarray(c.logits, np.float32) for c in caches], axis=0)
+    neighbors = None
+    if with_neighbors if with_neighbors is not None else cfg.selection.knn.enabled:
+        key = index_key(cfg)
+        cache = load_features(paths, key)
+        idx = load_index(paths.index(key), nprobe=cfg.index.nprobe)
+        _, nb = search(idx, np.asarray(cache.embeddings, np.float32), cfg.selection.knn.k + 1, cfg.index.block_size)
+        neighbors = np.array([[j for j in row if j != i][: cfg.selection.knn.k] for i, row in enumerate(nb)], np.int64)
+    return Pool(pixels=pix, ids=ids, split=split, status=np.array([r.status for r in records], dtype=object),
+                labels=labels, web_labels=[r.web_label for r in records], web_class=web_class,
+                val_labels=np.where(split == "val", web_class, -1), teacher_logits=teacher_logits,
+                neighbors=neighbors, class_group=class_groups(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# labelled test set, read once at the end
+# --------------------------------------------------------------------------------------------
+def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pixels, labels) of `data.test_source`, ingested into <run>/test (labels from folder names)."""
+    if not cfg.data.test_source:
+        return None
+    from pipeline.config import IngestConfig
+
+    tpaths = RunPaths(cfg.paths.root / "test")
+    run_ingest([cfg.data.test_source], tpaths, IngestConfig(min_side=1))
+    records = load_manifest(tpaths.manifest)
+    pix = build_pixel_cache(records, tpaths.pixels(cfg.data.image_size, cfg.data.fit), cfg.data.image_size, cfg.data.fit)
+    labels = np.array(class_index(records, cfg.data.classes, cfg.data.label_map), np.int64)
+    if (labels < 0).all():
+        raise ValueError(f"test source {cfg.data.test_source}: no folder name maps to a class in data.classes")
+    return pix, labels
+
+
+# --------------------------------------------------------------------------------------------
+# distillation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DistillResult:
+    run_dir: Path
+    method: str
+    best_epoch: int
+    val_acc: float
+    teacher_val_acc: float | None
+    test_acc: float | None
+    teacher_test_acc: float | None
+    parameters: int
+    export_dir: Path
+    model_card: Path
+    kept: int
+    candidates: int
+    seconds: float
+    resumed_from: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        def pct(v):
+            return "-" if v is None or v != v else f"{100 * v:.2f}%"
+        rows = [("method", self.method), ("student parameters", f"{self.parameters:,}"),
+                ("kept at last epoch", f"{self.kept} / {self.candidates}"),
+                ("best epoch (validation)", str(self.best_epoch)),
+                ("validation accuracy: student / teacher", f"{pct(self.val_acc)} / {pct(self.teacher_val_acc)}"),
+                ("test accuracy: student / teacher", f"{pct(self.test_acc)} / {pct(self.teacher_test_acc)}"),
+                ("model card", str(self.model_card)), ("time", f"{self.seconds:.0f}s")]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:])
+
+
+def load_overrides_for(cfg: Config) -> dict[str, str]:
+    from selection.overrides import load_overrides
+
+    return load_overrides(cfg.paths.overrides)
+
+
+def _lineage(cfg: Config, records: list[Record], final_epoch: int) -> dict[str, Any]:
+    from pipeline.records import load_quarantine
+    from selection.policy import read_ledger
+
+    table = read_ledger(cfg.paths.ledger(final_epoch)).to_pydict()
+    kept = np.array(table["kept"])
+    reason = np.array(table["reason"], dtype=object)
+    pseudo = np.array(table["pseudo_label"])
+    train = np.array(table["split"]) == "train"
+    per_class = []
+    for k, name in enumerate(cfg.data.classes):
+        m = train & (pseudo == k)
+        rej = reason[m & ~kept]
+        top = max(set(rej.tolist()), key=rej.tolist().count) if len(rej) else ""
+        per_class.append({"class": name, "kept": int((m & kept).sum()), "rejected": int((m & ~kept).sum()),
+                          "top_reason": top})
+    return {"pool": len(records), "quarantined": len(load_quarantine(cfg.paths.quarantine)),
+            "near_duplicates": int(sum(r.status == "near_duplicate" for r in records)),
+            "validation": int((np.array(table["split"]) == "val").sum()), "sources": list(cfg.data.sources),
+            "epoch": final_epoch, "kept": int((kept & train).sum()), "rejected": int((~kept & train).sum()),
+            "per_class": per_class}
+
+
+def build_student_and_method(cfg: Config, teachers: list, sample):
+    """The student (warm-started when configured) and the method with its model-derived args."""
+    import torch
+
+    from training.methods import build_method, method_defaults
+    from training.models import build_model, load_weights
+
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes)
+    defaults = method_defaults(student, teachers, sample).get(cfg.train.method, {})
+    method = build_method(cfg.train.method, **{**defaults, **cfg.train.method_args})
+    if cfg.train.warm_start:
+        warm_start(student, method, cfg.train.warm_start)
+    return student, method
+
+
+def warm_start(student, method, source: str) -> None:
+    """Initialise from a previous export folder (deployed student: backbone + KD^3 head)."""
+    from safetensors.torch import load_file
+
+    src = Path(source)
+    weights = load_file(str(src / "student.safetensors")) if src.is_dir() else None
+    if weights is None:
+        raise FileNotFoundError(f"train.warm_start={source}: expected an export folder with student.safetensors")
+    own = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
+    if not own:
+        own = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
+    student.load_state_dict(own)
+    proj = {k[len("projector."):]: v for k, v in weights.items() if k.startswith("projector.")}
+    if proj and hasattr(method, "projector"):
+        method.projector.load_state_dict(proj)
+    log.info("warm start from %s", src)
+
+
+def distill(cfg: Config, curate_first: bool = True) -> DistillResult:
+    """ingest -> features -> index (all incremental) -> fit -> export -> model card -> test once."""
+    import torch
+
+    from training.export import save_export, write_model_card
+    from training.loop import accuracy, fit, load_checkpoint, predict_logits
+
+    t0 = time.time()
+    save_resolved_config(cfg)
+    device = resolve_device(cfg.device)
+    if curate_first:
+        ingest(cfg)
+    teachers = build_teachers(cfg, str(device))
+    if curate_first and cfg.teachers:
+        features(cfg, teachers=teachers)
+        index(cfg)
+    pool = build_pool(cfg)
+    sample = torch.from_numpy(np.ascontiguousarray(pool.pixels[:8])).permute(0, 3, 1, 2).float() / 255
+    teacher_models = [m for _, m, _ in teachers]
+    student, method = build_student_and_method(cfg, teacher_models, sample)
+    result = fit(student, teacher_models, method, pool, cfg.train, cfg.selection, cfg.paths, seed=cfg.seed,
+                 device=device, overrides=load_overrides_for(cfg), run_fingerprint=cfg.fingerprint())
+    best = load_checkpoint(cfg.paths.best_checkpoint, device)
+    student.load_state_dict(best["student"])
+    method.load_state_dict(best["method"])
+    student.eval()
+    method.eval()
+    deployed = method.deploy(student, teacher_models).eval()
+
+    val_rows = np.flatnonzero((pool.split == "val") & (pool.val_labels >= 0))
+    teacher_val = None
+    if pool.teacher_logits is not None and len(val_rows):
+        teacher_val = accuracy(pool.teacher_logits[val_rows], pool.val_labels[val_rows], pool.class_group)
+    test = test_set(cfg)
+    test_acc = teacher_test = None
+    if test is not None:  # the test set is read once, here, after the checkpoint is chosen
+        tpix, tlab = test
+        rows = np.arange(len(tlab))
+        with torch.no_grad():
+            test_acc = accuracy(predict_logits(lambda x: deployed(x), tpix, rows, device), tlab)
+            if teacher_models:
+                teacher_test = accuracy(predict_logits(
+                    lambda x: torch.stack([t(x).logits.float() for t in teacher_models]).mean(0), tpix, rows, device), tlab)
+
+    metrics = {"val_acc": result.best_val, "best_epoch": result.best_epoch}
+    if teacher_val is not None:
+        metrics["teacher_val_acc"] = teacher_val
+    if test_acc is not None:
+        metrics["test_acc"] = test_acc
+        metrics["teacher_test_acc"] = teacher_test
+    from training.models import fingerprint as model_fingerprint
+
+    meta = {"name": cfg.name, "method": cfg.train.method, "classes": list(cfg.data.classes),
+            "student_spec": cfg.student.model_dump(mode="json"),
+            "student_num_classes": cfg.student.num_classes or len(cfg.data.classes),
+            "deploy": method.deploy_info(), "teachers": [k for k, _, _ in teachers],
+            "teacher_fingerprints": [fp for _, _, fp in teachers], "metrics": metrics,
+            "student_fingerprint": model_fingerprint(student, cfg.student),
+            "config_fingerprint": cfg.fingerprint(), "command": command_line()}
+    exp = save_export(deployed.cpu(), cfg.paths.export_dir, meta, sample.cpu(), onnx=cfg.export.onnx,
+                      opset=cfg.export.opset, atol=cfg.export.atol)
+    meta = read_json(cfg.paths.export_dir / "student.json")
+    records = load_manifest(cfg.paths.manifest)
+    final_epoch = max(e for e in range(cfg.train.epochs) if cfg.paths.ledger(e).exists())
+    card = write_model_card(cfg.paths.export_dir, meta, metrics, _lineage(cfg, records, final_epoch),
+                            command_line())
+    atomic_write_json(cfg.paths.metrics, {**read_json(cfg.paths.metrics, {}), "final": metrics})
+    last = result.history[-1] if result.history else {}
+    return DistillResult(run_dir=cfg.paths.root, method=cfg.train.method, best_epoch=result.best_epoch,
+                         val_acc=result.best_val, teacher_val_acc=teacher_val, test_acc=test_acc,
+                         teacher_test_acc=teacher_test, parameters=exp.parameters, export_dir=exp.export_dir,
+                         model_card=card, kept=int(last.get("kept", 0)), candidates=int(last.get("candidates", 0)),
+                         seconds=time.time() - t0, resumed_from=result.resumed_from)

@@ -1,0 +1,340 @@
+"""fit(): reselect -> train one epoch -> evaluate on validation -> checkpoint (atomic).
+
+A function, not a class tree. Everything random is drawn from generators seeded by
+(seed, epoch), and the checkpoint holds models, optimiser, scheduler, the previous selection
+and the metric history, so a run killed at any point resumes from its last checkpoint and ends
+with the same ledgers and metrics as an uninterrupted one (seeded, CPU).
+
+The best checkpoint is chosen on the validation split only; the test set never enters here.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.config import RunPaths, SelectionConfig, TrainConfig
+from pipeline.storage import atomic_path, atomic_write_json
+from selection import policy
+from selection.overrides import apply_overrides
+from training.methods import Method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pool:
+    """Everything the loop needs about the image pool, row-aligned with the manifest."""
+
+    pixels: np.ndarray                  # (N, S, S, 3) uint8 RGB
+    ids: list[str]
+    split: np.ndarray                   # (N,) "train" | "val"
+    status: np.ndarray                  # (N,) manifest status ("ok", "near_duplicate", ...)
+    labels: np.ndarray                  # (N,) int64 training labels (web class or refined), -1 unknown
+    web_labels: list[str | None]
+    web_class: np.ndarray               # (N,) int64 web query mapped to a teacher class, -1 off-class
+    val_labels: np.ndarray              # (N,) int64 labels used for validation accuracy, -1 not scored
+    teacher_logits: np.ndarray | None = None   # (N, K) deterministic-view teacher logits (cached)
+    neighbors: np.ndarray | None = None        # (N, k) FAISS neighbours, for k-NN agreement
+    class_group: np.ndarray | None = None      # (K,) classes in one group count as equal in validation
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def candidates(self) -> np.ndarray:
+        """Rows that may be trained on: train split, status ok."""
+        return (self.split == "train") & (self.status == "ok")
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_val: float
+    paths: RunPaths
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    kept_last: int = 0
+
+    def summary(self) -> str:
+        last = self.history[-1] if self.history else {}
+        return (f"best val acc {self.best_val:.4f} at epoch {self.best_epoch}; last epoch kept "
+                f"{last.get('kept', 0)} / {last.get('candidates', 0)}; {self.seconds:.0f}s"
+                + (f" (resumed after epoch {self.resumed_from})" if self.resumed_from is not None else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# tensors from the pixel cache
+# --------------------------------------------------------------------------------------------
+def to_tensor(pixels: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (n, S, S, 3) rows -> float RGB in [0, 1], (n, 3, S, S)."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels[rows]))       # (n, S, S, 3) uint8
+    return x.to(device).permute(0, 3, 1, 2).float().div_(255.0)     # (n, 3, S, S)
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
+    """Batched random-resized crop (+ horizontal flip) with one affine grid per image."""
+    b = x.shape[0]
+    u = torch.rand(b, 5, generator=generator)                                   # (B, 5) on CPU
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    r = torch.exp(logr)
+    w = torch.sqrt(area * r).clamp(max=1.0)                                     # crop width, fraction
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (1 - w) * (2 * u[:, 2] - 1)                                            # centre in [-1+w, 1-w]
+    cy = (1 - h) * (2 * u[:, 3] - 1)
+    flip = torch.where((u[:, 4] < 0.5) & hflip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation and scoring
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(predict: Callable[[torch.Tensor], torch.Tensor], pixels: np.ndarray, rows: np.ndarray,
+                   device: torch.device, batch_size: int = 512, desc: str | None = None) -> np.ndarray:
+    """Logits for the deterministic (full-image) view of `rows`, in blocks."""
+    out = []
+    it = range(0, len(rows), batch_size)
+    for s in tqdm(it, desc=desc, leave=False, disable=desc is None or len(rows) < 4 * batch_size):
+        out.append(predict(to_tensor(pixels, rows[s:s + batch_size], device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray, class_group: np.ndarray | None = None) -> float:
+    """Top-1 accuracy over labelled rows (label >= 0); classes in one group count as equal."""
+    m = labels >= 0
+    if not m.any():
+        return float("nan")
+    pred = logits[m].argmax(1)
+    lab = labels[m]
+    if class_group is not None:
+        pred, lab = class_group[pred], class_group[lab]
+    return float((pred == lab).mean())
+
+
+def _eval_mode(modules: list[nn.Module]):
+    states = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    return states
+
+
+def _restore_mode(modules: list[nn.Module], states: list[bool]) -> None:
+    for m, s in zip(modules, states):
+        m.train(s)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        milestones = [int(cfg.epochs * f) for f in (0.625, 0.75, 0.875)]  # 150/180/210 of 240
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: nn.Module,
+             teachers: list[nn.Module], cfg: SelectionConfig, device: torch.device,
+             previous_keep: np.ndarray | None, overrides: dict[str, str] | None,
+             batch_size: int) -> tuple[policy.Selection, np.ndarray]:
+    """Score the whole pool (deterministic view, eval mode, no grad) and select.
+
+    Epoch 0 is before training: the teacher alone decides. Returns the selection over all rows
+    and the mask of rows to train on.
+    """
+    n = len(pool)
+    rows = np.arange(n)
+    teacher_logits = pool.teacher_logits
+    if teacher_logits is None and teachers:
+        states = _eval_mode(teachers)
+        teacher_logits = predict_logits(lambda x: torch.stack([t(x).logits.float() for t in teachers]).mean(0),
+                                        pool.pixels, rows, device, batch_size, desc="teacher scoring")
+        _restore_mode(teachers, states)
+    student_logits = None
+    if epoch > 0 and cfg.mode == "kd3":
+        mods = [student, method]
+        states = _eval_mode(mods)
+        student_logits = predict_logits(lambda x: method.predict(student, teachers, x), pool.pixels, rows,
+                                        device, batch_size, desc="student scoring")
+        _restore_mode(mods, states)
+    if teacher_logits is None:  # teacher-free methods: nothing to select with
+        k = int(pool.labels.max()) + 1 if len(pool.labels) else 1
+        teacher_logits = np.zeros((n, max(k, 1)), np.float32)
+        sel_cfg = cfg.model_copy(update={"mode": "none"})
+    else:
+        sel_cfg = cfg
+    sel = policy.select(np.asarray(teacher_logits, np.float32), student_logits, progress, sel_cfg,
+                        web_class=pool.web_class, neighbors=pool.neighbors, previous_keep=previous_keep,
+                        split=pool.split, status=pool.status)
+    if overrides:  # forced keep / forced reject, reason "override" (validation rows untouched)
+        sel.keep, sel.reason = apply_overrides(sel.keep, sel.reason, pool.ids, overrides)
+        sel.weight = np.where(sel.keep, np.maximum(sel.weight, 1.0), 0.0).astype(np.float32)
+    return sel, sel.keep & (pool.split == "train")
+
+
+def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Pool, train_cfg: TrainConfig,
+        selection_cfg: SelectionConfig, paths: RunPaths, seed: int = 0, device: str | torch.device = "cpu",
+        overrides: dict[str, str] | None = None, run_fingerprint: str = "") -> FitResult:
+    """Distill `student` on the pool. Resumes from `paths.last_checkpoint` when it belongs to the
+    same run (same `run_fingerprint`, e.g. a hash of the resolved config)."""
+    device = torch.device(device)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    student.to(device)
+    method.to(device)
+    for t in teachers:
+        t.to(device)
+    if method.needs_teacher and not teachers:
+        raise ValueError(f"method {method.name!r} needs a teacher; configure `teachers:`")
+    params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
+    opt = _make_optimizer(params, train_cfg)
+    sched = _make_scheduler(opt, train_cfg)
+
+    history: list[dict[str, Any]] = []
+    best_val, best_epoch, start, resumed_from = -1.0, -1, 0, None
+    keep: np.ndarray | None = None            # the selection in force (candidates only)
+    weights: np.ndarray | None = None
+    last = paths.last_checkpoint
+    if last.exists():
+        ck = load_checkpoint(last, device)
+        if ck.get("run_fingerprint") == run_fingerprint and ck["epoch"] + 1 <= train_cfg.epochs:
+            student.load_state_dict(ck["student"])
+            method.load_state_dict(ck["method"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            history, best_val, best_epoch = ck["history"], ck["best_val"], ck["best_epoch"]
+            keep, weights = ck["keep"], ck["weights"]
+            resumed_from = ck["epoch"]
+            start = resumed_from + 1
+            log.info("resuming after epoch %d from %s", resumed_from, last)
+        else:
+            log.warning("ignoring %s: it belongs to another run configuration", last)
+
+    val_rows = np.flatnonzero((pool.split == "val") & (pool.val_labels >= 0))
+    for epoch in range(start, train_cfg.epochs):
+        progress = epoch / train_cfg.epochs
+        # ---- reselect (epoch 0: before training, the teacher alone decides) -----------------
+        if keep is None or epoch % selection_cfg.reselect_every == 0:
+            sel, keep = reselect(epoch, (epoch + 1) / train_cfg.epochs, pool, method, student, teachers,
+                                 selection_cfg, device, keep, overrides, train_cfg.eval_batch_size)
+            weights = sel.weight
+            policy.write_ledger(paths.ledger(epoch), policy.ledger_table(
+                sel, pool.ids, np.arange(len(pool)), epoch, pool.split, pool.web_labels, pool.web_class))
+        rows = np.flatnonzero(keep)
+        if method.needs_labels:
+            rows = rows[pool.labels[rows] >= 0]
+        # ---- train one epoch ---------------------------------------------------------------
+        stats = train_one_epoch(student, teachers, method, pool, rows, weights, train_cfg, opt, epoch,
+                                progress, seed, device)
+        sched.step()
+        # ---- evaluate on validation -------------------------------------------------------
+        mods = [student, method]
+        states = _eval_mode(mods)
+        val_logits = predict_logits(lambda x: method.predict(student, teachers, x), pool.pixels, val_rows,
+                                    device, train_cfg.eval_batch_size)
+        _restore_mode(mods, states)
+        val_acc = accuracy(val_logits, pool.val_labels[val_rows], pool.class_group) if len(val_rows) else float("nan")
+        record = {"epoch": epoch, "kept": int(len(rows)), "candidates": int(pool.candidates.sum()),
+                  "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], **stats}
+        history.append(record)
+        improved = not math.isnan(val_acc) and val_acc > best_val
+        if improved or (best_epoch < 0 and math.isnan(val_acc)):
+            best_val, best_epoch = (val_acc if not math.isnan(val_acc) else best_val), epoch
+            _save_checkpoint(paths.best_checkpoint, {"epoch": epoch, "student": student.state_dict(),
+                                                     "method": method.state_dict(), "val_acc": val_acc,
+                                                     "run_fingerprint": run_fingerprint})
+        # ---- checkpoint --------------------------------------------------------------------
+        _save_checkpoint(last, {"epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
+                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "history": history, "best_val": best_val, "best_epoch": best_epoch,
+                                "keep": keep, "weights": weights, "run_fingerprint": run_fingerprint})
+        atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val})
+        log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f", epoch, stats["loss"], len(rows),
+                 record["candidates"], val_acc)
+    return FitResult(history=history, best_epoch=best_epoch, best_val=best_val, paths=paths,
+                     resumed_from=resumed_from, seconds=time.time() - t0,
+                     kept_last=history[-1]["kept"] if history else 0)
+
+
+def train_one_epoch(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Pool, rows: np.ndarray,
+                    weights: np.ndarray, cfg: TrainConfig, opt: torch.optim.Optimizer, epoch: int,
+                    progress: float, seed: int, device: torch.device) -> dict[str, float]:
+    """One pass over the kept rows. Per-sample loss terms are summed, weighted, reduced here."""
+    student.train()
+    method.train()
+    for t in teachers:
+        t.eval()
+    g_order, g_aug, g_method = (_generator(seed, epoch, s) for s in range(3))
+    order = rows[torch.randperm(len(rows), generator=g_order).numpy()] if len(rows) else rows
+    totals: dict[str, float] = {}
+    n_seen = 0
+    bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", leave=False,
+               disable=len(order) < 4 * cfg.batch_size)
+    for s in bar:
+        b = order[s:s + cfg.batch_size]
+        if len(b) < 2:  # BatchNorm and NT-Xent need two samples
+            continue
+        x = random_resized_crop(to_tensor(pool.pixels, b, device), g_aug, cfg.crop_scale, hflip=cfg.hflip)
+        batch = {"x": x, "labels": torch.from_numpy(pool.labels[b]).to(device),
+                 "index": torch.from_numpy(b).to(device), "generator": g_method,
+                 "progress": progress}
+        terms = method(batch, student, teachers, progress)
+        per_sample = sum(v for k, v in terms.items() if k.startswith("loss"))       # (B,)
+        w = torch.from_numpy(weights[b]).to(device=device, dtype=per_sample.dtype)  # (B,)
+        loss = (w * per_sample).sum() / w.sum().clamp_min(1e-8)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}: { {k: v.mean().item() for k, v in terms.items()} }")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n_seen += len(b)
+        for k, v in terms.items():
+            if k.startswith("loss"):
+                totals[k] = totals.get(k, 0.0) + float(v.detach().sum())
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * len(b)
+        bar.set_postfix(loss=f"{float(loss):.4f}", kept=f"{len(rows) / max(1, int(pool.candidates.sum())):.2f}")
+    if n_seen == 0:
+        log.warning("epoch %d: fewer than 2 kept rows, nothing to train on", epoch)
+    return {"loss": float("nan")} | {k: v / max(n_seen, 1) for k, v in totals.items()} | {"seen": n_seen}

@@ -1,0 +1,247 @@
+"""Distillation methods: one small nn.Module per method, and the literal METHODS dict.
+
+Every method has one signature, `forward(batch, student, teachers, progress) -> dict` whose
+`loss_*` entries are per-sample `(B,)` tensors (the loop sums them and applies selection
+weights in one place). `batch` holds:
+
+    x        (B, 3, S, S) float RGB in [0, 1], the augmented training view
+    labels   (B,) long, hard labels (web query class or refined label), -1 unknown
+    index    (B,) long, manifest rows
+    generator  torch.Generator for the method's own randomness
+
+A method also says how the deployed student predicts (`predict`) and what gets exported
+(`deploy`): for KD^3 that is student -> projector -> GAP -> the teacher's frozen classifier.
+The math lives in training/losses.py.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training import losses
+
+
+class Method(nn.Module):
+    """Base: CE-free, teacher-free defaults. Subclasses hold knobs and learnable extras."""
+
+    name = "base"
+    needs_teacher = False      # the loop refuses to run without one
+    needs_labels = False       # rows without a label (-1) are skipped by the loop
+
+    def forward(self, batch: dict[str, Any], student: nn.Module, teachers: list[nn.Module],
+                progress: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, student: nn.Module, teachers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        """Logits of the deployed student for RGB [0, 1] input."""
+        return student(x).logits
+
+    def deploy(self, student: nn.Module, teachers: list[nn.Module]) -> nn.Module:
+        """The module that gets exported: RGB [0, 1] (B, 3, S, S) -> logits (B, K)."""
+        return LogitsOnly(student)
+
+    def deploy_info(self) -> dict[str, Any]:
+        """What export metadata needs to rebuild `deploy()` (see training/export.py)."""
+        return {"head": "student"}
+
+
+class LogitsOnly(nn.Module):
+    """Wraps an Outputs-returning model into x -> logits (for export and ONNX)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def _teacher_outputs(teachers: list[nn.Module], x: torch.Tensor):
+    with torch.no_grad():
+        return [t(x) for t in teachers]
+
+
+def _mean_teacher_logits(outs) -> torch.Tensor:
+    return torch.stack([o.logits.float() for o in outs]).mean(0)
+
+
+# --------------------------------------------------------------------------------------------
+class CE(Method):
+    """Cross-entropy on hard labels (web query labels or refined labels)."""
+
+    name = "ce"
+    needs_labels = True
+
+    def forward(self, batch, student, teachers, progress):
+        return {"loss_ce": losses.ce_loss(student(batch["x"]).logits, batch["labels"])}
+
+
+class KD(Method):
+    """Vanilla KD (Hinton et al., 2015): w_kd*T^2*KL(p_T||p_S) + w_ce*CE; w_ce = 0 on web images."""
+
+    name = "kd"
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 4.0, kd_weight: float = 0.9, ce_weight: float = 0.0):
+        super().__init__()
+        self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+
+    def forward(self, batch, student, teachers, progress):
+        teacher_logits = _mean_teacher_logits(_teacher_outputs(teachers, batch["x"]))
+        student_logits = student(batch["x"]).logits
+        out = {"loss_kd": self.kd_weight * losses.kd_loss(student_logits, teacher_logits, self.temperature)}
+        if self.ce_weight > 0:
+            out["loss_ce"] = self.ce_weight * losses.ce_loss(student_logits, batch["labels"])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+def _conv_bn_relu(c_in: int, c_out: int, k: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class Projector(nn.Sequential):
+    """KD^3's P: 1x1 (C_S -> C_T/f), 3x3 (C_T/f -> C_T/f), 1x1 (C_T/f -> C_T), each + BN + ReLU."""
+
+    def __init__(self, c_student: int, c_teacher: int, factor: int = 2):
+        mid = max(1, c_teacher // factor)
+        super().__init__(*_conv_bn_relu(c_student, mid, 1), *_conv_bn_relu(mid, mid, 3),
+                         *_conv_bn_relu(mid, c_teacher, 1))
+        self.c_student, self.c_teacher, self.factor = c_student, c_teacher, factor
+
+
+class KD3Head(nn.Module):
+    """The deployed KD^3 student: backbone -> (pool to the teacher map size) -> P -> GAP -> W_T."""
+
+    def __init__(self, student: nn.Module, projector: Projector, classifier: nn.Linear,
+                 map_size: tuple[int, int] | None):
+        super().__init__()
+        self.student, self.projector, self.classifier = student, projector, classifier
+        self.map_size = tuple(map_size) if map_size else None
+
+    def aligned(self, feature_map: torch.Tensor) -> torch.Tensor:
+        if self.map_size is not None and tuple(feature_map.shape[-2:]) != self.map_size:
+            feature_map = F.adaptive_avg_pool2d(feature_map, self.map_size)  # (B, C_S, H_T, W_T)
+        return self.projector(feature_map)                                   # (B, C_T, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.aligned(self.student(x).features[-1])
+        return self.classifier(g.mean(dim=(2, 3)))                           # (B, K)
+
+
+class KD3(Method):
+    """KD^3 (Tang et al., ICCV 2023; code tangjialiang97/KD3 helper/loops.py): weighted feature
+    alignment through the teacher's frozen classifier + MixDistribution contrastive term.
+
+    L = mean_i w_i ||G_i - F_T,i||^2 / (CHW) + gamma * (NTX_S + NTX_T); no CE or KL term.
+    """
+
+    name = "kd3"
+    needs_teacher = True
+
+    def __init__(self, student_channels: int, teacher_channels: int, student_dim: int, teacher_dim: int,
+                 teacher_map_size: tuple[int, int] | None = None, student_map_size: tuple[int, int] | None = None,
+                 projector_factor: int = 2, gamma: float = 0.001, temperature: float = 0.3,
+                 embed_dim: int = 128, mixdist: bool = True, mix_alpha: float = 0.1,
+                 teacher_side_term: bool = True):
+        super().__init__()
+        self.projector = Projector(student_channels, teacher_channels, projector_factor)
+        self.embed_student = nn.Linear(student_dim, embed_dim)   # E_S
+        self.embed_teacher = nn.Linear(teacher_dim, embed_dim)   # E_T (trained by its own term only)
+        self.gamma, self.temperature = gamma, temperature
+        self.mixdist, self.mix_alpha, self.teacher_side_term = mixdist, mix_alpha, teacher_side_term
+        # "larger map pooled to the smaller size first": the common size both maps are pooled to
+        self.map_size = self._common(teacher_map_size, student_map_size)
+        self._classifier: nn.Linear | None = None  # the teacher's, borrowed (not a parameter here)
+
+    @staticmethod
+    def _common(a, b):
+        if a is None or b is None:
+            return tuple(a or b) if (a or b) else None
+        return (min(a[0], b[0]), min(a[1], b[1]))
+
+    def _head(self, student: nn.Module, teachers: list[nn.Module]) -> KD3Head:
+        return KD3Head(student, self.projector, teachers[0].classifier, self.map_size)
+
+    def forward(self, batch, student, teachers, progress):
+        x = batch["x"]                                                      # (B, 3, S, S)
+        t_out = _teacher_outputs(teachers[:1], x)[0]
+        head = self._head(student, teachers)
+        s_out = student(x)
+        g = head.aligned(s_out.features[-1])                                # (B, C_T, h, w)
+        f_t = t_out.features[-1]
+        if tuple(f_t.shape[-2:]) != tuple(g.shape[-2:]):
+            f_t = F.adaptive_avg_pool2d(f_t, g.shape[-2:])                  # (B, C_T, h, w)
+        z_s = head.classifier(g.mean(dim=(2, 3)))                           # (B, K) through frozen W_T
+        w = losses.instance_weights(z_s, t_out.logits)                      # (B,) in [0.5, 1), no grad
+        out = {"loss_feat": w * losses.feature_alignment_loss(g, f_t)}
+        if self.mixdist and self.gamma > 0:
+            x_mix = losses.mix_distribution(x, batch["generator"], alpha=self.mix_alpha)
+            s_mix = student(x_mix)
+            ntx = losses.nt_xent(F.normalize(self.embed_student(s_out.embedding), dim=1),
+                                 F.normalize(self.embed_student(s_mix.embedding), dim=1), self.temperature)
+            if self.teacher_side_term:
+                t_mix = _teacher_outputs(teachers[:1], x_mix)[0]
+                ntx = ntx + losses.nt_xent(
+                    F.normalize(self.embed_teacher(t_out.embedding.detach()), dim=1),
+                    F.normalize(self.embed_teacher(t_mix.embedding.detach()), dim=1), self.temperature)
+            out["loss_md"] = self.gamma * ntx
+        return out
+
+    def predict(self, student, teachers, x):
+        return self._head(student, teachers)(x)
+
+    def deploy(self, student, teachers):
+        head = self._head(student, teachers)
+        return KD3Head(student, head.projector, copy.deepcopy(head.classifier), head.map_size)
+
+    def deploy_info(self):
+        p = self.projector
+        return {"head": "kd3", "student_channels": p.c_student, "teacher_channels": p.c_teacher,
+                "projector_factor": p.factor, "map_size": list(self.map_size) if self.map_size else None}
+
+
+METHODS: dict[str, type[Method]] = {
+    "ce": CE,
+    "kd": KD,
+    "kd3": KD3,
+}
+
+
+def method_defaults(student: nn.Module, teachers: list[nn.Module], sample: torch.Tensor | None = None) -> dict[str, dict]:
+    """Arguments a method needs from the models (channel counts, map sizes), probed once."""
+    out: dict[str, dict] = {}
+    if teachers:
+        with torch.no_grad():
+            x = sample if sample is not None else torch.rand(2, 3, 32, 32)
+            was = student.training
+            student.eval()
+            s = student(x)
+            student.train(was)
+            t = teachers[0](x)
+        out["kd3"] = {"student_channels": s.features[-1].shape[1], "teacher_channels": t.features[-1].shape[1],
+                      "student_dim": s.embedding.shape[1], "teacher_dim": t.embedding.shape[1],
+                      "teacher_map_size": tuple(t.features[-1].shape[-2:]),
+                      "student_map_size": tuple(s.features[-1].shape[-2:])}
+    return out
+
+
+def build_method(name: str, **kwargs: Any) -> Method:
+    """Build a method by name; unknown names or arguments fail fast listing the valid ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
+    cls = METHODS[name]
+    params = inspect.signature(cls.__init__).parameters
+    valid = [p for p in params if p != "self"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"method {name!r} got unknown argument(s) {unknown}; valid: {valid}")
+    missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty and p not in kwargs]
+    if missing:
+        raise ValueError(f"method {name!r} needs argument(s) {missing}")
+    return cls(**kwargs)
