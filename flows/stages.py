@@ -203,7 +203,8 @@ class DistillResult:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:])
+    """The command that made this run (`python -m flows ...` is the same program as `webkd ...`)."""
+    return " ".join(shlex.quote(a) for a in ["webkd"] + sys.argv[1:])
 
 
 def load_overrides_for(cfg: Config) -> dict[str, str]:

@@ -80,6 +80,8 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: int =
     import onnxruntime as ort
 
     model = model.eval()
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every pass at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         program = torch.onnx.export(model, (sample[:2],), input_names=["image"], output_names=["logits"],

@@ -334,7 +334,7 @@ def train_one_epoch(student: nn.Module, teachers: list[nn.Module], method: Metho
             if k.startswith("loss"):
                 totals[k] = totals.get(k, 0.0) + float(v.detach().sum())
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * len(b)
-        bar.set_postfix(loss=f"{float(loss):.4f}", kept=f"{len(rows) / max(1, int(pool.candidates.sum())):.2f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", kept=f"{len(rows) / max(1, int(pool.candidates.sum())):.2f}")
     if n_seen == 0:
         log.warning("epoch %d: fewer than 2 kept rows, nothing to train on", epoch)
     return {"loss": float("nan")} | {k: v / max(n_seen, 1) for k, v in totals.items()} | {"seen": n_seen}
