@@ -65,6 +65,21 @@ verb("index", "Build the FAISS index over cached embeddings and mark near-duplic
      "webkd index flows/configs/fashion_web.yaml index.factory=IVF256,Flat", _run_index)
 
 
+def _run_refine(args: argparse.Namespace) -> int:
+    from flows import stages
+
+    cfg = _load(args)
+    result = stages.refine(cfg)
+    print(result.summary())
+    print(f"labels: {cfg.paths.labels} (train with train.label_source=refined)")
+    return 0
+
+
+verb("refine", "Refine noisy web query labels (PLL two-hot round of linear probes on cached teacher "
+     "embeddings) into labels.parquet, for train.label_source=refined.",
+     "webkd refine flows/configs/fashion_web.yaml refine.loss=paper refine.epochs=60", _run_refine)
+
+
 def _run_distill(args: argparse.Namespace) -> int:
     from flows import stages
 

@@ -135,7 +135,10 @@ def build_pool(cfg: Config, with_neighbors: bool | None = None):
     if cfg.teachers:
         caches = [load_features(paths, t.cache_key) for t in cfg.teachers]
         if all(c is not None and c.rows == len(records) for c in caches):
-            teacher_logits = np.mean([np.asarray(c.logits, np.float32) for c in caches], axis=0)
+            # teachers of other tasks (UNIC: other class counts) do not take part in curation
+            same = [c for c in caches if c.num_classes == len(cfg.data.classes)]
+            if same:
+                teacher_logits = np.mean([np.asarray(c.logits, np.float32) for c in same], axis=0)
     neighbors = None
     if with_neighbors if with_neighbors is not None else cfg.selection.knn.enabled:
         key = index_key(cfg)
@@ -143,10 +146,46 @@ def build_pool(cfg: Config, with_neighbors: bool | None = None):
         idx = load_index(paths.index(key), nprobe=cfg.index.nprobe)
         _, nb = search(idx, np.asarray(cache.embeddings, np.float32), cfg.selection.knn.k + 1, cfg.index.block_size)
         neighbors = np.array([[j for j in row if j != i][: cfg.selection.knn.k] for i, row in enumerate(nb)], np.int64)
-    return Pool(pixels=pix, ids=ids, split=split, status=np.array([r.status for r in records], dtype=object),
+    pool = Pool(pixels=pix, ids=ids, split=split, status=np.array([r.status for r in records], dtype=object),
                 labels=labels, web_labels=[r.web_label for r in records], web_class=web_class,
                 val_labels=np.where(split == "val", web_class, -1), teacher_logits=teacher_logits,
                 neighbors=neighbors, class_group=class_groups(cfg))
+    if cfg.train.label_source == "refined":  # the ledger shows the refined labels (selection/refine.py)
+        from selection.refine import label_columns
+
+        pool.label_columns = label_columns(paths.labels, ids)
+    return pool
+
+
+# --------------------------------------------------------------------------------------------
+# PLL two-hot label refinement (curation step for hard-label consumers)
+# --------------------------------------------------------------------------------------------
+def refine(cfg: Config):
+    """Refine the web query labels with one PLL two-hot round on cached teacher embeddings and
+    write labels.parquet (used by `train.label_source=refined`). Computes missing features first."""
+    from selection.refine import refine_labels, write_labels
+
+    paths = cfg.paths
+    records = load_manifest(paths.manifest)
+    if not records:
+        raise ValueError(f"{paths.manifest} has no records: run `webkd ingest` first")
+    key = cfg.refine.encoder or (cfg.teachers[0].cache_key if cfg.teachers else None)
+    if key is None:
+        raise ValueError("refine needs a frozen encoder: configure `teachers:` or refine.encoder")
+    cache = load_features(paths, key)
+    if cache is None or cache.rows != len(records):
+        if key not in {t.cache_key for t in cfg.teachers}:
+            raise ValueError(f"refine.encoder={key!r}: no feature cache with {len(records)} rows; run `webkd features`")
+        features(cfg)
+        cache = load_features(paths, key)
+    ids = [r.id for r in records]
+    web_class = np.array(class_index(records, cfg.data.classes, cfg.data.label_map), np.int64)
+    split = np.array([split_of(i, cfg.data.val_fraction) for i in ids], dtype=object)
+    ok = np.array([r.status == "ok" for r in records])
+    result = refine_labels(np.asarray(cache.embeddings, np.float32), web_class, (split == "train") & ok,
+                           split == "val", len(cfg.data.classes), cfg.refine, seed=cfg.seed)
+    write_labels(paths.labels, ids, result, extra={"encoder": key, "encoder_fingerprint": cache.fingerprint})
+    return result
 
 
 # --------------------------------------------------------------------------------------------

@@ -170,6 +170,24 @@ class TrainConfig(_Section):
     warm_start: str | None = Field(None, description="student checkpoint or export dir to start from")
 
 
+class RefineConfig(_Section):
+    """PLL two-hot label refinement (`webkd refine`, selection/refine.py; methods.md §3, §7.2)."""
+
+    encoder: str | None = Field(None, description="feature cache key of the frozen encoder; default: first teacher")
+    loss: Literal["paper", "gce"] = Field("paper", description="two-hot CE [paper] or GCE q=0.7 [code]")
+    q: float = Field(0.7, gt=0.0, le=1.0, description="GCE exponent")
+    init: Literal["scratch", "teacher"] = Field("scratch", description="student probe init: zeros, or W_0 [code]")
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    lr_decay: float = Field(0.98, gt=0, le=1.0, description="lr multiplier per epoch")
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    features: Literal["raw", "standardize"] = Field("standardize", description="feature scaling before the probe")
+    label_off_class: bool = Field(False, description="also give refined labels to rows whose query is off-class")
+    drop_disagree: bool = Field(False, description="no refined label where the query is outside the top-2 pair")
+
+
 class ExportConfig(_Section):
     onnx: bool = True
     opset: int = Field(18, ge=18, description="ONNX opset (the dynamo exporter needs >= 18)")
@@ -197,6 +215,7 @@ class Config(_Section):
     index: IndexConfig = Field(default_factory=IndexConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     flows: FlowsConfig = Field(default_factory=FlowsConfig)
 

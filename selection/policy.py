@@ -47,6 +47,11 @@ LEDGER_SCHEMA = pa.schema([
     ("student_pred", pa.int32()), ("student_conf", pa.float32()),
     ("web_label", pa.string()), ("web_class", pa.int32()), ("knn_agree", pa.float32()),
 ])
+# Optional columns (PLL label refinement, selection/refine.py): present only when the run trains
+# on refined labels. `ledger_table(..., label_columns=...)` appends them; readers accept both.
+LABEL_FIELDS = [("refined_label", pa.int32()), ("label_pair_1", pa.int32()), ("label_pair_2", pa.int32()),
+                ("label_agree", pa.bool_())]
+LEDGER_SCHEMA_WITH_LABELS = pa.schema(list(LEDGER_SCHEMA) + [pa.field(n, t) for n, t in LABEL_FIELDS])
 _LEDGER_NAME = re.compile(r"^epoch_(\d+)\.parquet$")
 
 
@@ -222,12 +227,17 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
 def ledger_table(selection: Selection, ids: Sequence[str], rows: Sequence[int] | np.ndarray, epoch: int,
                  split: Sequence[str] | np.ndarray | None = None,
                  web_labels: Sequence[str | None] | None = None,
-                 web_class: Sequence[int] | np.ndarray | None = None) -> pa.Table:
+                 web_class: Sequence[int] | np.ndarray | None = None,
+                 label_columns: dict[str, np.ndarray] | None = None) -> pa.Table:
     """The ledger of one epoch as a pyarrow Table with exactly LEDGER_SCHEMA (ARCHITECTURE.md).
 
     split defaults to "train" for every row. A validation row must have been excluded by
     `select(..., split=...)` (reason `validation`, not kept); anything else is an error, so the
     ledger never disagrees with what training used.
+
+    label_columns (optional, from `selection.refine.label_columns`): refined_label,
+    label_pair_1, label_pair_2, label_agree per row; the table then has
+    LEDGER_SCHEMA_WITH_LABELS.
     """
     n = len(selection)
     split_arr = np.full(n, "train", dtype=object) if split is None else np.asarray(split, dtype=object)
@@ -256,11 +266,22 @@ def ledger_table(selection: Selection, ids: Sequence[str], rows: Sequence[int] |
         "web_label": labels, "web_class": web_class_arr.astype(np.int32),
         "knn_agree": selection.knn_agree.astype(np.float32),
     }
-    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in LEDGER_SCHEMA}, schema=LEDGER_SCHEMA)
+    schema = LEDGER_SCHEMA
+    if label_columns is not None:
+        missing = [n for n, _ in LABEL_FIELDS if n not in label_columns]
+        if missing:
+            raise ValueError(f"label_columns lacks {missing}")
+        for name, _ in LABEL_FIELDS:
+            if len(label_columns[name]) != n:
+                raise ValueError(f"label column {name} has {len(label_columns[name])} entries, the selection {n}")
+            cols[name] = np.asarray(label_columns[name])
+        schema = LEDGER_SCHEMA_WITH_LABELS
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
 
 
 def _check_schema(table: pa.Table, where: str) -> None:
-    if not table.schema.equals(LEDGER_SCHEMA, check_metadata=False):
+    if not (table.schema.equals(LEDGER_SCHEMA, check_metadata=False)
+            or table.schema.equals(LEDGER_SCHEMA_WITH_LABELS, check_metadata=False)):
         raise ValueError(f"{where}: ledger schema differs from LEDGER_SCHEMA:\n{table.schema}")
 
 

@@ -11,7 +11,9 @@ weights in one place). `batch` holds:
 
 A method also says how the deployed student predicts (`predict`) and what gets exported
 (`deploy`): for KD^3 that is student -> projector -> GAP -> the teacher's frozen classifier.
-The math lives in training/losses.py.
+The math lives in training/losses.py. CE, KD and KD^3 live here; the other families have their
+own modules (`training/rld.py`, `training/pll.py`, `training/mixskd.py`, `training/unic.py`), all
+built on `training/method_base.py`, and this file keeps the one literal `METHODS` dict.
 """
 from __future__ import annotations
 
@@ -24,50 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import losses
+from training.method_base import LogitsOnly, Method, mean_teacher_logits, teacher_outputs
+from training.mixskd import MixSKD
+from training.pll import PLL
+from training.rld import RLD
+from training.unic import UNIC
 
 
-class Method(nn.Module):
-    """Base: CE-free, teacher-free defaults. Subclasses hold knobs and learnable extras."""
-
-    name = "base"
-    needs_teacher = False      # the loop refuses to run without one
-    needs_labels = False       # rows without a label (-1) are skipped by the loop
-
-    def forward(self, batch: dict[str, Any], student: nn.Module, teachers: list[nn.Module],
-                progress: float) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def predict(self, student: nn.Module, teachers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-        """Logits of the deployed student for RGB [0, 1] input."""
-        return student(x).logits
-
-    def deploy(self, student: nn.Module, teachers: list[nn.Module]) -> nn.Module:
-        """The module that gets exported: RGB [0, 1] (B, 3, S, S) -> logits (B, K)."""
-        return LogitsOnly(student)
-
-    def deploy_info(self) -> dict[str, Any]:
-        """What export metadata needs to rebuild `deploy()` (see training/export.py)."""
-        return {"head": "student"}
-
-
-class LogitsOnly(nn.Module):
-    """Wraps an Outputs-returning model into x -> logits (for export and ONNX)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
-
-
-def _teacher_outputs(teachers: list[nn.Module], x: torch.Tensor):
-    with torch.no_grad():
-        return [t(x) for t in teachers]
-
-
-def _mean_teacher_logits(outs) -> torch.Tensor:
-    return torch.stack([o.logits.float() for o in outs]).mean(0)
+_teacher_outputs = teacher_outputs          # older private names, kept for callers
+_mean_teacher_logits = mean_teacher_logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,12 +177,16 @@ METHODS: dict[str, type[Method]] = {
     "ce": CE,
     "kd": KD,
     "kd3": KD3,
+    "rld": RLD,
+    "pll": PLL,
+    "mixskd": MixSKD,
+    "unic": UNIC,
 }
 
 
 def method_defaults(student: nn.Module, teachers: list[nn.Module], sample: torch.Tensor | None = None) -> dict[str, dict]:
     """Arguments a method needs from the models (channel counts, map sizes), probed once."""
-    out: dict[str, dict] = {}
+    out: dict[str, dict] = {"mixskd": {"student": student}}   # MixSKD copies the student's later stages
     if teachers:
         with torch.no_grad():
             x = sample if sample is not None else torch.rand(2, 3, 32, 32)
@@ -223,7 +194,13 @@ def method_defaults(student: nn.Module, teachers: list[nn.Module], sample: torch
             student.eval()
             s = student(x)
             student.train(was)
-            t = teachers[0](x)
+            t_all = [teacher(x) for teacher in teachers]
+            t = t_all[0]
+        out["unic"] = {"student_channels": [int(f.shape[1]) for f in s.features],
+                       "teacher_dims": [int(o.embedding.shape[1]) for o in t_all],
+                       "teacher_patch_dims": [int(o.features[-1].shape[1]) for o in t_all],
+                       "teacher_classes": [int(o.logits.shape[1]) for o in t_all],
+                       "student_classes": int(s.logits.shape[1])}
         out["kd3"] = {"student_channels": s.features[-1].shape[1], "teacher_channels": t.features[-1].shape[1],
                       "student_dim": s.embedding.shape[1], "teacher_dim": t.embedding.shape[1],
                       "teacher_map_size": tuple(t.features[-1].shape[-2:]),
@@ -236,12 +213,14 @@ def build_method(name: str, **kwargs: Any) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
     cls = METHODS[name]
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p != "self"]
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = {p: v for p, v in inspect.signature(cls.__init__).parameters.items()  # not *args/**kwargs
+              if p != "self" and v.kind in named}
+    valid = list(params)
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise ValueError(f"method {name!r} got unknown argument(s) {unknown}; valid: {valid}")
-    missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty and p not in kwargs]
+    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs]
     if missing:
         raise ValueError(f"method {name!r} needs argument(s) {missing}")
     return cls(**kwargs)

@@ -1,0 +1,123 @@
+"""The METHODS registry drives these tests (timm `tests/test_models.py` style): every method is
+built with the model-derived defaults of `method_defaults` and takes one training step on a tiny
+batch of real PACS images, with finite per-sample losses and the teachers left untouched.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelSpec
+from training.losses import ce_loss
+from training.method_base import Method
+from training.methods import METHODS, build_method, method_defaults
+from training.models import build_model, freeze
+
+K = 7  # PACS classes
+
+# Arguments a method needs beyond `method_defaults` (none today: a new method that needs some
+# must add them here, which documents them).
+REQUIRED: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def real_batch(pacs32):
+    """8 real PACS images (all four domains) as float RGB [0, 1] (8, 3, 32, 32), and labels."""
+    rng = np.random.default_rng(0)
+    idx = np.concatenate([rng.choice(np.flatnonzero(pacs32.domains == d), 2, replace=False) for d in range(4)])
+    x = torch.from_numpy(pacs32.images[idx]).permute(0, 3, 1, 2).float() / 255
+    return x, torch.from_numpy(pacs32.labels[idx]).long()
+
+
+def _models(seed: int = 0):
+    torch.manual_seed(seed)
+    student = build_model(ModelSpec(name="cnn_tiny"), K)
+    teachers = [freeze(build_model(ModelSpec(name="cnn_tiny"), K)),
+                freeze(build_model(ModelSpec(name="cnn_small", kwargs={"width": 6}), K))]
+    return student, teachers
+
+
+def test_registry_lists_the_seed_methods():
+    assert {"ce", "kd", "kd3", "rld", "pll", "mixskd", "unic"} <= set(METHODS)
+    for name, cls in METHODS.items():
+        assert issubclass(cls, Method) and cls.name == name, name
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_takes_one_step_on_real_images(name, real_batch):
+    x, labels = real_batch
+    student, teachers = _models()
+    kwargs = {**method_defaults(student, teachers, x).get(name, {}), **REQUIRED.get(name, {})}
+    method = build_method(name, **kwargs)
+    before = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
+    s_before = {k: v.clone() for k, v in student.state_dict().items()}
+    params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    student.train(), method.train()
+    for t in teachers:
+        t.train()  # frozen teachers must stay in eval mode whoever calls train()
+    batch = {"x": x, "labels": labels, "index": torch.arange(len(x)), "generator": torch.Generator().manual_seed(0),
+             "progress": 0.5}
+    terms = method(batch, student, teachers, 0.5)   # the loop passes the configured teachers to every method
+    loss_terms = {k: v for k, v in terms.items() if k.startswith("loss")}
+    assert loss_terms, f"{name} returned no loss_* term"
+    for k, v in loss_terms.items():
+        assert v.shape == (len(x),), f"{name}.{k} is not per-sample: {tuple(v.shape)}"
+        assert torch.isfinite(v).all(), f"{name}.{k} is not finite"
+    per_sample = sum(loss_terms.values())
+    opt.zero_grad()
+    per_sample.mean().backward()
+    opt.step()
+    for t, sd in zip(teachers, before):
+        assert not t.training
+        for k, v in t.state_dict().items():
+            assert torch.equal(v, sd[k]), f"{name} changed teacher tensor {k}"
+        assert all(p.grad is None for p in t.parameters()), f"{name} sent a gradient to a teacher"
+    changed = [k for k, v in student.state_dict().items() if v.is_floating_point() and not torch.equal(v, s_before[k])]
+    assert changed, f"{name} did not train the student"
+    # prediction and deployment: (B, K) logits from RGB [0, 1]
+    student.eval(), method.eval()
+    with torch.no_grad():
+        logits = method.predict(student, teachers, x)
+        deployed = method.deploy(student, teachers).eval()(x)
+    assert logits.shape == (len(x), K) and torch.allclose(logits, deployed, atol=1e-5)
+    assert isinstance(method.deploy_info(), dict) and "head" in method.deploy_info()
+
+
+def test_build_method_fails_fast():
+    with pytest.raises(ValueError, match="unknown method 'nope'.*valid"):
+        build_method("nope")
+    with pytest.raises(ValueError, match="unknown argument.*'betta'.*valid.*beta"):
+        build_method("rld", betta=2.0)
+    with pytest.raises(ValueError, match="needs argument.*student"):
+        build_method("mixskd")
+    with pytest.raises(ValueError, match="needs argument.*student_channels"):
+        build_method("unic")
+    with pytest.raises(ValueError, match="unknown argument"):
+        build_method("ce", temperature=2.0)   # CE takes no arguments (nn.Module's *args do not count)
+    assert build_method("ce").name == "ce"
+
+
+def test_method_defaults_cover_every_required_argument():
+    student, teachers = _models()
+    defaults = method_defaults(student, teachers, torch.rand(2, 3, 32, 32))
+    for name, cls in METHODS.items():
+        required = [p for p, v in inspect.signature(cls.__init__).parameters.items()
+                    if p != "self" and v.default is inspect.Parameter.empty
+                    and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+        have = set(defaults.get(name, {})) | set(REQUIRED.get(name, {}))
+        assert set(required) <= have, f"{name}: method_defaults lacks {set(required) - have}"
+
+
+def test_method_flags_and_missing_labels(real_batch):
+    """Methods say whether they need labels / a teacher; CE gives a row without a label 0 loss."""
+    assert METHODS["rld"].needs_labels and METHODS["mixskd"].needs_labels and METHODS["ce"].needs_labels
+    assert not METHODS["unic"].needs_labels and not METHODS["pll"].needs_labels
+    assert METHODS["rld"].needs_teacher and METHODS["unic"].needs_teacher and not METHODS["mixskd"].needs_teacher
+    x, labels = real_batch
+    y = labels.clone()
+    y[0] = -1
+    assert ce_loss(torch.randn(len(x), K), y)[0] == 0
