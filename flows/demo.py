@@ -51,7 +51,7 @@ def photo_polarity(grey: np.ndarray) -> np.ndarray:
     return np.repeat(inv[..., None], 3, axis=-1)
 
 
-def train_fmnist_teacher(out: Path | None = None, epochs: int = 6, width: int = 32, seed: int = 0,
+def train_fmnist_teacher(out: Path | None = None, epochs: int = 4, width: int = 32, seed: int = 0,
                          data_dir: str | Path | None = None, val_size: int = 5000,
                          device: str = "auto") -> tuple[Path, dict[str, float]]:
     """Train (or reuse) the Fashion-MNIST teacher; returns (safetensors path, metrics).

@@ -169,13 +169,15 @@ class Scenario:
 
 def write_fashion_web(out_dir: str | Path, data_dir: str | Path | None = None, pacs_images: int = 1500,
                       clothing_fraction: float = 1.0, test_images: int | None = None, seed: int = 0,
-                      write_test: bool = True) -> Scenario:
+                      write_test: bool = True, invert_fmnist: bool = True) -> Scenario:
     """Write the fashion-web pool as real image files (idempotent: existing files are kept).
 
     - web/<query>/*.jpg: clothing photos (all splits; JPEG q90 of the 64 px images) under their
       own query names, plus `pacs_images` PACS images (real JPEGs, all four domains) under the
       PACS class names as off-class queries;
-    - test/<class>/*.png: Fashion-MNIST test (the teacher's domain), read once at the end.
+    - test/<class>/*.png: Fashion-MNIST test (the teacher's domain), read once at the end. With
+      `invert_fmnist` the images are stored dark-on-white ("photo polarity", like the web photos),
+      for models whose preprocessing inverts (see flows/demo.py).
     """
     from PIL import Image
 
@@ -207,16 +209,25 @@ def write_fashion_web(out_dir: str | Path, data_dir: str | Path | None = None, p
     label_map.update({c: None for c in meta.class_names})
     test_dir = None
     if write_test:
-        test = load_fashion_mnist("test", data_dir)
-        test_dir = out_dir / "test"
-        tidx = np.arange(len(test.labels)) if test_images is None else np.sort(
-            rng.choice(len(test.labels), test_images, replace=False))
-        for i in tidx:
-            c = safe_name(FMNIST_CLASSES[int(test.labels[i])])
-            p = test_dir / c / f"fmnist_test_{i:05d}.png"
-            if not p.exists():
-                p.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(test.images[i]).save(p, format="PNG")
+        test_dir = write_fmnist_folder(out_dir / "test", "test", test_images, seed, invert_fmnist, data_dir)
         label_map.update({safe_name(c): c for c in FMNIST_CLASSES if safe_name(c) != c})
     return Scenario(web_dir=web, test_dir=test_dir, classes=list(FMNIST_CLASSES), label_map=label_map,
                     class_groups=[list(FOOTWEAR)], counts=counts)
+
+
+def write_fmnist_folder(out: str | Path, split: str = "test", n: int | None = None, seed: int = 0,
+                        invert: bool = True, data_dir: str | Path | None = None) -> Path:
+    """Fashion-MNIST images as PNG files in class folders (`T-shirt_top/`, ...): a labelled
+    `folder:` source. `n` draws a seeded subset; `invert` stores them in photo polarity."""
+    from PIL import Image
+
+    out = Path(out)
+    data = load_fashion_mnist(split, data_dir)
+    idx = np.arange(len(data.labels)) if n is None else np.sort(
+        np.random.default_rng(seed).choice(len(data.labels), n, replace=False))
+    for i in idx:
+        p = out / safe_name(FMNIST_CLASSES[int(data.labels[i])]) / f"fmnist_{split}_{i:05d}.png"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(255 - data.images[i] if invert else data.images[i]).save(p, format="PNG")
+    return out

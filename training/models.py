@@ -213,16 +213,20 @@ def cnn_tiny(in_chans: int = 3) -> Backbone:
     return Backbone(conv_bn(in_chans, 8), [conv_bn(8, 12, 2), conv_bn(12, 16, 2)], [12, 16])
 
 
-def cnn_small(in_chans: int = 3, width: int = 24) -> Backbone:
-    """Student for 28/32 px: about 100k parameters at width 24, three stages (28 -> 28, 14, 7)."""
+def cnn_small(in_chans: int = 3, width: int = 32) -> Backbone:
+    """Student for 28/32 px: about 0.12M parameters at width 32, three stages (28 -> 14 -> 7 -> 7).
+
+    Downsamples early (the first stage already works at 14 px): on a CPU most of a small CNN's
+    time goes to full-resolution layers, so this is about 3x cheaper per image than a net that
+    keeps 32 channels at 28 px, for the same parameter budget.
+    """
     w = width
-    c1, c2, c3 = w + w // 3, 2 * w, 2 * w + 2 * w // 3     # 32, 48, 64 at width 24
     stages = [
-        nn.Sequential(conv_bn(w, c1), conv_bn(c1, c1)),
-        nn.Sequential(conv_bn(c1, c2, 2), conv_bn(c2, c2)),
-        nn.Sequential(conv_bn(c2, c3, 2), conv_bn(c3, c3)),
+        nn.Sequential(conv_bn(w // 2, w, 2), conv_bn(w, w)),              # 14 x 14
+        nn.Sequential(conv_bn(w, 2 * w, 2), conv_bn(2 * w, 2 * w)),       # 7 x 7
+        nn.Sequential(conv_bn(2 * w, 3 * w)),                             # 7 x 7
     ]
-    return Backbone(conv_bn(in_chans, w), stages, [c1, c2, c3])
+    return Backbone(conv_bn(in_chans, w // 2), stages, [w, 2 * w, 3 * w])
 
 
 def cnn_fmnist(in_chans: int = 1, width: int = 32) -> Backbone:

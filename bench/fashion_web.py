@@ -1,0 +1,149 @@
+"""The fashion-web benchmark (issue 3): distill a Fashion-MNIST teacher into a small student
+from web images found by clothing queries, and compare methods on Fashion-MNIST test.
+
+    .venv/bin/python bench/fashion_web.py [--seeds 0 1 2] [--epochs 20] [--rows kd3,kd ...]
+
+- teacher: cnn_fmnist trained by flows/demo.py on Fashion-MNIST train (cached in .cache/);
+- web pool: clothing photos (all splits) under their queries + PACS images as off-class queries,
+  as real JPEG files (pipeline.datasets.write_fashion_web);
+- validation: a held-out slice of the web pool (content-hash split, data.val_fraction); model
+  selection uses it only. Test: Fashion-MNIST test, read once at the end of each run;
+- rows: KD on original FMNIST train (a subset the size of the web pool; upper bound), vanilla
+  KD on the whole pool, KD^3 full, KD^3 without selection, KD^3 without MixDistribution, CE on
+  web query labels; same student architecture and epoch budget for all; mean and spread over
+  seeds.
+Curated artifacts (manifest, pixel cache, features, index, test ingest) are computed once and
+shared by all runs; each run trains in its own run directory under bench/out/fashion_web/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from flows import demo, stages  # noqa: E402
+from pipeline import datasets  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "fashion_web"
+
+ROWS = {
+    # name: (label, overrides)
+    "kd_fmnist": ("KD on original FMNIST train (upper bound)",
+                  ["train.method=kd", "selection.mode=none"]),
+    "kd": ("vanilla KD, whole web pool", ["train.method=kd", "selection.mode=none"]),
+    "kd3": ("KD^3 full", ["train.method=kd3", "selection.mode=kd3"]),
+    "kd3_nosel": ("KD^3 without selection", ["train.method=kd3", "selection.mode=none"]),
+    "kd3_nomd": ("KD^3 without MixDistribution", ["train.method=kd3", "selection.mode=kd3",
+                                                   "train.method_args={mixdist: false}"]),
+    "ce": ("CE on web query labels", ["train.method=ce", "selection.mode=none"]),
+}
+CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pixels", "features", "index", "test"]
+
+
+def base_overrides(args, teacher_weights: Path, source: Path) -> list[str]:
+    return [f"teachers.0.weights={teacher_weights}", f"data.sources=['folder:{source}']",
+            f"data.test_source=folder:{OUT / 'data' / 'test'}", f"train.epochs={args.epochs}",
+            f"data.image_size={args.image_size}"]
+
+
+def curate_once(cfg_path: Path, overrides: list[str], run_dir: Path) -> float:
+    """Ingest + features + index + test ingest into `run_dir` (reused by every run)."""
+    t0 = time.time()
+    cfg = load_config(cfg_path, overrides + [f"run_dir={run_dir}"])
+    print(stages.ingest(cfg).summary())
+    print(stages.features(cfg))
+    print(stages.index(cfg))
+    stages.test_set(cfg)
+    return time.time() - t0
+
+
+def clone_curated(base: Path, run_dir: Path) -> None:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    for name in CURATED:
+        src = base / name
+        if src.is_dir():
+            shutil.copytree(src, run_dir / name, copy_function=os.link)
+        elif src.exists():
+            shutil.copy2(src, run_dir / name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--pacs", type=int, default=1500, help="PACS images in the pool (off-class noise)")
+    ap.add_argument("--teacher-epochs", type=int, default=4)
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config overrides for every run")
+    args = ap.parse_args()
+    rows = args.rows.split(",")
+    cfg_path = ROOT / "flows" / "configs" / "fashion_web.yaml"
+    t_all = time.time()
+
+    data = OUT / "data"
+    scen = datasets.write_fashion_web(data, pacs_images=args.pacs)
+    t0 = time.time()
+    teacher_weights, teacher_metrics = demo.train_fmnist_teacher(epochs=args.teacher_epochs)
+    print(f"teacher: {teacher_metrics} ({time.time() - t0:.0f}s, cached after the first run)")
+    pool_size = sum(scen.counts.values())
+    fm_dir = datasets.write_fmnist_folder(data / "fmnist_train", "train", n=pool_size, seed=0)
+
+    results: dict[str, list[dict]] = {r: [] for r in rows}
+    base_web, base_fm = OUT / "base_web", OUT / "base_fmnist"
+    common = base_overrides(args, teacher_weights, scen.web_dir) + args.set
+    print(f"curate web pool: {curate_once(cfg_path, common, base_web):.0f}s")
+    if "kd_fmnist" in rows:
+        fm_over = base_overrides(args, teacher_weights, fm_dir) + args.set
+        print(f"curate FMNIST subset: {curate_once(cfg_path, fm_over, base_fm):.0f}s")
+    for seed in args.seeds:
+        for row in rows:
+            label, over = ROWS[row]
+            base, src = (base_fm, fm_dir) if row == "kd_fmnist" else (base_web, scen.web_dir)
+            run_dir = OUT / f"{row}_s{seed}"
+            clone_curated(base, run_dir)
+            cfg = load_config(cfg_path, base_overrides(args, teacher_weights, src) + args.set + over +
+                              [f"seed={seed}", f"run_dir={run_dir}"])
+            t0 = time.time()
+            res = stages.distill(cfg)
+            rec = {"seed": seed, "test_acc": res.test_acc, "val_acc": res.val_acc, "teacher_test_acc": res.teacher_test_acc,
+                   "teacher_val_acc": res.teacher_val_acc, "kept": res.kept, "candidates": res.candidates,
+                   "best_epoch": res.best_epoch, "seconds": time.time() - t0, "parameters": res.parameters}
+            results[row].append(rec)
+            print(f"[{row} seed {seed}] test {res.test_acc:.4f} val {res.val_acc:.4f} kept {res.kept}/{res.candidates} "
+                  f"({rec['seconds']:.0f}s)", flush=True)
+            (OUT / "results.json").write_text(json.dumps(results, indent=2))
+
+    def ms(vals):
+        v = np.array([x for x in vals if x is not None], float)
+        return f"{100 * v.mean():.2f} ± {100 * v.std(ddof=1 if len(v) > 1 else 0):.2f}" if len(v) else "-"
+
+    print()
+    print(f"| row | FMNIST test acc (%) | web val acc (%) | kept / candidates (last epoch) | min per run |")
+    print(f"|---|---|---|---|---|")
+    for row in rows:
+        rs = results[row]
+        kept = f"{np.mean([r['kept'] for r in rs]):.0f} / {np.mean([r['candidates'] for r in rs]):.0f}"
+        print(f"| {ROWS[row][0]} | {ms([r['test_acc'] for r in rs])} | {ms([r['val_acc'] for r in rs])} | {kept} | "
+              f"{np.mean([r['seconds'] for r in rs]) / 60:.1f} |")
+    any_run = next(r for rs in results.values() for r in rs)
+    print(f"\nteacher: FMNIST test {100 * teacher_metrics['test_acc']:.2f}%, web val {100 * (any_run['teacher_val_acc'] or 0):.2f}%;"
+          f" student parameters {any_run['parameters']:,}; seeds {args.seeds}; epochs {args.epochs}; "
+          f"total {(time.time() - t_all) / 60:.0f} min")
+
+
+if __name__ == "__main__":
+    main()
