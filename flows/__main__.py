@@ -1,7 +1,5 @@
 """The `webkd` command line. Each verb is a thin call into flows.stages (library level) or a
 Prefect flow (curate, distill, refresh, serve)."""
-from __future__ import annotations
-
 import argparse
 import logging
 import sys
@@ -80,16 +78,119 @@ verb("refine", "Refine noisy web query labels (PLL two-hot round of linear probe
      "webkd refine flows/configs/fashion_web.yaml refine.loss=paper refine.epochs=60", _run_refine)
 
 
-def _run_distill(args: argparse.Namespace) -> int:
-    from flows import stages
+# ---- Prefect flows (flows/curate.py, distill.py, refresh.py, schedules.py) ----------------------
+def _flow_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--no-flow", action="store_true",
+                   help="call the library stages directly: no Prefect server, no artifacts, no caching "
+                        "of stages and no registry of student versions")
 
-    result = stages.distill(_load(args))
-    print(result.summary())
+
+def _run_curate(args: argparse.Namespace) -> int:
+    if args.no_flow:
+        from flows import stages
+
+        out = stages.curate(_load(args))
+        print(out["ingest"].summary())
+        for key, info in out["features"].items():
+            print(f"features {key}: {info}")
+        print(f"teacher selection: kept {out['selection']['kept']} of {out['selection']['rows']}")
+        print(f"gallery: {out['gallery']}")
+        return 0
+    from flows.curate import curate_flow, run_flow
+
+    out = run_flow(curate_flow, args.config, args.overrides)
+    print(f"records {out['records']} ({out['new_records']} new), embedded now {out['computed']}, "
+          f"kept {out['kept']}, rejected {out['rejected']}")
+    print(f"gallery: {out['gallery']}")
     return 0
 
 
-verb("distill", "Select, train and export a student with the configured method (library call, no Prefect).",
-     "webkd distill flows/configs/fashion_web.yaml train.method=kd3 train.epochs=20", _run_distill)
+verb("curate", "Prefect flow: ingest new web images, embed new rows, index, let the teacher (and the "
+     "overrides store) decide what to keep, render the gallery; publishes a kept/rejected table and "
+     "the gallery link as artifacts. Stages are cached on content.",
+     "webkd curate flows/configs/fashion_web.yaml run_dir=runs/web1\n"
+     "webkd curate flows/configs/fashion_web.yaml --no-flow   # library calls only", _run_curate, _flow_args)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    if args.no_flow:
+        from flows import stages
+
+        result = stages.distill(_load(args))
+        print(result.summary())
+        return 0
+    from flows.curate import run_flow
+    from flows.distill import distill_flow
+
+    out = run_flow(distill_flow, args.config, args.overrides)
+    print(out["summary"])
+    print(f"version {out['version']} is the champion ({out['decision']})")
+    print(f"gallery: {out['gallery']}")
+    return 0
+
+
+verb("distill", "Prefect flow: curate (cached), then select, train and export a student with the configured "
+     "method; it becomes the champion in registry.json (previous champion scored on the same validation "
+     "split for the record). --no-flow runs the library call without Prefect.",
+     "webkd distill flows/configs/fashion_web.yaml train.method=kd3 train.epochs=20\n"
+     "webkd distill flows/configs/fashion_web.yaml --no-flow", _run_distill, _flow_args)
+
+
+def _run_refresh(args: argparse.Namespace) -> int:
+    from flows.curate import run_flow
+    from flows.refresh import refresh_flow
+
+    out = run_flow(refresh_flow, args.config, args.overrides)
+    print(f"new records {out['new_records']}, embedded now {out['computed']}, pool {out['records']}")
+    if out["trained"]:
+        def pct(v):
+            return "-" if v is None or v != v else f"{100 * v:.2f}%"
+        print(f"challenger {out['version']}: {pct(out['challenger_accuracy'])} vs champion {out['champion'] or '-'} "
+              f"{pct(out['champion_accuracy'])} on {out['validation_rows']} validation rows -> {out['decision']}")
+    else:
+        print(f"no challenger trained: {out['reason']}")
+    print(f"champion: {out['champion_now'] or '-'}; gallery: {out['gallery']}")
+    return 0
+
+
+verb("refresh", "Prefect flow: take in new web data (new files, shards or manifest rows): ingest and embed "
+     "only what is new, re-select over the whole pool, train a challenger warm-started from the champion "
+     "and promote it only if it beats the champion on the same validation split. Nothing new: no training.",
+     "webkd refresh flows/configs/fashion_web.yaml flows.refresh_epochs=5", _run_refresh)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--limit", type=int, default=1, help="flow runs at the same time (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the deployments and exit")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from flows.schedules import api_url, build_deployments, serve_deployments
+
+    deps = build_deployments(args.config, args.overrides)
+    for d in deps:
+        crons = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in d.schedules) or "no schedule"
+        print(f"deployment {d.name}: {crons}; parameters {d.parameters}")
+    if args.dry_run:
+        return 0
+    if not api_url():
+        print("webkd serve: cron schedules fire only against a running Prefect server. Start one with\n"
+              "  prefect server start --host 127.0.0.1\n"
+              "and point this shell at it:\n"
+              "  export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return 2
+    serve_deployments(args.config, args.overrides, limit=args.limit)
+    return 0
+
+
+verb("serve", "Serve the curate and refresh flows as deployments on the cron schedules of the config "
+     "(flows.curate_cron, flows.refresh_cron, flows.timezone); needs a running Prefect server.",
+     "prefect server start --host 127.0.0.1 &\n"
+     "PREFECT_API_URL=http://127.0.0.1:4200/api webkd serve flows/configs/fashion_web.yaml run_dir=runs/web1\n"
+     "webkd serve flows/configs/fashion_web.yaml --dry-run   # show the deployments only",
+     _run_serve, _serve_args)
 
 
 # ---- review: overrides and inspection (selection.overrides, selection.gallery) -----------------

@@ -18,7 +18,7 @@ from pipeline.features import build_pixel_cache, extract_features, load_features
 from pipeline.index import index_run, load_index, search
 from pipeline.ingest import IngestReport, run_ingest
 from pipeline.records import Record, class_index, load_manifest
-from pipeline.storage import atomic_write_json, read_json
+from pipeline.storage import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,20 @@ def build_teachers(cfg: Config, device: str = "cpu") -> list[tuple[str, Any, str
     return out
 
 
-def features(cfg: Config, teachers: list | None = None) -> dict[str, str]:
+@dataclass
+class FeatureSummary:
+    """One encoder's feature cache after `features`: `computed` rows were encoded by that call."""
+
+    rows: int
+    dim: int
+    num_classes: int
+    computed: int
+
+    def __str__(self) -> str:
+        return f"{self.rows} rows x {self.dim} dims, {self.num_classes} classes ({self.computed} computed now)"
+
+
+def features(cfg: Config, teachers: list | None = None) -> dict[str, FeatureSummary]:
     """Cached embeddings + logits of every teacher (and the student when configured)."""
     from training.models import build_model, fingerprint
 
@@ -71,7 +84,7 @@ def features(cfg: Config, teachers: list | None = None) -> dict[str, str]:
     for key, model, fp in encoders:
         cache = extract_features(model, pix, key, fp, cfg.paths, batch_size=cfg.features.batch_size,
                                  device=device, row_ids=ids)
-        out[key] = f"{cache.rows} rows x {cache.dim} dims, {cache.num_classes} classes ({cache.computed} computed now)"
+        out[key] = FeatureSummary(cache.rows, cache.dim, cache.num_classes, cache.computed)
     return out
 
 
@@ -252,11 +265,11 @@ def load_overrides_for(cfg: Config) -> dict[str, str]:
     return load_overrides(cfg.paths.overrides)
 
 
-def _lineage(cfg: Config, records: list[Record], final_epoch: int) -> dict[str, Any]:
+def _lineage(cfg: Config, records: list[Record], final_epoch: int, out: RunPaths | None = None) -> dict[str, Any]:
     from pipeline.records import load_quarantine
     from selection.policy import read_ledger
 
-    table = read_ledger(cfg.paths.ledger(final_epoch)).to_pydict()
+    table = read_ledger((out or cfg.paths).ledger(final_epoch)).to_pydict()
     kept = np.array(table["kept"])
     reason = np.array(table["reason"], dtype=object)
     pseudo = np.array(table["pseudo_label"])
@@ -309,15 +322,23 @@ def warm_start(student, method, source: str) -> None:
     log.info("warm start from %s", src)
 
 
-def distill(cfg: Config, curate_first: bool = True) -> DistillResult:
-    """ingest -> features -> index (all incremental) -> fit -> export -> model card -> test once."""
+def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None) -> DistillResult:
+    """ingest -> features -> index (all incremental) -> fit -> export -> model card -> test once.
+
+    `out`: where the resolved config, checkpoints, ledgers, metrics and export go (default: the
+    run directory; a refresh challenger uses `students/<version>/`). The pool is always read
+    from the run directory."""
     import torch
 
     from training.export import save_export, write_model_card
     from training.loop import accuracy, fit, load_checkpoint, predict_logits
 
     t0 = time.time()
-    save_resolved_config(cfg)
+    out = out or cfg.paths
+    if out == cfg.paths:
+        save_resolved_config(cfg)
+    else:  # a challenger's own config (warm start, epochs) goes beside its outputs
+        atomic_write_text(out.config, dump_config(cfg))
     device = resolve_device(cfg.device)
     if curate_first:
         ingest(cfg)
@@ -329,9 +350,9 @@ def distill(cfg: Config, curate_first: bool = True) -> DistillResult:
     sample = torch.from_numpy(np.ascontiguousarray(pool.pixels[:8])).permute(0, 3, 1, 2).float() / 255
     teacher_models = [m for _, m, _ in teachers]
     student, method = build_student_and_method(cfg, teacher_models, sample)
-    result = fit(student, teacher_models, method, pool, cfg.train, cfg.selection, cfg.paths, seed=cfg.seed,
+    result = fit(student, teacher_models, method, pool, cfg.train, cfg.selection, out, seed=cfg.seed,
                  device=device, overrides=load_overrides_for(cfg), run_fingerprint=cfg.fingerprint())
-    best = load_checkpoint(cfg.paths.best_checkpoint, device)
+    best = load_checkpoint(out.best_checkpoint, device)
     student.load_state_dict(best["student"])
     method.load_state_dict(best["method"])
     student.eval()
@@ -368,17 +389,206 @@ def distill(cfg: Config, curate_first: bool = True) -> DistillResult:
             "teacher_fingerprints": [fp for _, _, fp in teachers], "metrics": metrics,
             "student_fingerprint": model_fingerprint(student, cfg.student),
             "config_fingerprint": cfg.fingerprint(), "command": command_line()}
-    exp = save_export(deployed.cpu(), cfg.paths.export_dir, meta, sample.cpu(), onnx=cfg.export.onnx,
+    exp = save_export(deployed.cpu(), out.export_dir, meta, sample.cpu(), onnx=cfg.export.onnx,
                       opset=cfg.export.opset, atol=cfg.export.atol)
-    meta = read_json(cfg.paths.export_dir / "student.json")
+    meta = read_json(out.export_dir / "student.json")
     records = load_manifest(cfg.paths.manifest)
-    final_epoch = max(e for e in range(cfg.train.epochs) if cfg.paths.ledger(e).exists())
-    card = write_model_card(cfg.paths.export_dir, meta, metrics, _lineage(cfg, records, final_epoch),
+    final_epoch = max(e for e in range(cfg.train.epochs) if out.ledger(e).exists())
+    card = write_model_card(out.export_dir, meta, metrics, _lineage(cfg, records, final_epoch, out),
                             command_line())
-    atomic_write_json(cfg.paths.metrics, {**read_json(cfg.paths.metrics, {}), "final": metrics})
+    atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
     last = result.history[-1] if result.history else {}
     return DistillResult(run_dir=cfg.paths.root, method=cfg.train.method, best_epoch=result.best_epoch,
                          val_acc=result.best_val, teacher_val_acc=teacher_val, test_acc=test_acc,
                          teacher_test_acc=teacher_test, parameters=exp.parameters, export_dir=exp.export_dir,
                          model_card=card, kept=int(last.get("kept", 0)), candidates=int(last.get("candidates", 0)),
                          seconds=time.time() - t0, resumed_from=result.resumed_from)
+
+
+# --------------------------------------------------------------------------------------------
+# curation without training, and champion / challenger refresh (flows/curate.py, refresh.py)
+# --------------------------------------------------------------------------------------------
+def teacher_selection(cfg: Config) -> dict[str, Any]:
+    """The epoch-0 decision over the whole pool (teacher alone, then the overrides store) ->
+    `selection/epoch_000.parquet`; the same decision `fit` makes before its first epoch."""
+    import torch
+
+    from selection.policy import ledger_table, write_ledger
+    from training.loop import reselect
+
+    pool = build_pool(cfg)
+    if pool.teacher_logits is None:
+        raise ValueError("no cached teacher logits for every manifest row: run `webkd features` first")
+    sel, _ = reselect(0, 1 / cfg.train.epochs, pool, None, None, [], cfg.selection, torch.device("cpu"), None,
+                      load_overrides_for(cfg), cfg.train.eval_batch_size)
+    table = ledger_table(sel, pool.ids, np.arange(len(pool)), 0, pool.split, pool.web_labels, pool.web_class)
+    path = write_ledger(cfg.paths.ledger(0), table)
+    return {"ledger": str(path), "rows": len(pool), "kept": int(sel.keep.sum()),
+            "overridden": int((sel.reason == "override").sum())}
+
+
+def gallery(cfg: Config) -> Path:
+    """(Re-)render the run's review page from its ledgers, manifest and overrides."""
+    from selection.gallery import render_gallery
+
+    return render_gallery(cfg.paths.root, classes=list(cfg.data.classes) or None)
+
+
+def curate(cfg: Config) -> dict[str, Any]:
+    """ingest -> features -> index -> teacher-only selection -> gallery, all incremental."""
+    report = ingest(cfg)
+    feats = features(cfg)
+    idx = index(cfg) if cfg.teachers else None
+    sel = teacher_selection(cfg)
+    return {"ingest": report, "features": feats, "index": idx, "selection": sel, "gallery": gallery(cfg)}
+
+
+def training_fingerprint(cfg: Config) -> str:
+    """Hash of the config parts that change what a student learns. Left out: names and paths
+    (name, run_dir, data sources: the pool ids stand for the data), device, flows, export,
+    the test set and train.warm_start (a refresh sets it)."""
+    import json
+
+    d = cfg.model_dump(mode="json")
+    for k in ("name", "run_dir", "device", "flows", "export"):
+        d.pop(k, None)
+    for k in ("sources", "test_source", "val_source"):
+        d["data"].pop(k, None)
+    d["train"].pop("warm_start", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pool_state(cfg: Config) -> dict[str, Any]:
+    """What a student trained now would be trained on (pool ids, overrides, training config)."""
+    from training.registry import pool_state as state
+
+    return state([r.id for r in load_manifest(cfg.paths.manifest)], load_overrides_for(cfg),
+                 training_fingerprint(cfg))
+
+
+def _warm_start_source(cfg: Config, export_dir: Path) -> tuple[str | None, str]:
+    """The champion's export when the configured student can start from it, with a note why not."""
+    meta = read_json(export_dir / "student.json", default=None) or {}
+    if meta.get("student_spec") != cfg.student.model_dump(mode="json"):
+        return None, "student architecture changed since the champion: training from scratch"
+    if meta.get("method") != cfg.train.method or list(meta.get("classes") or []) != list(cfg.data.classes):
+        return None, "method or classes changed since the champion: training from scratch"
+    return str(export_dir), f"warm start from {export_dir}"
+
+
+def refresh_plan(cfg: Config) -> dict[str, Any]:
+    """Decide whether a refresh trains a challenger: yes when the pool ids, the overrides or the
+    training config differ from those of the newest trained student (or none exists). First
+    export/ is repaired after an interrupted promotion, and an export/ written outside the flows
+    (library `distill`) is registered as the champion."""
+    from training import registry
+
+    paths = cfg.paths
+    registry.sync_export(paths)
+    registry.adopt_export(paths)
+    reg = registry.load_registry(paths.registry)
+    state = pool_state(cfg)
+    train, reason = registry.needs_training(reg, state)
+    champ = reg.champion_entry
+    warm, note = (None, "no champion yet: training from scratch")
+    if champ is not None:
+        warm, note = _warm_start_source(cfg, paths.root / champ["export"])
+    return {"train": train, "reason": reason, "champion": reg.champion,
+            "version": registry.allocate_version(paths) if train else None,
+            "parent": reg.champion if warm else None, "warm_start": warm, "warm_note": note, "state": state}
+
+
+def challenger_config(cfg: Config, warm_start: str | None) -> Config:
+    """The config a challenger trains with: warm-started from the champion's export, for
+    `flows.refresh_epochs` epochs when set (from scratch: the configured epochs)."""
+    train = cfg.train.model_dump()
+    train["warm_start"] = warm_start
+    if warm_start and cfg.flows.refresh_epochs:
+        train["epochs"] = cfg.flows.refresh_epochs
+    return Config.model_validate({**cfg.model_dump(), "train": train})
+
+
+def train_challenger(cfg: Config, plan: dict[str, Any]) -> DistillResult:
+    """Train the planned challenger into `students/<version>/`; the champion's export and the
+    run's checkpoints, ledgers and metrics are not touched."""
+    from training.registry import student_dir
+
+    if not plan.get("version"):
+        raise ValueError("the refresh plan has no challenger version (nothing to train)")
+    return distill(challenger_config(cfg, plan["warm_start"]), curate_first=False,
+                   out=student_dir(cfg.paths, plan["version"]))
+
+
+def validation_split(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
+    """(pixels, rows, labels, class groups, ids) of the labelled validation rows of the current
+    pool: the split every champion / challenger comparison uses (hash-based, stable as the pool
+    grows)."""
+    pool = build_pool(cfg, with_neighbors=False)
+    rows = np.flatnonzero((pool.split == "val") & (pool.val_labels >= 0))
+    return pool.pixels, rows, pool.val_labels[rows], pool.class_group, [pool.ids[i] for i in rows]
+
+
+def _compare(cfg: Config, export_dir: Path, champion: str | None) -> dict[str, Any]:
+    """Accuracy of `export_dir` and of the champion's export on the same validation rows."""
+    from training import registry
+
+    pix, rows, labels, groups, ids = validation_split(cfg)
+    device = str(resolve_device(cfg.device))
+    acc = registry.evaluate_export(export_dir, pix, rows, labels, groups, device)
+    champ_acc = None
+    if champion is not None:
+        champ_dir = cfg.paths.root / registry.load_registry(cfg.paths.registry).entry(champion)["export"]
+        if registry.export_classes(champ_dir) == list(cfg.data.classes):
+            champ_acc = registry.evaluate_export(champ_dir, pix, rows, labels, groups, device)
+        else:
+            log.warning("champion %s predicts other classes: not comparable, the challenger wins", champion)
+    return {"rows": int(len(rows)), "ids_sha256": registry.ids_sha256(ids), "accuracy": acc,
+            "champion": champion, "champion_accuracy": champ_acc}
+
+
+def judge_challenger(cfg: Config, plan: dict[str, Any], result: DistillResult) -> dict[str, Any]:
+    """Evaluate champion and challenger on the same validation split, register the challenger,
+    and promote it only if it is better (tie: the champion stays); a promoted challenger's
+    ledgers become the run's selection."""
+    from training import registry
+
+    paths = cfg.paths
+    version = plan["version"]
+    validation = _compare(cfg, result.export_dir, plan["champion"])
+    promote, decision = registry.decide(validation["champion_accuracy"], validation["accuracy"],
+                                        cfg.flows.promote_min_delta)
+    meta = read_json(result.export_dir / "student.json", default={}) or {}
+    registry.register(paths, version, kind="refresh", metrics=meta.get("metrics", {}), trained_on=plan["state"],
+                      parent=plan["parent"], validation=validation, decision=decision,
+                      extra={"epochs": challenger_config(cfg, plan["warm_start"]).train.epochs})
+    if promote:
+        registry.promote(paths, version)
+        registry.publish_selection(registry.student_dir(paths, version).selection_dir, paths.selection_dir,
+                                   challenger_config(cfg, plan["warm_start"]).train.epochs)
+    log.info("%s: %s", version, decision)
+    return {"version": version, "promoted": promote, "decision": decision, **validation,
+            "champion_now": registry.load_registry(paths.registry).champion}
+
+
+def register_distilled(cfg: Config, result: DistillResult) -> dict[str, Any]:
+    """Version a student trained in the run directory (`distill`): archive its export under
+    `students/<version>/`, compare it with the previous champion on the same validation split
+    (recorded, not gating: an explicit distill is the user's choice) and make it the champion.
+    Ledgers of epochs beyond this training are removed from `selection/`."""
+    from training import registry
+
+    paths = cfg.paths
+    reg = registry.load_registry(paths.registry)
+    version = registry.allocate_version(paths, reuse=False)
+    export = registry.archive_export(paths, version, result.export_dir)
+    validation = _compare(cfg, export, reg.champion)
+    prev = "" if reg.champion is None else f", previous champion {reg.champion}: " + \
+        ("not comparable" if validation["champion_accuracy"] is None else f"{validation['champion_accuracy']:.4f}")
+    decision = f"promoted: explicit distill (validation {validation['accuracy']:.4f}{prev})"
+    meta = read_json(export / "student.json", default={}) or {}
+    registry.register(paths, version, kind="distill", metrics=meta.get("metrics", {}), trained_on=pool_state(cfg),
+                      validation=validation, decision=decision,
+                      extra={"epochs": cfg.train.epochs, "warm_start": cfg.train.warm_start})
+    registry.promote(paths, version)
+    registry.publish_selection(paths.selection_dir, paths.selection_dir, cfg.train.epochs)
+    return {"version": version, "promoted": True, "decision": decision, **validation, "champion_now": version}

@@ -200,6 +200,12 @@ class FlowsConfig(_Section):
     timezone: str = "UTC"
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(5.0, ge=0)
+    refresh_epochs: int | None = Field(
+        None, ge=1, description="epochs of a refresh challenger warm-started from the champion; default train.epochs"
+    )
+    promote_min_delta: float = Field(
+        0.0, ge=0.0, description="a challenger is promoted only above champion accuracy + this (a tie keeps the champion)"
+    )
 
 
 class Config(_Section):

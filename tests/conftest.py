@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect state of tests (cache records, the database of CLI flow runs) stays out of the project's
+# .prefect/; one folder per user, so its database is migrated once, not in every session
+os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), f"webkd-test-prefect-{os.getuid()}"))
 
 from pipeline import datasets  # noqa: E402
 
@@ -61,3 +65,13 @@ def query_folder_factory(tmp_path):
         write_query_folder(root, images, labels, class_names, fmt=fmt, prefix=prefix)
         return root
     return make
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (fresh SQLite database) shared by every flow test; the first
+    start migrates the database, which takes up to a minute on a loaded 2-core machine."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

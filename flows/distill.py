@@ -1,0 +1,73 @@
+"""The distill flow: curate (cached) -> train the student in the run directory -> version it
+in the registry and make it the champion -> gallery -> artifacts.
+
+An explicit distill is the user's decision, so its student becomes the champion; it is still
+scored beside the previous champion on the same validation split and both numbers are kept in
+`registry.json`. Scheduled refreshes (flows/refresh.py) are the ones gated on being better.
+The library-level equivalent without Prefect is `webkd distill --no-flow` (`stages.distill`).
+"""
+from flows.curate import (curation_stages, gallery_stage, publish_curation, publish_model_card,  # noqa: I001
+                          run_stage, summary_task, artifact_key)
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows import stages
+from pipeline.config import load_config
+
+
+@task(name="distill", cache_policy=NO_CACHE)
+def distill_task(cfg):
+    return stages.distill(cfg, curate_first=False)
+
+
+@task(name="register-champion", cache_policy=NO_CACHE)
+def register_task(cfg, result):
+    return stages.register_distilled(cfg, result)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.2f}%"
+
+
+def distill_markdown(result: Any, verdict: dict[str, Any]) -> str:
+    rows = [("version", verdict["version"]), ("method", result.method),
+            ("student parameters", f"{result.parameters:,}"),
+            ("kept at last epoch", f"{result.kept} / {result.candidates}"),
+            ("best epoch (validation)", result.best_epoch),
+            ("validation accuracy: student / teacher", f"{_pct(result.val_acc)} / {_pct(result.teacher_val_acc)}"),
+            ("test accuracy: student / teacher", f"{_pct(result.test_acc)} / {_pct(result.teacher_test_acc)}"),
+            ("previous champion on the same split", f"{verdict.get('champion') or '-'} "
+                                                    f"{_pct(verdict.get('champion_accuracy'))}"),
+            ("decision", verdict["decision"]), ("time", f"{result.seconds:.0f}s")]
+    return "\n".join(["# Distilled student", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+@flow(name="webkd-distill", log_prints=True)
+def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Curate (cached stages), distill the configured student, make it the champion, and
+    publish the selection table, the gallery and the model card as artifacts."""
+    cfg = load_config(config_path, overrides or [])
+    curated = curation_stages(cfg)
+    result = distill_task(cfg)
+    verdict = register_task(cfg, result)
+    page = gallery_stage(cfg, curated)
+    summary, _ = run_stage(summary_task, cfg)
+    publish_curation(cfg, summary, page)
+    card = cfg.paths.export_dir / "model_card.md"
+    publish_model_card(cfg, card)
+    create_markdown_artifact(markdown=distill_markdown(result, verdict), key=artifact_key(cfg, "distill"),
+                             description=f"student distilled in {cfg.paths.root}")
+    print(f"distilled {verdict['version']}: validation accuracy {_pct(result.val_acc)}; {verdict['decision']}")
+    return {"run_dir": str(cfg.paths.root), "version": verdict["version"], "method": result.method,
+            "val_acc": result.val_acc, "teacher_val_acc": result.teacher_val_acc, "test_acc": result.test_acc,
+            "teacher_test_acc": result.teacher_test_acc, "parameters": result.parameters,
+            "best_epoch": result.best_epoch, "kept": result.kept, "candidates": result.candidates,
+            "export_dir": str(cfg.paths.export_dir), "model_card": str(card), "gallery": str(page),
+            "new_records": curated["new_records"], "computed": curated["computed"],
+            "champion_before": verdict.get("champion"), "champion_accuracy": verdict.get("champion_accuracy"),
+            "decision": verdict["decision"], "seconds": result.seconds, "resumed_from": result.resumed_from,
+            "summary": result.summary()}

@@ -1,0 +1,56 @@
+"""Deployments of the curate and refresh flows on cron schedules from the config, and `serve`.
+
+    webkd serve flows/configs/fashion_web.yaml run_dir=runs/web1
+
+builds two deployments, `<name>-curate` (cron `flows.curate_cron`) and `<name>-refresh`
+(`flows.refresh_cron`), both in `flows.timezone`, with the parameters `config_path` (absolute)
+and `overrides`, and serves them from this process (at most one flow run at a time). A cron of
+`null` gives a deployment without a schedule (run it by hand from the UI or
+`prefect deployment run`). Schedules fire only against a running Prefect server
+(`prefect server start --host 127.0.0.1`, then `PREFECT_API_URL=http://127.0.0.1:4200/api`).
+"""
+from flows.curate import curate_flow  # noqa: I001  (sets the local Prefect defaults first)
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect.schedules import Cron
+
+from flows.refresh import refresh_flow
+from pipeline.config import Config, load_config
+
+
+def deployment_name(cfg: Config, what: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", cfg.name).strip("-") or "webkd"
+    return f"{slug}-{what}"
+
+
+def build_deployments(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> list[Any]:
+    """RunnerDeployments of curate and refresh for a config (nothing is sent to a server)."""
+    cfg = load_config(config_path, list(overrides))
+    params = {"config_path": str(Path(config_path).resolve()), "overrides": list(overrides)}
+    out = []
+    for fl, what, cron in ((curate_flow, "curate", cfg.flows.curate_cron),
+                           (refresh_flow, "refresh", cfg.flows.refresh_cron)):
+        schedules = [Cron(cron, timezone=cfg.flows.timezone)] if cron else []
+        out.append(fl.to_deployment(
+            name=deployment_name(cfg, what), schedules=schedules, parameters=params,
+            description=f"webkd {what} of {cfg.name} ({cfg.run_dir}), cron {cron or 'none'} {cfg.flows.timezone}",
+            tags=["webkd", what]))
+    return out
+
+
+def api_url() -> str | None:
+    """The Prefect API this process would talk to (None: a temporary local server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+
+
+def serve_deployments(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (), limit: int = 1) -> None:
+    """Register the deployments and run their scheduled flow runs from this process (blocks)."""
+    from prefect import serve
+
+    serve(*build_deployments(config_path, overrides), limit=limit)

@@ -1,0 +1,270 @@
+"""flows/curate.py and flows/distill.py end to end under a temporary Prefect server, on real
+clothing photos and PACS images written as files, with a small teacher trained here on other
+clothing photos: the ledger and gallery they leave, the artifacts (kept / rejected table with
+the numbers of the ledger, gallery and model-card links), content-keyed caching that answers
+a repeated run from the cache but never serves a stale result after new data arrives or an
+output is deleted, and the registry entry of a distilled student. Also: --help of the verbs."""
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+CLASSES = ["dress", "longsleeve", "pants", "shoes", "t-shirt"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_TEACHER: dict[str, Path] = {}
+
+
+def train_teacher(clothing, path: Path, n: int = 1200, epochs: int = 4) -> float:
+    """A cnn_small (width 8) trained with CE on real clothing photos of the dataset's `train`
+    split (the web pools below come from its other splits), once per session, copied to `path`.
+    Returns its validation accuracy."""
+    import shutil
+
+    from PIL import Image
+
+    from pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig
+    from training.loop import Pool, fit, load_checkpoint
+    from training.methods import build_method
+    from training.models import build_model, save_weights
+
+    if "weights" not in _TEACHER:
+        ks = [clothing.class_names.index(c) for c in CLASSES]
+        idx = np.flatnonzero(np.isin(clothing.labels, ks) & (clothing.split == "train"))
+        idx = np.random.default_rng(1).permutation(idx)[:n]
+        pix = np.stack([np.asarray(Image.fromarray(clothing.images[i]).resize((32, 32), Image.LANCZOS)) for i in idx])
+        lab = np.array([CLASSES.index(clothing.class_names[clothing.labels[i]]) for i in idx])
+        split = np.where(np.arange(len(idx)) < int(0.85 * len(idx)), "train", "val").astype(object)
+        pool = Pool(pixels=pix, ids=[f"t{i}" for i in idx], split=split, status=np.full(len(idx), "ok", dtype=object),
+                    labels=lab, web_labels=[None] * len(idx), web_class=lab,
+                    val_labels=np.where(split == "val", lab, -1))
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(name="cnn_small", kwargs={"width": 8}, preprocess=PreprocessSpec(size=32)), 5)
+        run = RunPaths(path.parent / "teacher_run")
+        res = fit(model, [], build_method("ce"), pool, TrainConfig(method="ce", epochs=epochs, batch_size=64, lr=0.05),
+                  SelectionConfig(mode="none"), run, run_fingerprint="teacher")
+        model.load_state_dict(load_checkpoint(run.best_checkpoint)["student"])
+        _TEACHER["weights"] = save_weights(model, path.parent / "teacher_run" / "teacher.safetensors")
+        _TEACHER["acc"] = res.best_val
+    shutil.copyfile(_TEACHER["weights"], path)
+    return _TEACHER["acc"]
+
+
+def write_pool(root: Path, clothing, pacs_jpeg, per_class: int = 16, pacs: int = 12, seed: int = 0) -> set[int]:
+    """<root>/web/<query>/*.jpg: clothing photos (validation / test splits) under their query
+    (plus `hat`, off-class) and PACS images under their class names (off-class). Returns the
+    clothing indices used."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    used = set()
+    for name in CLASSES + ["hat"]:
+        k = clothing.class_names.index(name)
+        for i in rng.choice(np.flatnonzero((clothing.labels == k) & (clothing.split != "train")), per_class,
+                            replace=False):
+            p = root / "web" / name / f"c{i}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(clothing.images[i]).save(p, quality=90)
+            used.add(int(i))
+    blobs, meta = pacs_jpeg
+    for i in rng.choice(len(blobs), pacs, replace=False):
+        p = root / "web" / meta.class_names[int(meta.labels[i])] / f"pacs{i}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(blobs[i])
+    return used
+
+
+def write_config(root: Path, name: str, **extra) -> Path:
+    cfg = {
+        "name": name, "seed": 2, "run_dir": str(root / "run"),
+        "data": {"sources": [f"folder:{root / 'web'}"], "classes": CLASSES, "image_size": 32, "val_fraction": 0.2},
+        "teachers": [{"key": "t", "name": "cnn_small", "kwargs": {"width": 8}, "weights": str(root / "teacher.safetensors"),
+                      "preprocess": {"size": 32}}],
+        "student": {"name": "cnn_tiny", "preprocess": {"size": 32}},
+        "index": {"near_dup_threshold": 0.999},
+        "selection": {"p_cut": 0.9},
+        "train": {"method": "kd3", "epochs": 2, "batch_size": 32, "lr": 0.05},
+        "export": {"onnx": False},
+        "flows": {"retry_delay_s": 0, "refresh_epochs": 1},
+    }
+    for key, value in extra.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory, clothing, pacs_jpeg) -> Path:
+    root = tmp_path_factory.mktemp("flows")
+    write_pool(root, clothing, pacs_jpeg)
+    acc = train_teacher(clothing, root / "teacher.safetensors")
+    assert acc > 0.45, f"teacher too weak for a meaningful selection ({acc:.2f})"
+    return write_config(root, "Flows Test")
+
+
+def ledger_counts(run: Path, epoch_glob: str = "epoch_*.parquet") -> tuple[Counter, Counter, Counter]:
+    """Newest decision per id over the run's ledgers -> kept / rejected per pseudo-label class
+    name, and rejection reasons per class (what the curation artifact must show)."""
+    newest: dict[str, tuple[int, bool, int, str]] = {}
+    for p in sorted((run / "selection").glob(epoch_glob)):
+        t = pq.read_table(p).to_pydict()
+        for i, e, k, pl, r in zip(t["id"], t["epoch"], t["kept"], t["pseudo_label"], t["reason"]):
+            if i not in newest or e >= newest[i][0]:
+                newest[i] = (e, k, pl, r)
+    kept, rejected, reasons = Counter(), Counter(), Counter()
+    for _, k, pl, r in newest.values():
+        (kept if k else rejected)[CLASSES[pl]] += 1
+        if not k:
+            reasons[(CLASSES[pl], r)] += 1
+    return kept, rejected, reasons
+
+
+def table_rows(markdown: str, header: str) -> dict[str, list[str]]:
+    """The rows of the markdown table that follows `header` (first cell -> other cells)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header}"))
+    out = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        out[cells[0]] = cells[1:]
+    return out
+
+
+def artifact(key: str):
+    from prefect.artifacts import Artifact
+
+    found = Artifact.get(key)
+    assert found is not None, f"no artifact {key!r}"
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clothing):
+    from flows.curate import curate_flow
+    from pipeline.config import load_config
+
+    cfg = load_config(scenario)
+    run = cfg.paths.root
+    out = curate_flow(str(scenario))
+    n = out["records"]
+    assert out["new_records"] == n > 90 and out["computed"] == {"t": n} and out["cached"] == []
+
+    # ---- the epoch-0 ledger: every manifest row, teacher alone --------------------------------
+    ids = pq.read_table(run / "manifest.parquet", columns=["id"])["id"].to_pylist()
+    t0 = pq.read_table(cfg.paths.ledger(0)).to_pydict()
+    assert t0["id"] == ids and set(t0["student_pred"]) == {-1} and set(t0["teacher_share"]) == {1.0}
+    assert not any(k and s == "val" for k, s in zip(t0["kept"], t0["split"]))
+    assert 0 < sum(t0["kept"]) < n, "a trained teacher keeps some images and rejects others"
+    assert Path(out["gallery"]).exists() and Path(out["gallery"]) == cfg.paths.gallery
+
+    # ---- artifacts: the table has the ledger's numbers; the link points at the gallery ---------
+    md = artifact("flows-test-curation").data
+    kept, rejected, reasons = ledger_counts(run)
+    rows = table_rows(md, "class (pseudo-label)")
+    for c in set(kept) | set(rejected):
+        assert rows[c][:2] == [str(kept[c]), str(rejected[c])], c
+        top = max((r for (cc, r) in reasons if cc == c), key=lambda r: reasons[(c, r)], default=None)
+        if top is not None:
+            assert f"{top} ({reasons[(c, top)]})" in rows[c][2]
+    assert sum(int(r[0]) for r in rows.values()) == sum(kept.values())
+    assert "web query" in md and "| hat |" in md
+    assert artifact("flows-test-gallery").data.endswith(f"]({cfg.paths.gallery.resolve().as_uri()})")
+
+    # ---- the same run again: every stage answered from the cache, nothing rewritten ------------
+    before = cfg.paths.ledger(0).stat().st_mtime_ns
+    again = curate_flow(str(scenario))
+    assert set(again["cached"]) == {"ingest", "features", "index", "selection", "gallery"}
+    assert again["new_records"] == 0 and again["computed"] == {"t": 0} and again["records"] == n
+    assert cfg.paths.ledger(0).stat().st_mtime_ns == before
+
+    # ---- new data: the listing changed, so no stage may answer from the cache -----------------
+    from PIL import Image
+
+    used = {int(p.stem[1:]) for p in (scenario.parent / "web").rglob("c*.jpg")}
+    k = clothing.class_names.index("pants")
+    new = [i for i in np.flatnonzero((clothing.labels == k) & (clothing.split != "train")) if i not in used][:2]
+    for i in new:
+        Image.fromarray(clothing.images[i]).save(scenario.parent / "web" / "pants" / f"c{i}.jpg", quality=90)
+    fresh = curate_flow(str(scenario))
+    assert fresh["new_records"] == 2 and fresh["computed"] == {"t": 2} and fresh["records"] == n + 2
+    assert not {"ingest", "features", "selection", "gallery"} & set(fresh["cached"])
+    assert len(pq.read_table(cfg.paths.ledger(0))) == n + 2
+
+    # ---- a deleted output is rebuilt (refresh_cache), not served from the cache ----------------
+    cfg.paths.gallery.unlink()
+    rebuilt = curate_flow(str(scenario))
+    assert "gallery" not in rebuilt["cached"] and cfg.paths.gallery.exists()
+    assert {"ingest", "features", "index", "selection"} <= set(rebuilt["cached"])
+
+
+def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario):
+    from flows.distill import distill_flow
+    from pipeline.config import load_config
+    from training import registry
+
+    run = scenario.parent / "run_distill"
+    ov = [f"run_dir={run}", "name=flows distill"]
+    out = distill_flow(str(scenario), ov)
+    cfg = load_config(scenario, ov)
+    assert out["version"] == "v0001" and out["champion_before"] is None
+
+    # ---- training state in the run directory, export copied from the version folder ------------
+    assert sorted(p.name for p in (run / "selection").glob("epoch_*.parquet")) == ["epoch_000.parquet", "epoch_001.parquet"]
+    assert (run / "checkpoints" / "best.pt").exists() and json.loads((run / "metrics.json").read_text())["final"]
+    reg = registry.load_registry(run / "registry.json")
+    entry = reg.champion_entry
+    assert reg.champion == "v0001" and entry["kind"] == "distill" and entry["status"] == "champion"
+    assert entry["trained_on"]["rows"] == len(pq.read_table(run / "manifest.parquet"))
+    assert registry.weights_sha256(run / "export") == registry.weights_sha256(run / "students/v0001/export") \
+        == entry["weights_sha256"]
+    assert json.loads((run / "export" / registry.MARKER).read_text())["version"] == "v0001"
+    card = (run / "export" / "model_card.md").read_text()
+    assert "## Registry" in card and "v0001 (distill)" in card and "Data lineage" in card
+
+    # ---- the registry's validation number is the export's accuracy on the validation split -----
+    from flows import stages
+
+    pix, rows, labels, groups, ids = stages.validation_split(cfg)
+    acc = registry.evaluate_export(run / "export", pix, rows, labels, groups)
+    assert entry["validation"]["rows"] == len(rows) > 0
+    assert entry["validation"]["ids_sha256"] == registry.ids_sha256(ids)
+    assert abs(entry["validation"]["accuracy"] - acc) < 1e-9
+
+    # ---- artifacts --------------------------------------------------------------------------
+    assert artifact("flows-distill-model-card").data.endswith(f"]({(run / 'export' / 'model_card.md').resolve().as_uri()})")
+    md = artifact("flows-distill-distill").data
+    assert "v0001" in md and "promoted: explicit distill" in md
+    assert artifact("flows-distill-gallery").data.endswith(f"]({(run / 'gallery' / 'index.html').resolve().as_uri()})")
+    assert table_rows(artifact("flows-distill-curation").data, "class (pseudo-label)")
+
+
+@pytest.mark.parametrize("verb_name", ["curate", "distill", "refresh", "serve"])
+def test_flow_verbs_explain_themselves(verb_name, capsys):
+    from flows.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([verb_name, "--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert "example:" in text and f"webkd {verb_name}" in text and "config" in text
