@@ -131,7 +131,15 @@ class IndexConfig(_Section):
     nprobe: int = Field(16, ge=1)
     k: int = Field(10, ge=1)
     block_size: int = Field(4096, ge=1, description="queries per search block")
-    near_dup_threshold: float | None = Field(0.98, description="cosine; None disables")
+    near_dup_threshold: float | None = Field(
+        0.99, description="cosine to a group's representative; None disables (see perceptual_vectors for the choice)")
+    near_dup_space: Literal["pixels", "embedding"] = Field(
+        "pixels",
+        description="pixels: per-image standardised colour thumbnails (teacher-independent, perceptual); "
+                    "embedding: the indexed encoder's (centred) embeddings",
+    )
+    near_dup_side: int = Field(16, ge=4, le=64, description="thumbnail side for near_dup_space=pixels")
+    center: bool = Field(True, description="subtract the pool mean before L2-normalising (ReLU features share a direction)")
     use_gpu: Literal["auto", "never"] = "auto"
 
 
@@ -202,6 +210,9 @@ class FlowsConfig(_Section):
     retry_delay_s: float = Field(5.0, ge=0)
     refresh_epochs: int | None = Field(
         None, ge=1, description="epochs of a refresh challenger warm-started from the champion; default train.epochs"
+    )
+    refresh_lr_scale: float = Field(
+        0.1, gt=0.0, le=1.0, description="a warm-started challenger trains at train.lr x this (fine-tuning, not a restart)"
     )
     promote_min_delta: float = Field(
         0.0, ge=0.0, description="a challenger is promoted only above champion accuracy + this (a tie keeps the champion)"

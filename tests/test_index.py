@@ -280,7 +280,7 @@ def test_index_run_marks_near_duplicates(tmp_path, clothing, embedder):
     old = QuarantineRow(uri="x.jpg", source="folder:x", reason="truncated", detail="kept as is")
     save_quarantine(paths.quarantine, [old])
     atomic_save_npy(paths.features("pix"), _embed_files(recs, embedder).astype(np.float16))
-    cfg = IndexConfig(near_dup_threshold=0.98, k=5)
+    cfg = IndexConfig(near_dup_threshold=0.98, k=5, near_dup_space="embedding", center=False)
 
     report = ix.index_run(paths, "pix", cfg)
     assert "pix" in str(report) and report.near_duplicates == 2 and report.groups == 2
@@ -308,10 +308,58 @@ def test_index_run_marks_near_duplicates(tmp_path, clothing, embedder):
     assert len([r for r in load_quarantine(paths.quarantine) if r.reason == "near_duplicate"]) == 3
 
     # a stricter threshold dissolves the groups: rows reset to ok, quarantine rows go away
-    strict = ix.index_run(paths, "pix", IndexConfig(near_dup_threshold=0.999999, k=5))
+    strict = ix.index_run(paths, "pix", IndexConfig(near_dup_threshold=0.999999, k=5, near_dup_space="embedding"))
     assert strict.near_duplicates == 0 and strict.changed == 3
     assert all(r.status == "ok" and r.dup_of is None for r in load_manifest(paths.manifest))
     assert [r.reason for r in load_quarantine(paths.quarantine)] == ["truncated"]
+
+
+def test_leader_grouping_does_not_chain():
+    """a~b and b~c but not a~c: c must not end up in a's group through b."""
+    t = np.deg2rad
+    vecs = np.array([[1, 0], [np.cos(t(8)), np.sin(t(8))], [np.cos(t(16)), np.sin(t(16))]], np.float32)
+    th = float(np.cos(t(10)))              # 8 degrees apart merge, 16 degrees apart do not
+    rep = ix.near_duplicate_groups(vecs, th, k=2)
+    assert rep.tolist() == [0, 0, 2]
+
+
+def test_perceptual_vectors_find_real_copies_and_keep_distinct_photos(dup_pool):
+    images, group = dup_pool
+    size = 32
+    pix = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS)) for im in images])
+    v = ix.perceptual_vectors(pix, side=16)
+    assert v.shape == (len(images), 768)
+    np.testing.assert_allclose(v.mean(1), 0, atol=1e-4)
+    # the hardest copy here (a 32 px photo shrunk by 6 px and blown up again) scores 0.9898;
+    # distinct photos score <= 0.67
+    rep = ix.near_duplicate_groups(v, threshold=0.985, k=10)
+    assert len(np.unique(rep)) == len(np.unique(group))
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        assert len(np.unique(rep[members])) == 1
+
+
+def test_index_run_pixel_space_and_centring(tmp_path, clothing, embedder):
+    paths = RunPaths(tmp_path / "run")
+    rng = np.random.default_rng(7)
+    imgs = [clothing.images[i] for i in rng.choice(len(clothing.images), 10, replace=False)]
+    imgs += [_jpeg(imgs[3], 70)]
+    recs = _write_records(paths.root, imgs, ["q"] * len(imgs))
+    save_manifest(paths.manifest, recs)
+    atomic_save_npy(paths.features("pix"), _embed_files(recs, embedder).astype(np.float16))
+    pix = np.stack([np.asarray(Image.open(r.uri).convert("RGB").resize((32, 32), Image.LANCZOS)) for r in recs])
+    with pytest.raises(ValueError, match="pixel cache"):
+        ix.index_run(paths, "pix", IndexConfig())
+    report = ix.index_run(paths, "pix", IndexConfig(), pixels=pix)
+    man = load_manifest(paths.manifest)
+    assert report.near_duplicates == 1 and man[10].dup_of == man[3].id
+    # the index holds centred vectors; the saved centre reproduces them for queries
+    center = ix.load_index_center(paths.index("pix"))
+    emb = np.load(paths.features("pix")).astype(np.float32)
+    np.testing.assert_allclose(center, emb.mean(0), rtol=1e-5, atol=1e-5)
+    q = ix.index_vectors(emb, center)
+    _, ids = ix.search(ix.load_index(paths.index("pix")), q, 1)
+    assert (ids[:, 0] == np.arange(len(emb))).all()
 
 
 def test_index_run_refuses_misaligned_cache(tmp_path, clothing, embedder):
