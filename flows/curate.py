@@ -6,8 +6,10 @@ run directory (through the Config), never arrays. I/O-bound tasks retry (`flows.
 directory and the content of what the stage reads (the source listing with sizes and mtimes,
 the manifest ids, the encoder spec and weights file, the feature cache metadata, the
 overrides store, the ledgers), so new data, new weights or a new override change the key and
-the stage runs; a stage whose outputs are missing runs with `refresh_cache` (it is rebuilt and
-re-cached, never answered from the cache). The stages are incremental underneath anyway
+the stage runs. Keys also carry the run directory's incarnation id (`flow_cache_token.txt`), so
+a run directory deleted and built again starts with a clean cache, and a stage whose outputs
+are missing runs with `refresh_cache` (rebuilt and re-cached, never answered from the cache).
+The stages are incremental underneath anyway
 (ingest state, feature cache by fingerprint), so a cache miss costs only the new work.
 
 Summaries go out as artifacts: a markdown table of kept / rejected per class with the top
@@ -120,8 +122,26 @@ def _feature_keys(cfg: Config) -> list[str]:
     return keys + (["student"] if "student" in cfg.features.encoders else [])
 
 
-def _root(cfg: Config) -> str:
-    return str(cfg.paths.root.resolve())
+def run_token(paths: RunPaths) -> str:
+    """The run directory's incarnation id, created on first use. A run directory deleted and
+    built again gets a new one, so no cache entry of its previous life can answer for it."""
+    import uuid
+
+    from pipeline.storage import atomic_write_text
+
+    try:
+        token = paths.cache_token.read_text().strip()
+    except OSError:
+        token = ""
+    if not token:
+        token = uuid.uuid4().hex
+        atomic_write_text(paths.cache_token, token + "\n")
+    return token
+
+
+def _root(cfg: Config) -> list[str]:
+    """The run directory: its absolute path and its incarnation."""
+    return [str(cfg.paths.root.resolve()), run_token(cfg.paths)]
 
 
 def ingest_key(_ctx: Any, params: dict[str, Any]) -> str:
@@ -218,15 +238,19 @@ def summary_task(cfg: Config):
 IO_BOUND = {"ingest", "features", "gallery"}    # read files (maybe over a network mount): retried
 
 
+def with_retries(t: Task, cfg: Config) -> Task:
+    """The task with the config's retries (for I/O-bound steps: file copies, registry writes)."""
+    return t.with_options(retries=cfg.flows.retries, retry_delay_seconds=cfg.flows.retry_delay_s)
+
+
 def run_stage(t: Task, cfg: Config, stage: str | None = None) -> tuple[Any, bool]:
     """Run a stage task with the config's retries (I/O-bound stages) and, when any of the
     stage's outputs is missing, `refresh_cache`. Returns (result, answered from cache)."""
-    opts: dict[str, Any] = {}
     if stage in IO_BOUND:
-        opts.update(retries=cfg.flows.retries, retry_delay_seconds=cfg.flows.retry_delay_s)
+        t = with_retries(t, cfg)
     if stage is not None:
-        opts["refresh_cache"] = not all(p.exists() for p in outputs_of(cfg, stage))
-    state = t.with_options(**opts)(cfg, return_state=True)
+        t = t.with_options(refresh_cache=not all(p.exists() for p in outputs_of(cfg, stage)))
+    state = t(cfg, return_state=True)
     return state.result(), state.name == "Cached"
 
 

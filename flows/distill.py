@@ -7,7 +7,7 @@ scored beside the previous champion on the same validation split and both number
 The library-level equivalent without Prefect is `webkd distill --no-flow` (`stages.distill`).
 """
 from flows.curate import (curation_stages, gallery_stage, publish_curation, publish_model_card,  # noqa: I001
-                          run_stage, summary_task, artifact_key)
+                          run_stage, summary_task, artifact_key, with_retries)
 
 from typing import Any
 
@@ -53,7 +53,7 @@ def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
     cfg = load_config(config_path, overrides or [])
     curated = curation_stages(cfg)
     result = distill_task(cfg)
-    verdict = register_task(cfg, result)
+    verdict = with_retries(register_task, cfg)(cfg, result)
     page = gallery_stage(cfg, curated)
     summary, _ = run_stage(summary_task, cfg)
     publish_curation(cfg, summary, page)

@@ -14,7 +14,7 @@ the challenger's training. A refresh with nothing new answers every stage from t
 trains nothing.
 """
 from flows.curate import (artifact_key, curation_stages, gallery_stage, publish_curation,  # noqa: I001
-                          publish_model_card, run_stage, summary_task)
+                          publish_model_card, run_stage, summary_task, with_retries)
 
 import time
 from typing import Any
@@ -67,11 +67,11 @@ def refresh_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
     t0 = time.time()
     cfg = load_config(config_path, overrides or [])
     curated = curation_stages(cfg)
-    plan = plan_task(cfg)
+    plan = with_retries(plan_task, cfg)(cfg)
     verdict: dict[str, Any] = {}
     if plan["train"]:
         result = challenger_task(cfg, plan)
-        verdict = judge_task(cfg, plan, result)
+        verdict = with_retries(judge_task, cfg)(cfg, plan, result)
     page = gallery_stage(cfg, curated)
     summary, _ = run_stage(summary_task, cfg)
     out = {"run_dir": str(cfg.paths.root), **{k: curated[k] for k in ("new_records", "records", "computed", "cached")},

@@ -499,12 +499,16 @@ def refresh_plan(cfg: Config) -> dict[str, Any]:
 
 
 def challenger_config(cfg: Config, warm_start: str | None) -> Config:
-    """The config a challenger trains with: warm-started from the champion's export, for
-    `flows.refresh_epochs` epochs when set (from scratch: the configured epochs)."""
+    """The config a challenger trains with. Warm-started from the champion's export it fine-tunes:
+    `flows.refresh_epochs` epochs (when set) at `train.lr x flows.refresh_lr_scale`; restarting
+    at the full learning rate would first undo what the champion learned. From scratch (no
+    usable champion): the configured epochs and learning rate."""
     train = cfg.train.model_dump()
     train["warm_start"] = warm_start
-    if warm_start and cfg.flows.refresh_epochs:
-        train["epochs"] = cfg.flows.refresh_epochs
+    if warm_start:
+        train["lr"] = cfg.train.lr * cfg.flows.refresh_lr_scale
+        if cfg.flows.refresh_epochs:
+            train["epochs"] = cfg.flows.refresh_epochs
     return Config.model_validate({**cfg.model_dump(), "train": train})
 
 

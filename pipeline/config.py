@@ -489,3 +489,9 @@ class RunPaths:
     @property
     def students_dir(self) -> Path:
         return self.root / "students"
+
+    @property
+    def cache_token(self) -> Path:
+        """Random id of this run directory's incarnation (flows/curate.py): Prefect cache keys
+        include it, so a run directory deleted and built again never gets the old one's answers."""
+        return self.root / "flow_cache_token.txt"

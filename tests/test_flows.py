@@ -5,6 +5,8 @@ the numbers of the ledger, gallery and model-card links), content-keyed caching 
 a repeated run from the cache but never serves a stale result after new data arrives or an
 output is deleted, and the registry entry of a distilled student. Also: --help of the verbs."""
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +35,6 @@ def train_teacher(clothing, path: Path, n: int = 1200, epochs: int = 4) -> float
     """A cnn_small (width 8) trained with CE on real clothing photos of the dataset's `train`
     split (the web pools below come from its other splits), once per session, copied to `path`.
     Returns its validation accuracy."""
-    import shutil
 
     from PIL import Image
 
@@ -151,6 +152,16 @@ def table_rows(markdown: str, header: str) -> dict[str, list[str]]:
     return out
 
 
+def task_policies(flow_run_id) -> dict:
+    """Task name -> retry policy of the task runs of one flow run (from the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.empirical_policy for r in runs}
+
+
 def artifact(key: str):
     from prefect.artifacts import Artifact
 
@@ -166,9 +177,15 @@ def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clot
 
     cfg = load_config(scenario)
     run = cfg.paths.root
-    out = curate_flow(str(scenario))
+    state = curate_flow(str(scenario), return_state=True)
+    out = state.result()
     n = out["records"]
     assert out["new_records"] == n > 90 and out["computed"] == {"t": n} and out["cached"] == []
+
+    # ---- retries from the config on the I/O-bound tasks only (flows.retries default 2) ---------
+    policy = {name: (p.retries, p.retry_delay) for name, p in task_policies(state.state_details.flow_run_id).items()}
+    assert policy["ingest"] == policy["features"] == policy["gallery"] == (2, 0)
+    assert policy["index"][0] in (0, None) and policy["teacher-selection"][0] in (0, None)
 
     # ---- the epoch-0 ledger: every manifest row, teacher alone --------------------------------
     ids = pq.read_table(run / "manifest.parquet", columns=["id"])["id"].to_pylist()
@@ -216,6 +233,19 @@ def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clot
     rebuilt = curate_flow(str(scenario))
     assert "gallery" not in rebuilt["cached"] and cfg.paths.gallery.exists()
     assert {"ingest", "features", "index", "selection"} <= set(rebuilt["cached"])
+
+    # ---- a run directory deleted and built again gets nothing cached for its previous life ----
+    # (the same files come back with the same mtimes: the listing repeats an earlier one exactly)
+    shutil.rmtree(run)
+    added = [scenario.parent / "web" / "pants" / f"c{i}.jpg" for i in new]
+    held = [scenario.parent / f"held_{f.name}" for f in added]
+    for f, h in zip(added, held):
+        os.replace(f, h)
+    assert curate_flow(str(scenario))["new_records"] == n
+    for f, h in zip(added, held):
+        os.replace(h, f)
+    back = curate_flow(str(scenario))
+    assert back["new_records"] == 2 and back["computed"] == {"t": 2} and back["cached"] == []
 
 
 def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario):

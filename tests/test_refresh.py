@@ -95,6 +95,7 @@ def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefec
     assert Path(r1["warm_start"]) == paths.students_dir / "v0001" / "export"
     ccfg = yaml.safe_load((paths.students_dir / "v0002" / "config.yaml").read_text())
     assert ccfg["train"]["warm_start"] == r1["warm_start"] and ccfg["train"]["epochs"] == 1
+    assert ccfg["train"]["lr"] == pytest.approx(cfg.train.lr * cfg.flows.refresh_lr_scale)   # fine-tuning
     assert yaml.safe_load(paths.config.read_text())["train"]["warm_start"] is None   # run config untouched
     # champion and challenger were scored on the same validation rows (recomputed here)
     pix, rows, labels, groups, ids = stages.validation_split(cfg)
