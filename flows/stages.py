@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.config import Config, RunPaths, dump_config, save_resolved_config
 from pipeline.features import build_pixel_cache, extract_features, load_features, resolve_device
-from pipeline.index import index_run, load_index, search
+from pipeline.index import index_run, index_vectors, load_index, load_index_center, search
 from pipeline.ingest import IngestReport, run_ingest
 from pipeline.records import Record, class_index, load_manifest
 from pipeline.storage import atomic_write_json, atomic_write_text, read_json
@@ -97,7 +97,8 @@ def index_key(cfg: Config) -> str:
 
 
 def index(cfg: Config):
-    return index_run(cfg.paths, index_key(cfg), cfg.index)
+    pix = pixels(cfg) if cfg.index.near_dup_space == "pixels" and cfg.index.near_dup_threshold is not None else None
+    return index_run(cfg.paths, index_key(cfg), cfg.index, pixels=pix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +158,8 @@ def build_pool(cfg: Config, with_neighbors: bool | None = None):
         key = index_key(cfg)
         cache = load_features(paths, key)
         idx = load_index(paths.index(key), nprobe=cfg.index.nprobe)
-        _, nb = search(idx, np.asarray(cache.embeddings, np.float32), cfg.selection.knn.k + 1, cfg.index.block_size)
+        queries = index_vectors(cache.embeddings, load_index_center(paths.index(key)))
+        _, nb = search(idx, queries, cfg.selection.knn.k + 1, cfg.index.block_size)
         neighbors = np.array([[j for j in row if j != i][: cfg.selection.knn.k] for i, row in enumerate(nb)], np.int64)
     pool = Pool(pixels=pix, ids=ids, split=split, status=np.array([r.status for r in records], dtype=object),
                 labels=labels, web_labels=[r.web_label for r in records], web_class=web_class,
@@ -228,7 +230,7 @@ class DistillResult:
     run_dir: Path
     method: str
     best_epoch: int
-    val_acc: float
+    val_acc: float                      # accuracy on the query labels of validation rows
     teacher_val_acc: float | None
     test_acc: float | None
     teacher_test_acc: float | None
@@ -239,6 +241,7 @@ class DistillResult:
     candidates: int
     seconds: float
     resumed_from: int | None = None
+    val_agreement: float | None = None  # top-1 agreement with the teacher on validation rows
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -248,6 +251,7 @@ class DistillResult:
                 ("kept at last epoch", f"{self.kept} / {self.candidates}"),
                 ("best epoch (validation)", str(self.best_epoch)),
                 ("validation accuracy: student / teacher", f"{pct(self.val_acc)} / {pct(self.teacher_val_acc)}"),
+                ("validation agreement with the teacher", pct(self.val_agreement)),
                 ("test accuracy: student / teacher", f"{pct(self.test_acc)} / {pct(self.teacher_test_acc)}"),
                 ("model card", str(self.model_card)), ("time", f"{self.seconds:.0f}s")]
         w = max(len(k) for k, _ in rows)
@@ -374,7 +378,11 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None)
                 teacher_test = accuracy(predict_logits(
                     lambda x: torch.stack([t(x).logits.float() for t in teacher_models]).mean(0), tpix, rows, device), tlab)
 
-    metrics = {"val_acc": result.best_val, "best_epoch": result.best_epoch}
+    best_scores = best.get("val", {})
+    metrics = {"val_acc": best_scores.get("val_acc", float("nan")),
+               "val_agreement": best_scores.get("val_agreement", float("nan")),
+               "val_metric": result.history[-1]["val_metric"] if result.history else None,
+               "best_epoch": result.best_epoch}
     if teacher_val is not None:
         metrics["teacher_val_acc"] = teacher_val
     if test_acc is not None:
@@ -399,10 +407,10 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None)
     atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
     last = result.history[-1] if result.history else {}
     return DistillResult(run_dir=cfg.paths.root, method=cfg.train.method, best_epoch=result.best_epoch,
-                         val_acc=result.best_val, teacher_val_acc=teacher_val, test_acc=test_acc,
+                         val_acc=metrics["val_acc"], teacher_val_acc=teacher_val, test_acc=test_acc,
                          teacher_test_acc=teacher_test, parameters=exp.parameters, export_dir=exp.export_dir,
                          model_card=card, kept=int(last.get("kept", 0)), candidates=int(last.get("candidates", 0)),
-                         seconds=time.time() - t0, resumed_from=result.resumed_from)
+                         seconds=time.time() - t0, resumed_from=result.resumed_from, val_agreement=metrics["val_agreement"])
 
 
 # --------------------------------------------------------------------------------------------

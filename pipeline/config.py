@@ -36,6 +36,9 @@ class PreprocessSpec(_Section):
     mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
     invert: bool = Field(False, description="1 - x before normalising (white-on-black domains)")
+    background: Literal["none", "border"] = Field(
+        "none", description="border: |x - median of the image border| (object bright on black, any backdrop)")
+    border_width: int = Field(2, ge=1, description="ring width for background=border")
 
     @model_validator(mode="after")
     def _stats_match_channels(self) -> "PreprocessSpec":
@@ -175,6 +178,9 @@ class TrainConfig(_Section):
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip: bool = True
     eval_batch_size: int = 512
+    val_metric: Literal["auto", "agreement", "query_acc"] = Field(
+        "auto", description="checkpoint selection: agreement with the teacher on validation rows, or accuracy on "
+                            "their query labels; auto = agreement for teacher-based methods, query_acc otherwise")
     warm_start: str | None = Field(None, description="student checkpoint or export dir to start from")
 
 

@@ -152,4 +152,3 @@ def test_distill_end_to_end_and_kill_resume(scenario):
     m_killed = json.loads((killed / "metrics.json").read_text())
     assert m_killed["history"] == m_full["history"]
     assert m_killed["best_epoch"] == m_full["best_epoch"] and m_killed["best_val"] == m_full["best_val"]
-    assert time.time() - t0 < 120

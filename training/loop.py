@@ -68,7 +68,7 @@ class FitResult:
 
     def summary(self) -> str:
         last = self.history[-1] if self.history else {}
-        return (f"best val acc {self.best_val:.4f} at epoch {self.best_epoch}; last epoch kept "
+        return (f"best validation score {self.best_val:.4f} at epoch {self.best_epoch}; last epoch kept "
                 f"{last.get('kept', 0)} / {last.get('candidates', 0)}; {self.seconds:.0f}s"
                 + (f" (resumed after epoch {self.resumed_from})" if self.resumed_from is not None else ""))
 
@@ -118,6 +118,27 @@ def predict_logits(predict: Callable[[torch.Tensor], torch.Tensor], pixels: np.n
     for s in tqdm(it, desc=desc, leave=False, disable=desc is None or len(rows) < 4 * batch_size):
         out.append(predict(to_tensor(pixels, rows[s:s + batch_size], device)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def val_metric_name(setting: str, method: Method, pool: Pool) -> str:
+    """auto: agreement with the teacher for distillation methods (query labels of web images
+    measure another task than the teacher's), accuracy on query labels otherwise."""
+    if setting == "auto":
+        return "val_agreement" if method.needs_teacher and pool.teacher_logits is not None else "val_acc"
+    return {"agreement": "val_agreement", "query_acc": "val_acc"}[setting]
+
+
+def validation_scores(logits: np.ndarray, rows: np.ndarray, pool: Pool) -> dict[str, float]:
+    """val_acc: accuracy on the query-labelled validation rows (classes in one group count as
+    equal); val_agreement: top-1 agreement with the (cached) teacher on every validation row."""
+    nan = float("nan")
+    if not len(rows):
+        return {"val_acc": nan, "val_agreement": nan}
+    acc = accuracy(logits, pool.val_labels[rows], pool.class_group)
+    agree = nan
+    if pool.teacher_logits is not None:
+        agree = float((logits.argmax(1) == np.asarray(pool.teacher_logits)[rows].argmax(1)).mean())
+    return {"val_acc": acc, "val_agreement": agree}
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray, class_group: np.ndarray | None = None) -> float:
@@ -252,7 +273,8 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
         else:
             log.warning("ignoring %s: it belongs to another run configuration", last)
 
-    val_rows = np.flatnonzero((pool.split == "val") & (pool.val_labels >= 0))
+    val_rows = np.flatnonzero((pool.split == "val") & (pool.status == "ok"))
+    metric = val_metric_name(train_cfg.val_metric, method, pool)
     for epoch in range(start, train_cfg.epochs):
         progress = epoch / train_cfg.epochs
         # ---- reselect (epoch 0: before training, the teacher alone decides) -----------------
@@ -275,15 +297,15 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
         val_logits = predict_logits(lambda x: method.predict(student, teachers, x), pool.pixels, val_rows,
                                     device, train_cfg.eval_batch_size)
         _restore_mode(mods, states)
-        val_acc = accuracy(val_logits, pool.val_labels[val_rows], pool.class_group) if len(val_rows) else float("nan")
+        scores = validation_scores(val_logits, val_rows, pool)
+        score = scores[metric]
         record = {"epoch": epoch, "kept": int(len(rows)), "candidates": int(pool.candidates.sum()),
-                  "val_acc": val_acc, "lr": opt.param_groups[0]["lr"], **stats}
+                  **scores, "val_metric": metric, "lr": opt.param_groups[0]["lr"], **stats}
         history.append(record)
-        improved = not math.isnan(val_acc) and val_acc > best_val
-        if improved or (best_epoch < 0 and math.isnan(val_acc)):
-            best_val, best_epoch = (val_acc if not math.isnan(val_acc) else best_val), epoch
+        if (not math.isnan(score) and score > best_val) or best_epoch < 0:
+            best_val, best_epoch = (score if not math.isnan(score) else best_val), epoch
             _save_checkpoint(paths.best_checkpoint, {"epoch": epoch, "student": student.state_dict(),
-                                                     "method": method.state_dict(), "val_acc": val_acc,
+                                                     "method": method.state_dict(), "val": scores,
                                                      "run_fingerprint": run_fingerprint})
         # ---- checkpoint --------------------------------------------------------------------
         _save_checkpoint(last, {"epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
@@ -291,8 +313,8 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
                                 "history": history, "best_val": best_val, "best_epoch": best_epoch,
                                 "keep": keep, "weights": weights, "run_fingerprint": run_fingerprint})
         atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val})
-        log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f", epoch, stats["loss"], len(rows),
-                 record["candidates"], val_acc)
+        log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f agreement %.4f", epoch, stats["loss"], len(rows),
+                 record["candidates"], scores["val_acc"], scores["val_agreement"])
     return FitResult(history=history, best_epoch=best_epoch, best_val=best_val, paths=paths,
                      resumed_from=resumed_from, seconds=time.time() - t0,
                      kept_last=history[-1]["kept"] if history else 0)

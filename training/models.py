@@ -93,8 +93,12 @@ class Preprocess(nn.Module):
     """Float RGB [0, 1] (B, 3, H, W) at any size -> the model's input (B, C, S, S).
 
     Steps, in order: antialiased bilinear resize to `spec.size`; ITU-R 601 luma when
-    `channels == 1`; `1 - x` when `invert`; `(x - mean) / std`. Exports to ONNX opset 17 (the
-    resize is two matrix products with constant weights, see `resize_weights`).
+    `channels == 1`; `1 - x` when `invert`; with `background == "border"`, |x - b| where b is
+    the median of the image's outer ring of `border_width` pixels per channel (the object comes
+    out bright on black whatever the background: a white-on-black domain such as Fashion-MNIST
+    is left unchanged, a photo on a grey or coloured backdrop is brought to it); then
+    `(x - mean) / std`. Exports to ONNX (the resize is two matrix products with constant
+    weights, see `resize_weights`).
     """
 
     def __init__(self, spec: PreprocessSpec):
@@ -135,7 +139,17 @@ class Preprocess(nn.Module):
             x = (x * self.luma).sum(1, keepdim=True)    # (B, 1, S, S)
         if self.spec.invert:
             x = 1.0 - x
+        if self.spec.background == "border":
+            x = (x - self.border_level(x)).abs()        # (B, C, S, S)
         return (x - self.mean) / self.std               # (B, C, S, S)
+
+    def border_level(self, x: torch.Tensor) -> torch.Tensor:
+        """Median of the outer ring of `border_width` pixels, per image and channel: (B, C, 1, 1)."""
+        w = self.spec.border_width
+        ring = torch.cat([x[:, :, :w, :].flatten(2), x[:, :, -w:, :].flatten(2),
+                          x[:, :, w:-w, :w].flatten(2), x[:, :, w:-w, -w:].flatten(2)], dim=2)  # (B, C, P)
+        k = (ring.shape[2] - 1) // 2                    # the lower median, as torch.median; by sort:
+        return ring.sort(dim=2).values[:, :, k:k + 1].unsqueeze(-1)  # ONNX has no median op
 
     def extra_repr(self) -> str:
         return self.spec.model_dump_json()
