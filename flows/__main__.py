@@ -146,8 +146,9 @@ def _run_refresh(args: argparse.Namespace) -> int:
     if out["trained"]:
         def pct(v):
             return "-" if v is None or v != v else f"{100 * v:.2f}%"
-        print(f"challenger {out['version']}: {pct(out['challenger_accuracy'])} vs champion {out['champion'] or '-'} "
-              f"{pct(out['champion_accuracy'])} on {out['validation_rows']} validation rows -> {out['decision']}")
+        print(f"challenger {out['version']}: {out['metric']} {pct(out['challenger_score'])} vs champion "
+              f"{out['champion'] or '-'} {pct(out['champion_score'])} on the same {out['validation_rows']} "
+              f"validation rows -> {out['decision']}")
     else:
         print(f"no challenger trained: {out['reason']}")
     print(f"champion: {out['champion_now'] or '-'}; gallery: {out['gallery']}")

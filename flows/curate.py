@@ -160,6 +160,7 @@ def index_key(_ctx: Any, params: dict[str, Any]) -> str:
     cfg: Config = params["cfg"]
     key = stages.index_key(cfg)
     return digest("index", CACHE_VERSION, _root(cfg), key, cfg.index.model_dump(mode="json"),
+                  cfg.data.image_size, cfg.data.fit,   # near duplicates may be found in the pixel cache
                   file_signature(cfg.paths.features_meta(key)), manifest_digest(cfg.paths))
 
 
@@ -170,7 +171,7 @@ def selection_key(_ctx: Any, params: dict[str, Any]) -> str:
     return digest("selection", CACHE_VERSION, _root(cfg), data, cfg.selection.model_dump(mode="json"),
                   cfg.train.epochs, cfg.train.label_source, [file_signature(p.features_meta(k)) for k in _feature_keys(cfg)],
                   manifest_digest(p, with_status=True), file_signature(p.overrides),
-                  file_signature(p.index(stages.index_key(cfg))) if cfg.selection.knn.enabled else None,
+                  [file_signature(f) for f in outputs_of(cfg, "index")] if cfg.selection.knn.enabled else None,
                   file_signature(p.labels) if cfg.train.label_source == "refined" else None)
 
 
@@ -192,7 +193,9 @@ def outputs_of(cfg: Config, stage: str) -> list[Path]:
         return [f for k in _feature_keys(cfg) for f in (p.features(k), p.logits(k), p.features_meta(k))] + \
             [p.pixels(cfg.data.image_size, cfg.data.fit)]
     if stage == "index":
-        return [p.index(stages.index_key(cfg))]
+        from pipeline.index import index_meta_path
+
+        return [p.index(stages.index_key(cfg)), index_meta_path(p.index(stages.index_key(cfg)))]
     if stage == "selection":
         return [p.ledger(0)]
     if stage == "gallery":
@@ -349,8 +352,58 @@ def curate_flow(config_path: str, overrides: list[str] | None = None) -> dict[st
     return out
 
 
+_WATCHDOG = """
+import os, signal, sys, time
+parent, marker = int(sys.argv[1]), b"prefect.server.api.server:create_app"
+def servers():
+    found = set()
+    for d in os.listdir("/proc"):
+        if d == str(os.getpid()):       # this script's own command line holds the marker too
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if ppid == parent and marker in f.read():
+                    found.add(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+seen = set()
+while os.getppid() == parent:           # until the CLI is gone, however it ended
+    if not seen:
+        seen = servers()
+    time.sleep(0.5)
+for pid in seen:                        # still that server (not a reused pid)? stop it
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if marker in f.read():
+                os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pass
+"""
+
+
+def temporary_server_dies_with_us() -> None:
+    """With no PREFECT_API_URL, Prefect runs flows against a temporary server in a child
+    process and stops it at exit; a CLI killed by a signal (SIGKILL, SIGTERM, the OOM killer)
+    would leave it running. A tiny watchdog process (Linux /proc) notes that server among this
+    process's children and stops it once this process is gone."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value() or not os.path.isdir("/proc"):
+        return
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def run_flow(fn: Callable[..., Any], config_path: str, overrides: list[str] | None = None) -> Any:
-    """Call a flow from the CLI (a temporary local server starts when no PREFECT_API_URL is set);
-    the HTTP client's per-request log lines are kept out of the console."""
+    """Call a flow from the CLI (a temporary local server starts when no PREFECT_API_URL is set,
+    and stops with this process however it ends); the HTTP client's per-request log lines are
+    kept out of the console."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    temporary_server_dies_with_us()
     return fn(config_path=str(config_path), overrides=list(overrides or []))

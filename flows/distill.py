@@ -38,10 +38,12 @@ def distill_markdown(result: Any, verdict: dict[str, Any]) -> str:
             ("student parameters", f"{result.parameters:,}"),
             ("kept at last epoch", f"{result.kept} / {result.candidates}"),
             ("best epoch (validation)", result.best_epoch),
-            ("validation accuracy: student / teacher", f"{_pct(result.val_acc)} / {_pct(result.teacher_val_acc)}"),
+            ("validation accuracy on query labels: student / teacher",
+             f"{_pct(result.val_acc)} / {_pct(result.teacher_val_acc)}"),
+            ("validation agreement with the teacher", _pct(result.val_agreement)),
             ("test accuracy: student / teacher", f"{_pct(result.test_acc)} / {_pct(result.teacher_test_acc)}"),
-            ("previous champion on the same split", f"{verdict.get('champion') or '-'} "
-                                                    f"{_pct(verdict.get('champion_accuracy'))}"),
+            (f"{verdict['metric']} on the registry's split: this / previous champion",
+             f"{_pct(verdict['score'])} / {verdict.get('champion') or '-'} {_pct(verdict.get('champion_score'))}"),
             ("decision", verdict["decision"]), ("time", f"{result.seconds:.0f}s")]
     return "\n".join(["# Distilled student", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
@@ -68,6 +70,7 @@ def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
             "best_epoch": result.best_epoch, "kept": result.kept, "candidates": result.candidates,
             "export_dir": str(cfg.paths.export_dir), "model_card": str(card), "gallery": str(page),
             "new_records": curated["new_records"], "computed": curated["computed"],
-            "champion_before": verdict.get("champion"), "champion_accuracy": verdict.get("champion_accuracy"),
+            "val_agreement": result.val_agreement, "metric": verdict["metric"], "score": verdict["score"],
+            "champion_before": verdict.get("champion"), "champion_score": verdict.get("champion_score"),
             "decision": verdict["decision"], "seconds": result.seconds, "resumed_from": result.resumed_from,
             "summary": result.summary()}

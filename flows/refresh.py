@@ -54,8 +54,8 @@ def refresh_markdown(out: dict[str, Any]) -> str:
     if out["trained"]:
         rows += [("challenger", f"{out['version']} ({out['warm_note']})"),
                  ("validation rows (same split for both)", out["validation_rows"]),
-                 ("champion accuracy", f"{out['champion'] or '-'} {_pct(out['champion_accuracy'])}"),
-                 ("challenger accuracy", _pct(out["challenger_accuracy"])), ("decision", out["decision"])]
+                 (f"champion {out['metric']}", f"{out['champion'] or '-'} {_pct(out['champion_score'])}"),
+                 (f"challenger {out['metric']}", _pct(out["challenger_score"])), ("decision", out["decision"])]
     rows += [("champion now", out["champion_now"] or "-"), ("time", f"{out['seconds']:.1f}s")]
     return "\n".join(["# Refresh", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
@@ -77,8 +77,9 @@ def refresh_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
     out = {"run_dir": str(cfg.paths.root), **{k: curated[k] for k in ("new_records", "records", "computed", "cached")},
            "trained": bool(plan["train"]), "reason": plan["reason"], "version": plan["version"],
            "warm_start": plan["warm_start"], "warm_note": plan["warm_note"], "champion": plan["champion"],
-           "validation_rows": verdict.get("rows"), "champion_accuracy": verdict.get("champion_accuracy"),
-           "challenger_accuracy": verdict.get("accuracy"), "promoted": bool(verdict.get("promoted")),
+           "metric": verdict.get("metric"), "validation_rows": verdict.get("rows"),
+           "champion_score": verdict.get("champion_score"), "challenger_score": verdict.get("score"),
+           "promoted": bool(verdict.get("promoted")),
            "decision": verdict.get("decision", "no challenger"),
            "champion_now": verdict.get("champion_now", plan["champion"]), "gallery": str(page),
            "model_card": str(cfg.paths.export_dir / "model_card.md"), "kept": summary.kept,

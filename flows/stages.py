@@ -531,31 +531,54 @@ def train_challenger(cfg: Config, plan: dict[str, Any]) -> DistillResult:
                    out=student_dir(cfg.paths, plan["version"]))
 
 
-def validation_split(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, list[str]]:
-    """(pixels, rows, labels, class groups, ids) of the labelled validation rows of the current
-    pool: the split every champion / challenger comparison uses (hash-based, stable as the pool
-    grows)."""
+@dataclass
+class ValidationSplit:
+    """What every champion / challenger comparison scores on: the validation rows of the current
+    pool (content-hash split, stable as the pool grows) and the targets of the metric the
+    training loop selects checkpoints by (`train.val_metric`): the teacher's top-1 on every
+    validation row (`val_agreement`) or the query labels of the labelled ones (`val_acc`)."""
+
+    pixels: np.ndarray            # (N, S, S, 3) uint8, the run's pixel cache
+    rows: np.ndarray              # (n,) manifest rows scored
+    targets: np.ndarray           # (n,) int64 class each row should get
+    class_group: np.ndarray | None
+    ids: list[str]
+    metric: str                   # val_agreement | val_acc
+
+
+def validation_split(cfg: Config) -> ValidationSplit:
+    from training.loop import val_metric_name
+    from training.methods import METHODS
+
     pool = build_pool(cfg, with_neighbors=False)
-    rows = np.flatnonzero((pool.split == "val") & (pool.val_labels >= 0))
-    return pool.pixels, rows, pool.val_labels[rows], pool.class_group, [pool.ids[i] for i in rows]
+    metric = val_metric_name(cfg.train.val_metric, METHODS[cfg.train.method], pool)
+    if metric == "val_agreement":
+        rows = np.flatnonzero(pool.split == "val")
+        targets = np.asarray(pool.teacher_logits, np.float32)[rows].argmax(1)
+        groups = None
+    else:
+        rows = np.flatnonzero((pool.split == "val") & (pool.val_labels >= 0))
+        targets, groups = pool.val_labels[rows], pool.class_group
+    return ValidationSplit(pool.pixels, rows, np.asarray(targets, np.int64), groups, [pool.ids[i] for i in rows], metric)
 
 
 def _compare(cfg: Config, export_dir: Path, champion: str | None) -> dict[str, Any]:
-    """Accuracy of `export_dir` and of the champion's export on the same validation rows."""
+    """Score of `export_dir` and of the champion's export on the same validation rows, with the
+    metric training selects checkpoints by."""
     from training import registry
 
-    pix, rows, labels, groups, ids = validation_split(cfg)
+    v = validation_split(cfg)
     device = str(resolve_device(cfg.device))
-    acc = registry.evaluate_export(export_dir, pix, rows, labels, groups, device)
-    champ_acc = None
+    score = registry.evaluate_export(export_dir, v.pixels, v.rows, v.targets, v.class_group, device)
+    champ_score = None
     if champion is not None:
         champ_dir = cfg.paths.root / registry.load_registry(cfg.paths.registry).entry(champion)["export"]
         if registry.export_classes(champ_dir) == list(cfg.data.classes):
-            champ_acc = registry.evaluate_export(champ_dir, pix, rows, labels, groups, device)
+            champ_score = registry.evaluate_export(champ_dir, v.pixels, v.rows, v.targets, v.class_group, device)
         else:
             log.warning("champion %s predicts other classes: not comparable, the challenger wins", champion)
-    return {"rows": int(len(rows)), "ids_sha256": registry.ids_sha256(ids), "accuracy": acc,
-            "champion": champion, "champion_accuracy": champ_acc}
+    return {"metric": v.metric, "rows": int(len(v.rows)), "ids_sha256": registry.ids_sha256(v.ids),
+            "score": score, "champion": champion, "champion_score": champ_score}
 
 
 def judge_challenger(cfg: Config, plan: dict[str, Any], result: DistillResult) -> dict[str, Any]:
@@ -567,7 +590,7 @@ def judge_challenger(cfg: Config, plan: dict[str, Any], result: DistillResult) -
     paths = cfg.paths
     version = plan["version"]
     validation = _compare(cfg, result.export_dir, plan["champion"])
-    promote, decision = registry.decide(validation["champion_accuracy"], validation["accuracy"],
+    promote, decision = registry.decide(validation["champion_score"], validation["score"],
                                         cfg.flows.promote_min_delta)
     meta = read_json(result.export_dir / "student.json", default={}) or {}
     registry.register(paths, version, kind="refresh", metrics=meta.get("metrics", {}), trained_on=plan["state"],
@@ -595,8 +618,8 @@ def register_distilled(cfg: Config, result: DistillResult) -> dict[str, Any]:
     export = registry.archive_export(paths, version, result.export_dir)
     validation = _compare(cfg, export, reg.champion)
     prev = "" if reg.champion is None else f", previous champion {reg.champion}: " + \
-        ("not comparable" if validation["champion_accuracy"] is None else f"{validation['champion_accuracy']:.4f}")
-    decision = f"promoted: explicit distill (validation {validation['accuracy']:.4f}{prev})"
+        ("not comparable" if validation["champion_score"] is None else f"{validation['champion_score']:.4f}")
+    decision = f"promoted: explicit distill ({validation['metric']} {validation['score']:.4f}{prev})"
     meta = read_json(export / "student.json", default={}) or {}
     registry.register(paths, version, kind="distill", metrics=meta.get("metrics", {}), trained_on=pool_state(cfg),
                       validation=validation, decision=decision,

@@ -162,6 +162,10 @@ def task_policies(flow_run_id) -> dict:
     return {r.name.rsplit("-", 1)[0]: r.empirical_policy for r in runs}
 
 
+def _ledger_split(run: Path) -> list[str]:
+    return pq.read_table(run / "selection" / "epoch_000.parquet", columns=["split"])["split"].to_pylist()
+
+
 def artifact(key: str):
     from prefect.artifacts import Artifact
 
@@ -272,14 +276,17 @@ def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario
     card = (run / "export" / "model_card.md").read_text()
     assert "## Registry" in card and "v0001 (distill)" in card and "Data lineage" in card
 
-    # ---- the registry's validation number is the export's accuracy on the validation split -----
+    # ---- the registry scores the export with the metric training selected its checkpoint by ---
+    # (KD^3 with a teacher: top-1 agreement with the teacher on every validation row)
     from flows import stages
 
-    pix, rows, labels, groups, ids = stages.validation_split(cfg)
-    acc = registry.evaluate_export(run / "export", pix, rows, labels, groups)
-    assert entry["validation"]["rows"] == len(rows) > 0
-    assert entry["validation"]["ids_sha256"] == registry.ids_sha256(ids)
-    assert abs(entry["validation"]["accuracy"] - acc) < 1e-9
+    v = stages.validation_split(cfg)
+    score = registry.evaluate_export(run / "export", v.pixels, v.rows, v.targets, v.class_group)
+    assert entry["validation"]["metric"] == v.metric == "val_agreement"
+    assert entry["validation"]["rows"] == len(v.rows) == sum(s == "val" for s in _ledger_split(run)) > 0
+    assert entry["validation"]["ids_sha256"] == registry.ids_sha256(v.ids)
+    assert entry["validation"]["score"] == pytest.approx(score)
+    assert entry["metrics"]["val_agreement"] == pytest.approx(score)      # the loop's own number
 
     # ---- artifacts --------------------------------------------------------------------------
     assert artifact("flows-distill-model-card").data.endswith(f"]({(run / 'export' / 'model_card.md').resolve().as_uri()})")
@@ -298,3 +305,58 @@ def test_flow_verbs_explain_themselves(verb_name, capsys):
     text = capsys.readouterr().out
     assert exc.value.code == 0
     assert "example:" in text and f"webkd {verb_name}" in text and "config" in text
+
+
+def _children(pid: int) -> dict[int, bytes]:
+    """pid -> command line of the direct children of `pid` (Linux /proc)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    out[int(d)] = f.read()
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux /proc")
+def test_killed_cli_leaves_no_temporary_server(scenario, tmp_path):
+    """`webkd curate` killed with SIGKILL while its temporary Prefect server runs: the server
+    must not outlive it (the watchdog stops it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    cli = subprocess.Popen([sys.executable, "-m", "flows", "curate", str(scenario), f"run_dir={tmp_path / 'run'}"],
+                           cwd=Path(__file__).resolve().parent.parent, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    deadline = time.time() + 90
+    while server is None and time.time() < deadline and cli.poll() is None:
+        server = next((p for p, c in _children(cli.pid).items() if b"prefect.server.api.server:create_app" in c), None)
+        time.sleep(0.2)
+    assert server is not None, "the CLI never started a temporary server"
+    time.sleep(1.5)                                   # the watchdog polls every 0.5 s
+    cli.send_signal(signal.SIGKILL)
+    cli.wait()
+    deadline = time.time() + 15
+    while _alive(server) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = _alive(server)
+    if alive:
+        os.kill(server, signal.SIGKILL)
+    assert not alive, "the temporary Prefect server outlived the killed CLI"

@@ -98,17 +98,18 @@ def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefec
     assert ccfg["train"]["lr"] == pytest.approx(cfg.train.lr * cfg.flows.refresh_lr_scale)   # fine-tuning
     assert yaml.safe_load(paths.config.read_text())["train"]["warm_start"] is None   # run config untouched
     # champion and challenger were scored on the same validation rows (recomputed here)
-    pix, rows, labels, groups, ids = stages.validation_split(cfg)
+    v = stages.validation_split(cfg)
     reg = registry.load_registry(paths.registry)
     entry = reg.entry("v0002")
     assert entry["parent"] == "v0001" and entry["kind"] == "refresh"
-    assert entry["validation"]["rows"] == r1["validation_rows"] == len(rows) > 0
-    assert entry["validation"]["ids_sha256"] == registry.ids_sha256(ids)
-    champ_acc = registry.evaluate_export(paths.students_dir / "v0001" / "export", pix, rows, labels, groups)
-    chal_acc = registry.evaluate_export(paths.students_dir / "v0002" / "export", pix, rows, labels, groups)
-    assert (r1["champion_accuracy"], r1["challenger_accuracy"]) == pytest.approx((champ_acc, chal_acc))
+    assert entry["validation"]["rows"] == r1["validation_rows"] == len(v.rows) > 0
+    assert entry["validation"]["ids_sha256"] == registry.ids_sha256(v.ids)
+    assert r1["metric"] == entry["validation"]["metric"] == "val_agreement"
+    champ = registry.evaluate_export(paths.students_dir / "v0001" / "export", v.pixels, v.rows, v.targets, v.class_group)
+    chal = registry.evaluate_export(paths.students_dir / "v0002" / "export", v.pixels, v.rows, v.targets, v.class_group)
+    assert (r1["champion_score"], r1["challenger_score"]) == pytest.approx((champ, chal))
     # the decision follows the rule, and export/ follows the decision
-    assert r1["promoted"] == (chal_acc > champ_acc)
+    assert r1["promoted"] == (chal > champ)
     if r1["promoted"]:
         assert reg.champion == "v0002" and registry.weights_sha256(paths.export_dir) == entry["weights_sha256"]
         assert _ledger(paths.ledger(0))["id"] == _ledger(paths.students_dir / "v0002" / "selection" / "epoch_000.parquet")["id"]
@@ -203,7 +204,8 @@ def test_promote_only_if_better_on_the_same_split(tmp_path, exports):
     _install_version(paths, "v0001", ex["random"])
     ok, why = registry.decide(None, bad)
     registry.register(paths, "v0001", kind="refresh", metrics={}, trained_on={"rows": 1}, decision=why,
-                      validation={"rows": len(rows), "accuracy": bad, "champion": None, "champion_accuracy": None})
+                      validation={"metric": "val_acc", "rows": len(rows), "score": bad, "champion": None,
+                                  "champion_score": None})
     registry.promote(paths, "v0001")
     assert registry.weights_sha256(paths.export_dir) == registry.weights_sha256(ex["random"])
 
@@ -214,7 +216,8 @@ def test_promote_only_if_better_on_the_same_split(tmp_path, exports):
     ok, why = registry.decide(champ, chal)
     assert ok and champ == pytest.approx(bad) and chal == pytest.approx(good)
     registry.register(paths, "v0002", kind="refresh", metrics={}, trained_on={"rows": 2}, parent="v0001", decision=why,
-                      validation={"rows": len(rows), "accuracy": chal, "champion": "v0001", "champion_accuracy": champ})
+                      validation={"metric": "val_acc", "rows": len(rows), "score": chal, "champion": "v0001",
+                                  "champion_score": champ})
     registry.promote(paths, "v0002")
     reg = registry.load_registry(paths.registry)
     assert reg.champion == "v0002" and reg.entry("v0001")["status"] == "retired"
@@ -222,6 +225,7 @@ def test_promote_only_if_better_on_the_same_split(tmp_path, exports):
     assert json.loads((paths.export_dir / registry.MARKER).read_text())["version"] == "v0002"
     card = (paths.export_dir / "model_card.md").read_text()
     assert "## Registry" in card and "v0002 (refresh)" in card and "warm-started from: v0001" in card
+    assert f"val_acc on it: this student {100 * good:.2f}%, champion before it v0001 {100 * bad:.2f}%" in card
     assert [e["version"] for e in reg.history()] == ["v0001", "v0002"]
 
     # v0003: the untrained network again -> worse, registered as rejected, export untouched

@@ -19,8 +19,9 @@ File format (`version` 1)::
      "entries": [{"version": "v0001", "kind": "distill", "status": "retired", "parent": null,
                   "created": iso, "promoted": iso | null, "export": "students/v0001/export",
                   "metrics": {...}, "trained_on": {...} | null,
-                  "validation": {"rows": n, "ids_sha256": str, "accuracy": float,
-                                 "champion": "v0000" | null, "champion_accuracy": float | null},
+                  "validation": {"metric": "val_agreement" | "val_acc", "rows": n, "ids_sha256": str,
+                                 "score": float, "champion": "v0000" | null,
+                                 "champion_score": float | null},
                   "decision": str}, ...]}
 """
 from __future__ import annotations
@@ -233,26 +234,27 @@ def needs_training(reg: Registry, state: Mapping[str, Any]) -> tuple[bool, str]:
     return True, "; ".join(what[k] for k in changed) or "state changed"
 
 
-def decide(champion_acc: float | None, challenger_acc: float, min_delta: float = 0.0) -> tuple[bool, str]:
-    """Promote iff the challenger beats the champion by more than `min_delta` on the same rows.
-    No champion: promote. A tie, or a challenger that cannot be scored (NaN), keeps the champion."""
-    if champion_acc is None:
-        return True, f"promoted: no champion to beat (challenger {challenger_acc:.4f})"
-    if challenger_acc is None or math.isnan(challenger_acc):
-        return False, "kept champion: challenger could not be scored (no labelled validation rows)"
-    if math.isnan(champion_acc):
-        return True, f"promoted: champion could not be scored, challenger {challenger_acc:.4f}"
-    if challenger_acc > champion_acc + min_delta:
-        return True, f"promoted: challenger {challenger_acc:.4f} > champion {champion_acc:.4f}" + \
-            (f" + {min_delta}" if min_delta else "")
-    return False, f"kept champion: challenger {challenger_acc:.4f} <= champion {champion_acc:.4f}" + \
-        (f" + {min_delta}" if min_delta else "")
+def decide(champion_score: float | None, challenger_score: float, min_delta: float = 0.0) -> tuple[bool, str]:
+    """Promote iff the challenger beats the champion by more than `min_delta` on the same rows
+    and metric. No champion: promote. A tie, or a challenger that cannot be scored (NaN, no
+    validation rows), keeps the champion."""
+    delta = f" + {min_delta}" if min_delta else ""
+    if champion_score is None:
+        return True, f"promoted: no champion to beat (challenger {challenger_score:.4f})"
+    if challenger_score is None or math.isnan(challenger_score):
+        return False, "kept champion: challenger could not be scored (no validation rows)"
+    if math.isnan(champion_score):
+        return True, f"promoted: champion could not be scored, challenger {challenger_score:.4f}"
+    if challenger_score > champion_score + min_delta:
+        return True, f"promoted: challenger {challenger_score:.4f} > champion {champion_score:.4f}{delta}"
+    return False, f"kept champion: challenger {challenger_score:.4f} <= champion {champion_score:.4f}{delta}"
 
 
 def evaluate_export(export_dir: str | Path, pixels: np.ndarray, rows: np.ndarray, labels: np.ndarray,
                     class_group: np.ndarray | None = None, device: str = "cpu", batch_size: int = 512) -> float:
     """Top-1 accuracy of an exported student on `pixels[rows]` (uint8 (N, S, S, 3)) against
-    `labels` (len(rows),), classes in one group counting as equal. NaN without labelled rows."""
+    `labels` (len(rows),: query labels, or the teacher's top-1 for agreement), classes in one
+    group counting as equal. NaN without labelled rows."""
     import torch
 
     from training.export import load_student
@@ -332,8 +334,8 @@ def _card_note(card: Path, entry: Mapping[str, Any]) -> None:
     lines = ["", "## Registry", "",
              f"- version: {entry['version']} ({entry['kind']}), warm-started from: {entry.get('parent') or '-'}",
              f"- validation split: {v.get('rows', '-')} rows (ids sha256 {str(v.get('ids_sha256', '-'))[:12]})",
-             f"- accuracy on it: this student {pct(v.get('accuracy'))}, champion before it "
-             f"{v.get('champion') or '-'} {pct(v.get('champion_accuracy'))}",
+             f"- {v.get('metric', 'score')} on it: this student {pct(v.get('score'))}, champion before it "
+             f"{v.get('champion') or '-'} {pct(v.get('champion_score'))}",
              f"- decision: {entry.get('decision') or '-'}", ""]
     atomic_write_text(card, card.read_text().rstrip("\n") + "\n" + "\n".join(lines))
 
