@@ -47,7 +47,10 @@ ROWS = {
     "kd3_nomd": ("KD^3 without MixDistribution", ["train.method=kd3", "selection.mode=kd3",
                                                    "train.method_args={mixdist: false}"]),
     "ce": ("CE on web query labels", ["train.method=ce", "selection.mode=none"]),
+    # ablations (not in the default --rows)
+    "kd_sel": ("vanilla KD with KD^3 selection", ["train.method=kd", "selection.mode=kd3"]),
 }
+DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce"]
 CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pixels", "features", "index", "test"]
 
 
@@ -85,10 +88,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--image-size", type=int, default=28)
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--pacs", type=int, default=1500, help="PACS images in the pool (off-class noise)")
     ap.add_argument("--teacher-epochs", type=int, default=4)
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config overrides for every run")
+    ap.add_argument("--tag", default="", help="suffix for run directories and the results file (ablations)")
     args = ap.parse_args()
     rows = args.rows.split(",")
     cfg_path = ROOT / "flows" / "configs" / "fashion_web.yaml"
@@ -113,9 +117,9 @@ def main() -> None:
         for row in rows:
             label, over = ROWS[row]
             base, src = (base_fm, fm_dir) if row == "kd_fmnist" else (base_web, scen.web_dir)
-            run_dir = OUT / f"{row}_s{seed}"
+            run_dir = OUT / f"{row}{args.tag}_s{seed}"
             clone_curated(base, run_dir)
-            cfg = load_config(cfg_path, base_overrides(args, teacher_weights, src) + args.set + over +
+            cfg = load_config(cfg_path, base_overrides(args, teacher_weights, src) + over + args.set +
                               [f"seed={seed}", f"run_dir={run_dir}"])
             t0 = time.time()
             res = stages.distill(cfg)
@@ -125,7 +129,7 @@ def main() -> None:
             results[row].append(rec)
             print(f"[{row} seed {seed}] test {res.test_acc:.4f} val {res.val_acc:.4f} kept {res.kept}/{res.candidates} "
                   f"({rec['seconds']:.0f}s)", flush=True)
-            (OUT / "results.json").write_text(json.dumps(results, indent=2))
+            (OUT / f"results{args.tag}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
     def ms(vals):
         v = np.array([x for x in vals if x is not None], float)

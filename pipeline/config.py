@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -328,7 +329,7 @@ def _resolve_relative(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     def fix(p: str) -> str:
         if Path(p).is_absolute() or not (base / p).exists():
             return p
-        return str(base / p)
+        return os.path.normpath(base / p)
 
     def fix_source(s: str) -> str:
         prefix, sep, rest = s.partition(":")

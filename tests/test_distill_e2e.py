@@ -67,7 +67,7 @@ def _env():
 
 
 def _distill(scenario: Path, run: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows", "distill", str(scenario / "cfg.yaml"), f"run_dir={run}"],
+    return subprocess.Popen([sys.executable, "-m", "flows", "distill", "--no-flow", str(scenario / "cfg.yaml"), f"run_dir={run}"],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -115,13 +115,15 @@ class KD3(Method):
                  teacher_map_size: tuple[int, int] | None = None, student_map_size: tuple[int, int] | None = None,
                  projector_factor: int = 2, gamma: float = 0.001, temperature: float = 0.3,
                  embed_dim: int = 128, mixdist: bool = True, mix_alpha: float = 0.1,
-                 teacher_side_term: bool = True):
+                 teacher_side_term: bool = True, kd_weight: float = 0.0, kd_temperature: float = 4.0):
         super().__init__()
         self.projector = Projector(student_channels, teacher_channels, projector_factor)
         self.embed_student = nn.Linear(student_dim, embed_dim)   # E_S
         self.embed_teacher = nn.Linear(teacher_dim, embed_dim)   # E_T (trained by its own term only)
         self.gamma, self.temperature = gamma, temperature
         self.mixdist, self.mix_alpha, self.teacher_side_term = mixdist, mix_alpha, teacher_side_term
+        # [project] optional logit KD on the shared-classifier logits (0 = the paper's KD^3)
+        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
         # "larger map pooled to the smaller size first": the common size both maps are pooled to
         self.map_size = self._common(teacher_map_size, student_map_size)
         self._classifier: nn.Linear | None = None  # the teacher's, borrowed (not a parameter here)
@@ -147,6 +149,8 @@ class KD3(Method):
         z_s = head.classifier(g.mean(dim=(2, 3)))                           # (B, K) through frozen W_T
         w = losses.instance_weights(z_s, t_out.logits)                      # (B,) in [0.5, 1), no grad
         out = {"loss_feat": w * losses.feature_alignment_loss(g, f_t)}
+        if self.kd_weight > 0:
+            out["loss_kd"] = self.kd_weight * losses.kd_loss(z_s, t_out.logits, self.kd_temperature)
         if self.mixdist and self.gamma > 0:
             x_mix = losses.mix_distribution(x, batch["generator"], alpha=self.mix_alpha)
             s_mix = student(x_mix)
