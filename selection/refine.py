@@ -184,13 +184,15 @@ class Refinement:
 
 def refine_labels(features: np.ndarray, query_labels: np.ndarray, train_mask: np.ndarray, val_mask: np.ndarray,
                   num_classes: int, cfg: RefineConfig | None = None, val_labels: np.ndarray | None = None,
-                  seed: int = 0) -> Refinement:
+                  seed: int = 0, teacher: Probe | None = None) -> Refinement:
     """One PLL two-hot round on frozen features.
 
     features (N, D) frozen teacher embeddings; query_labels (N,) noisy labels (-1 off-class);
     train_mask / val_mask (N,) bool; val_labels (N,) labels scored on validation (default: the
     query labels, the only labels a web pool has). Returns refined labels for every row with a
     query label (all rows with `cfg.label_off_class`), the teacher pair and the agreement flag.
+    `teacher`: an already fitted CE probe W_0 on the same rows (skips step 1; its feature scaling
+    is reused).
     """
     cfg = cfg or RefineConfig()
     q_lab = np.asarray(query_labels, np.int64)
@@ -204,11 +206,12 @@ def refine_labels(features: np.ndarray, query_labels: np.ndarray, train_mask: np
     val_rows = np.flatnonzero(np.asarray(val_mask, bool) & (val_labels >= 0))
     if len(val_rows) == 0:
         log.warning("refine: no labelled validation rows; the probes keep their last epoch")
-    scaling = feature_scaling(features, train_rows, cfg.features)
+    scaling = (teacher.mean, teacher.scale) if teacher is not None else feature_scaling(features, train_rows, cfg.features)
     common = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, lr_decay=cfg.lr_decay,
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, q=cfg.q, scaling=scaling, seed=seed)
-    teacher = fit_linear_probe(features, q_lab, train_rows, val_rows, val_labels, num_classes, "ce",
-                               desc="refine: teacher probe", **common)
+    if teacher is None:
+        teacher = fit_linear_probe(features, q_lab, train_rows, val_rows, val_labels, num_classes, "ce",
+                                   desc="refine: teacher probe", **common)
     pair = top2(teacher.logits(features))                                      # (N, 2)
     student = fit_linear_probe(features, pair, train_rows, val_rows, val_labels, num_classes, cfg.loss,
                                init=teacher.weight if cfg.init == "teacher" else None,

@@ -67,6 +67,11 @@ def test_refinement_recovers_labels_under_60pct_noise(fmnist_noisy):
     np.testing.assert_array_equal(res.agree, (res.pair == noisy[:, None]).any(1))
     assert (res.pair[:, 0] != res.pair[:, 1]).all()
     assert float((res.pair[tr] == y[tr, None]).any(1).mean()) > refined_acc - 0.05
+    # a given teacher probe W_0 is reused as is (the benchmark shares it between loss forms)
+    again = refine_labels(x, noisy, train, val, 10, RefineConfig(epochs=30), val_labels=y, teacher=res.teacher)
+    assert again.teacher is res.teacher
+    np.testing.assert_array_equal(again.pair, res.pair)
+    np.testing.assert_array_equal(again.refined_label, res.refined_label)
 
 
 def test_off_class_rows_and_disagreement_filter(fmnist_noisy):

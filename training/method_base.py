@@ -6,7 +6,8 @@ per-family modules (`training/rld.py`, `training/pll.py`, `training/mixskd.py`,
 
 Every method has one signature, `forward(batch, student, teachers, progress) -> dict` whose
 `loss_*` entries are per-sample `(B,)` tensors; the loop sums them and applies selection
-weights in one place. See `training/methods.py` for the batch keys.
+weights in one place; other entries (UNIC's `teacher_losses`, `teacher_flags`) are diagnostics
+the loop ignores. See `training/methods.py` for the batch keys.
 """
 from __future__ import annotations
 
