@@ -163,6 +163,10 @@ class SelectionConfig(_Section):
     query_top2: bool = Field(False, description="reject when the web query class is outside the teacher top-2")
     knn: KnnConfig = Field(default_factory=KnnConfig)
     fallback: Literal["previous", "all"] = Field("previous", description="on an empty selection")
+    reject_weight: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="[project] soft selection: images rejected by the confidence rules (not validation, "
+                    "near-duplicate or override rejections) still train with this weight; 0 = KD^3's hard selection")
 
 
 class TrainConfig(_Section):

@@ -30,6 +30,9 @@ from training.methods import Method
 
 log = logging.getLogger(__name__)
 
+# rejections a soft selection (selection.reject_weight > 0) still trains on, down-weighted
+SOFT_REJECTIONS = ["below_class_threshold", "low_confidence", "knn_disagree", "off_class"]
+
 
 @dataclass
 class Pool:
@@ -232,7 +235,12 @@ def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: n
     if overrides:  # forced keep / forced reject, reason "override" (validation rows untouched)
         sel.keep, sel.reason = apply_overrides(sel.keep, sel.reason, pool.ids, overrides)
         sel.weight = np.where(sel.keep, np.maximum(sel.weight, 1.0), 0.0).astype(np.float32)
-    return sel, sel.keep & (pool.split == "train")
+    train = sel.keep & (pool.split == "train")
+    if cfg.reject_weight > 0:  # soft selection: confidence rejections still count, down-weighted
+        soft = ~sel.keep & (pool.split == "train") & np.isin(sel.reason, SOFT_REJECTIONS)
+        sel.weight = np.where(soft, np.float32(cfg.reject_weight), sel.weight).astype(np.float32)
+        train |= soft
+    return sel, train
 
 
 def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Pool, train_cfg: TrainConfig,
