@@ -351,7 +351,7 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None)
         features(cfg, teachers=teachers)
         index(cfg)
     pool = build_pool(cfg)
-    sample = torch.from_numpy(np.ascontiguousarray(pool.pixels[:8])).permute(0, 3, 1, 2).float() / 255
+    sample = torch.from_numpy(np.array(pool.pixels[:8])).permute(0, 3, 1, 2).float() / 255
     teacher_models = [m for _, m, _ in teachers]
     student, method = build_student_and_method(cfg, teacher_models, sample)
     result = fit(student, teacher_models, method, pool, cfg.train, cfg.selection, out, seed=cfg.seed,

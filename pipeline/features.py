@@ -232,7 +232,7 @@ def _batches(pixels: np.ndarray, start: int, batch_size: int, device: "torch.dev
     pin = device.type == "cuda"
 
     def load(i: int) -> "torch.Tensor":
-        t = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size]))
+        t = torch.from_numpy(np.array(pixels[i:i + batch_size]))   # a writable copy out of the memory map
         return t.pin_memory() if pin else t
 
     starts = list(range(start, len(pixels), batch_size))
