@@ -37,20 +37,31 @@ from pipeline.config import load_config  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "fashion_web"
 
+KD3P = "train.method_args={kd_weight: 1.0}"
 ROWS = {
     # name: (label, overrides)
     "kd_fmnist": ("KD on original FMNIST train (upper bound)",
                   ["train.method=kd", "selection.mode=none"]),
     "kd": ("vanilla KD, whole web pool", ["train.method=kd", "selection.mode=none"]),
-    "kd3": ("KD^3 full", ["train.method=kd3", "selection.mode=kd3"]),
+    "kd3": ("KD^3 full (paper: selection + feature alignment + MixDistribution)",
+            ["train.method=kd3", "selection.mode=kd3"]),
     "kd3_nosel": ("KD^3 without selection", ["train.method=kd3", "selection.mode=none"]),
     "kd3_nomd": ("KD^3 without MixDistribution", ["train.method=kd3", "selection.mode=kd3",
                                                    "train.method_args={mixdist: false}"]),
     "ce": ("CE on web query labels", ["train.method=ce", "selection.mode=none"]),
-    # ablations (not in the default --rows)
+    # [project] KD^3 with a logit-KD term on the shared-classifier logits (methods.md §7 combinations)
+    "kd3p": ("KD^3 + logit KD [project]", ["train.method=kd3", "selection.mode=kd3", KD3P]),
+    "kd3p_nosel": ("KD^3 + logit KD, without selection", ["train.method=kd3", "selection.mode=none", KD3P]),
+    "kd3p_nomd": ("KD^3 + logit KD, without selection and MixDistribution",
+                  ["train.method=kd3", "selection.mode=none", "train.method_args={kd_weight: 1.0, mixdist: false}"]),
+    # further ablations (not in the default --rows)
+    "kd3p_soft": ("KD^3 + logit KD, soft selection (rejected weight 0.3)",
+                  ["train.method=kd3", "selection.mode=kd3", "selection.reject_weight=0.3", KD3P]),
+    "kd3p_teacher": ("KD^3 + logit KD, teacher-only selection",
+                     ["train.method=kd3", "selection.mode=teacher", KD3P]),
     "kd_sel": ("vanilla KD with KD^3 selection", ["train.method=kd", "selection.mode=kd3"]),
 }
-DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce"]
+DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce", "kd3p", "kd3p_nosel", "kd3p_nomd"]
 CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pixels", "features", "index", "test"]
 
 
@@ -86,7 +97,7 @@ def clone_curated(base: Path, run_dir: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--pacs", type=int, default=1500, help="PACS images in the pool (off-class noise)")
@@ -123,7 +134,8 @@ def main() -> None:
                               [f"seed={seed}", f"run_dir={run_dir}"])
             t0 = time.time()
             res = stages.distill(cfg)
-            rec = {"seed": seed, "test_acc": res.test_acc, "val_acc": res.val_acc, "teacher_test_acc": res.teacher_test_acc,
+            rec = {"seed": seed, "test_acc": res.test_acc, "val_acc": res.val_acc, "val_agreement": res.val_agreement,
+                   "teacher_test_acc": res.teacher_test_acc,
                    "teacher_val_acc": res.teacher_val_acc, "kept": res.kept, "candidates": res.candidates,
                    "best_epoch": res.best_epoch, "seconds": time.time() - t0, "parameters": res.parameters}
             results[row].append(rec)
@@ -136,13 +148,14 @@ def main() -> None:
         return f"{100 * v.mean():.2f} ± {100 * v.std(ddof=1 if len(v) > 1 else 0):.2f}" if len(v) else "-"
 
     print()
-    print(f"| row | FMNIST test acc (%) | web val acc (%) | kept / candidates (last epoch) | min per run |")
-    print(f"|---|---|---|---|---|")
+    print("| row | FMNIST test acc (%) | web val: agreement with teacher (%) | web val: query acc (%) | "
+          "kept / candidates (last epoch) | min per run |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         rs = results[row]
         kept = f"{np.mean([r['kept'] for r in rs]):.0f} / {np.mean([r['candidates'] for r in rs]):.0f}"
-        print(f"| {ROWS[row][0]} | {ms([r['test_acc'] for r in rs])} | {ms([r['val_acc'] for r in rs])} | {kept} | "
-              f"{np.mean([r['seconds'] for r in rs]) / 60:.1f} |")
+        print(f"| {ROWS[row][0]} | {ms([r['test_acc'] for r in rs])} | {ms([r['val_agreement'] for r in rs])} | "
+              f"{ms([r['val_acc'] for r in rs])} | {kept} | {np.mean([r['seconds'] for r in rs]) / 60:.1f} |")
     any_run = next(r for rs in results.values() for r in rs)
     print(f"\nteacher: FMNIST test {100 * teacher_metrics['test_acc']:.2f}%, web val {100 * (any_run['teacher_val_acc'] or 0):.2f}%;"
           f" student parameters {any_run['parameters']:,}; seeds {args.seeds}; epochs {args.epochs}; "
