@@ -261,8 +261,8 @@ def perceptual_vectors(pixels: np.ndarray, side: int = 16) -> np.ndarray:
     pool /= pool.sum(1, keepdims=True)
     block = max(1, 2 ** 24 // (s * s * 3))                                  # ~64 MB of float32 per block
     for start in range(0, n, block):
-        x = np.asarray(pixels[start:start + block], np.float32)            # (B, S, S, 3)
-        t = np.einsum("is,bstc,jt->bcij", pool, x, pool)                    # (B, 3, side, side)
+        x = np.asarray(pixels[start:start + block], np.float32).transpose(0, 3, 1, 2)  # (B, 3, S, S)
+        t = pool @ x @ pool.T                                                # (B, 3, side, side)
         t = t.reshape(len(x), -1)
         t -= t.mean(1, keepdims=True)
         t /= t.std(1, keepdims=True) + 1e-6
