@@ -86,7 +86,7 @@ def file_signature(path: str | Path | None) -> Any:
 def listing_digest(cfg: Config) -> str:
     """Hash of what the sources list now (uri, label, size, mtime, offset; no image bytes read):
     a new file, shard or manifest row changes it."""
-    from pipeline.ingest import iter_source
+    from pipeline.sources import iter_source
 
     h = hashlib.sha256()
     notes: Counter = Counter()
