@@ -60,3 +60,13 @@ def test_resolved_config_written_and_reloads(tmp_path):
     again = load_config(path)
     assert again == cfg
     assert not list((tmp_path / "run").glob(".*"))  # no temp files left behind
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parent.parent / "flows" / "configs").glob("*.yaml"))
+    assert len(configs) >= 2
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.data.classes and cfg.teachers, path
