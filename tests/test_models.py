@@ -1,6 +1,7 @@
-"""training/models.py: the Outputs contract over the registry, preprocessing numerics and ONNX,
-checkpoints (safetensors / torch, weights_only), open_clip zero-shot teachers, frozen teachers,
-fingerprints. Real images from the shared data; tiny or small models only."""
+"""training/models.py, archs.py and zero_shot.py: the Outputs contract over the registry,
+preprocessing numerics and ONNX, checkpoints (safetensors / torch, weights_only), open_clip
+zero-shot teachers, frozen teachers, fingerprints. Real images from the shared data; tiny or
+small models only."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,8 @@ from PIL import Image
 
 from pipeline.config import ModelSpec, PreprocessSpec
 from training import models as M
+from training.archs import ARCHS
+from training.zero_shot import OpenClipZeroShot
 
 GREY = dict(channels=1, mean=[0.5], std=[0.5])
 
@@ -75,7 +78,7 @@ def _check_outputs(model: nn.Module, x: torch.Tensor, k: int) -> M.Outputs:
     return out
 
 
-@pytest.mark.parametrize("arch", sorted(M.ARCHS))
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("size", [28, 32])
 def test_project_archs_outputs_contract(arch, size, real28, real32):
     x = real28 if size == 28 else real32
@@ -92,7 +95,7 @@ def test_project_archs_outputs_contract(arch, size, real28, real32):
 
 
 def test_project_arch_sizes():
-    n = {a: M.count_parameters(M.build_model(ModelSpec(name=a), num_classes=10)) for a in M.ARCHS}
+    n = {a: M.count_parameters(M.build_model(ModelSpec(name=a), num_classes=10)) for a in ARCHS}
     assert n["cnn_tiny"] < 5_000
     assert 80_000 <= n["cnn_small"] <= 150_000
     fm = M.count_parameters(M.build_model(ModelSpec(name="cnn_fmnist", preprocess=PreprocessSpec(size=28, **GREY)), 10))
@@ -309,7 +312,7 @@ def tiny_clip_config(tmp_path_factory) -> str:
 def test_open_clip_random_init_offline(tiny_clip_config, real28):
     spec = ModelSpec(library="open_clip", name=tiny_clip_config, pretrained=None)
     model = M.build_model(spec, num_classes=3, class_names=CLASSES)
-    assert isinstance(model, M.OpenClipZeroShot)
+    assert isinstance(model, OpenClipZeroShot)
     assert model.preprocess.spec.size == 32 and model.preprocess.spec.mean[0] == pytest.approx(0.48145466)
     out = _check_outputs(model, real28, 3)
     torch.testing.assert_close(out.embedding.norm(dim=-1), torch.ones(len(real28)))
