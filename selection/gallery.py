@@ -15,28 +15,30 @@ with `<`, `>`, `&` and all non-ASCII escaped (so no `</script>` and no U+2028 ca
 and the page builds its DOM with `textContent` / attributes only; a Content-Security-Policy
 without 'unsafe-inline' blocks inline handlers as a second line of defence.
 
-Thumbnails are made once per content id (ids are content hashes, so a thumbnail never goes
-stale) from the pixel cache when present, else by decoding the original with
-`pipeline.ingest.load_rgb`; a re-render only makes thumbnails for new ids.
+The static parts are real files shipped as package data in `selection/gallery_assets/`
+(`index.html` template, `style.css` inlined into it, `app.js` copied beside it), read with
+`importlib.resources`, so an installed (non-editable) package finds them too.
+
+Thumbnails (`selection.thumbnails`) are made once per content id (ids are content hashes, so a
+thumbnail never goes stale) from the pixel cache when present, else by decoding the original
+with `pipeline.ingest.load_rgb`; a re-render only makes thumbnails for new ids.
 
 Which decision a tile shows: each image's newest ledger row (its row in the newest
 `selection/epoch_<k>.parquet` that has it); its history lists every epoch's decision.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import html
 import json
 import logging
 import math
-import os
 import re
-import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,14 +46,13 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from PIL import Image
-from tqdm import tqdm
 
 from pipeline.config import RunPaths
 from pipeline.records import REASONS as RECORD_REASONS
-from pipeline.records import load_manifest, load_quarantine
-from pipeline.storage import atomic_path, atomic_write_text, read_json
+from pipeline.records import load_quarantine
+from pipeline.storage import atomic_write_text
 from selection.overrides import load_overrides
+from selection.thumbnails import ThumbIndex, build_thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,6 @@ REASONS: dict[str, tuple[str, str]] = {
 }
 CHUNK_ROWS = 10_000
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.parquet$")
-_PIXELS_RE = re.compile(r"^rgb(\d+)_([A-Za-z]+)\.npy$")
 _NAN = float("nan")
 # Ledger columns the page reads, with the value used when an (older) ledger lacks one.
 _LEDGER_DEFAULTS: dict[str, Any] = {
@@ -80,7 +80,6 @@ _LEDGER_DEFAULTS: dict[str, Any] = {
     "web_label": None, "web_class": -1, "knn_agree": _NAN,
 }
 _LEDGER_REQUIRED = ("id", "kept", "reason")
-_PLACEHOLDER = (205, 205, 205)   # grey thumbnail for an image that can no longer be read
 
 
 class GalleryError(ValueError):
@@ -359,223 +358,17 @@ def summarize_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> 
 
 
 # ============================================================================================
-# thumbnails: sprite sheets, made once per content id
-# ============================================================================================
-@dataclass
-class ThumbIndex:
-    """Where each id's thumbnail sits: slot k is sheet k // per_sheet, cell k % per_sheet."""
-
-    dir: Path
-    thumb_size: int
-    per_sheet: int
-    ids: list[str] = field(default_factory=list)
-    generated: int = 0          # made by the last build_thumbnails call
-    failed: int = 0             # of those, placeholders for unreadable images
-
-    @property
-    def cols(self) -> int:
-        return math.ceil(math.sqrt(self.per_sheet))
-
-    @property
-    def sheet_rows(self) -> int:
-        return math.ceil(self.per_sheet / self.cols)
-
-    @property
-    def n_sheets(self) -> int:
-        return math.ceil(len(self.ids) / self.per_sheet)
-
-    @staticmethod
-    def sheet_name(k: int) -> str:
-        return f"sheet_{k:05d}.jpg"
-
-    def slots(self) -> dict[str, int]:
-        return {i: k for k, i in enumerate(self.ids)}
-
-    @property
-    def index_path(self) -> Path:
-        return self.dir / "index.json"
-
-    def save(self) -> None:
-        doc = {"version": 1, "thumb_size": self.thumb_size, "per_sheet": self.per_sheet, "ids": self.ids}
-        atomic_write_text(self.index_path, json.dumps(doc, separators=(",", ":")))
-
-    @classmethod
-    def load(cls, d: Path, thumb_size: int, per_sheet: int) -> "ThumbIndex":
-        """The cached index, or an empty one when missing, of another layout, or incomplete."""
-        empty = cls(dir=d, thumb_size=thumb_size, per_sheet=per_sheet)
-        raw = None
-        try:
-            raw = read_json(d / "index.json")
-        except (OSError, ValueError) as exc:
-            log.warning("%s: unreadable thumbnail index (%s); rebuilding", d, exc)
-        if not isinstance(raw, dict):
-            return empty
-        if raw.get("thumb_size") != thumb_size or raw.get("per_sheet") != per_sheet:
-            log.info("thumbnail cache %s has another layout; rebuilding", d)
-            return empty
-        ids = raw.get("ids")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            return empty
-        idx = cls(dir=d, thumb_size=thumb_size, per_sheet=per_sheet, ids=ids)
-        missing = [k for k in range(idx.n_sheets) if not (d / cls.sheet_name(k)).exists()]
-        if missing:
-            log.warning("thumbnail cache %s lacks %d sheet(s); rebuilding", d, len(missing))
-            return empty
-        return idx
-
-
-def _pixel_cache(paths: RunPaths) -> np.ndarray | None:
-    """The largest decoded pixel cache of the run (uint8 (N, S, S, 3), memory-mapped), if any."""
-    d = paths.root / "pixels"
-    best: tuple[int, Path] | None = None
-    for p in d.glob("rgb*_*.npy") if d.is_dir() else ():
-        m = _PIXELS_RE.match(p.name)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), p)
-    if best is None:
-        return None
-    try:
-        arr = np.load(best[1], mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        log.warning("%s: unreadable pixel cache (%s); decoding originals", best[1], exc)
-        return None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] != 3 or arr.shape[1] != arr.shape[2]:
-        log.warning("%s: not a uint8 (N, S, S, 3) pixel cache %s; decoding originals", best[1], arr.shape)
-        return None
-    return arr
-
-
-def _resize_batch(px: np.ndarray, size: int) -> np.ndarray:
-    """Square uint8 images (n, S, S, 3) -> (n, size, size, 3), bicubic (Pillow, per image)."""
-    if px.shape[1] == size:
-        return np.ascontiguousarray(px)
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(p)).resize(
-        (size, size), Image.Resampling.BICUBIC)) for p in px])
-
-
-def _square(img: Image.Image, size: int) -> np.ndarray:
-    """Whole image, aspect kept, centred on a light square: uint8 (size, size, 3)."""
-    img = img.convert("RGB")
-    img.thumbnail((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0)
-    canvas = Image.new("RGB", (size, size), (240, 240, 240))
-    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    return np.asarray(canvas)
-
-
-class _ThumbSource:
-    """Thumbnails for ids: pixel-cache rows when the cache covers them, else the originals."""
-
-    def __init__(self, paths: RunPaths, manifest_rows: dict[str, int], size: int) -> None:
-        self.paths, self.rows, self.size = paths, manifest_rows, size
-        self.cache = _pixel_cache(paths)
-        self._records: dict[str, Any] | None = None
-        self._lock = threading.Lock()
-        self.failed = 0
-
-    def _record(self, i: str) -> Any:
-        with self._lock:
-            if self._records is None:
-                self._records = {r.id: r for r in load_manifest(self.paths.manifest)}
-        return self._records.get(i)
-
-    def _from_file(self, i: str) -> np.ndarray:
-        from pipeline.ingest import load_rgb  # decoding lives in ingest (bomb guard, EXIF, modes)
-
-        rec = self._record(i)
-        if rec is None:
-            raise LookupError(f"{i[:12]} is not in the manifest")
-        return _square(load_rgb(rec), self.size)
-
-    def _one(self, i: str) -> np.ndarray:
-        try:
-            return self._from_file(i)
-        except Exception as exc:  # a vanished / changed file gets a placeholder, not a crash
-            with self._lock:
-                self.failed += 1
-            if self.failed <= 3:
-                log.warning("thumbnail for %s: %s: %s", i[:12], type(exc).__name__, exc)
-            return np.full((self.size, self.size, 3), _PLACEHOLDER, dtype=np.uint8)
-
-    def get(self, ids: Sequence[str], pool: concurrent.futures.Executor) -> np.ndarray:
-        """uint8 (len(ids), size, size, 3)."""
-        out = np.empty((len(ids), self.size, self.size, 3), dtype=np.uint8)   # (n, t, t, 3)
-        n_cache = 0 if self.cache is None else self.cache.shape[0]
-        rows = np.array([self.rows.get(i, -1) for i in ids], dtype=np.int64)
-        hit = (rows >= 0) & (rows < n_cache)
-        if hit.any():
-            out[hit] = _resize_batch(self.cache[rows[hit]], self.size)         # (h, S, S, 3) -> (h, t, t, 3)
-        todo = np.flatnonzero(~hit).tolist()
-        for k, arr in zip(todo, pool.map(self._one, [ids[k] for k in todo])):
-            out[k] = arr
-        return out
-
-
-def build_thumbnails(run_dir: str | Path, ids: Sequence[str], thumb_size: int = 64,
-                     per_sheet: int = 256) -> ThumbIndex:
-    """Make the thumbnails of `ids` that the run's cache lacks; return the (saved) index.
-
-    New thumbnails fill the last sheet, then new sheets. Sheets are built two at a time
-    (Pillow releases the GIL while resizing, decoding and encoding), each written
-    atomically; the index is saved as finished sheets come in, so a killed render keeps
-    most of its work and a re-render makes only what is missing.
-    """
-    paths = RunPaths(Path(run_dir))
-    d = paths.gallery_dir / f"thumbs{thumb_size}"
-    idx = ThumbIndex.load(d, thumb_size, per_sheet)
-    have = set(idx.ids)
-    new = [i for i in dict.fromkeys(ids) if i not in have]
-    idx.generated = idx.failed = 0
-    if not new:
-        return idx
-    rows = {}
-    if paths.manifest.exists():
-        rows = {i: r for r, i in enumerate(pq.read_table(paths.manifest, columns=["id"])["id"].to_pylist())}
-    src = _ThumbSource(paths, rows, thumb_size)
-    t, cols, srows = thumb_size, idx.cols, idx.sheet_rows
-    jobs: list[tuple[int, int, list[str]]] = []          # (sheet, first cell, ids)
-    pos, start = 0, len(idx.ids)
-    while pos < len(new):
-        sheet, cell0 = divmod(start + pos, per_sheet)
-        jobs.append((sheet, cell0, new[pos: pos + per_sheet - cell0]))
-        pos += len(jobs[-1][2])
-    d.mkdir(parents=True, exist_ok=True)
-
-    def make_sheet(job: tuple[int, int, list[str]], pool: concurrent.futures.Executor) -> None:
-        sheet, cell0, take = job
-        path = d / ThumbIndex.sheet_name(sheet)
-        if cell0 and path.exists():               # extend the partly filled last sheet
-            with Image.open(path) as im:
-                canvas = np.array(im.convert("RGB"))
-        else:
-            canvas = np.full((srows * t, cols * t, 3), 250, dtype=np.uint8)   # (H, W, 3)
-        thumbs = src.get(take, pool)                                            # (n, t, t, 3)
-        for k, th in enumerate(thumbs):
-            r, c = divmod(cell0 + k, cols)
-            canvas[r * t:(r + 1) * t, c * t:(c + 1) * t] = th
-        with atomic_path(path) as tmp:
-            Image.fromarray(canvas).save(tmp, format="JPEG", quality=85)
-
-    workers = min(8, 2 * (os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as decode_pool, \
-            concurrent.futures.ThreadPoolExecutor(2) as sheet_pool, \
-            tqdm(total=len(new), desc="thumbnails", unit="img", leave=False) as bar:
-        saved = time.perf_counter()
-        for job, _ in zip(jobs, sheet_pool.map(lambda j: make_sheet(j, decode_pool), jobs)):
-            idx.ids.extend(job[2])                # in slot order: map yields in job order
-            bar.update(len(job[2]))
-            if time.perf_counter() - saved > 5.0:
-                idx.save()
-                saved = time.perf_counter()
-    idx.save()
-    idx.generated, idx.failed = len(new), src.failed
-    if src.failed:
-        log.warning("%d of %d thumbnails are placeholders (image unreadable)", src.failed, len(new))
-    return idx
-
-
-# ============================================================================================
 # the page
 # ============================================================================================
+def page_asset(name: str) -> str:
+    """A static page part from `selection/gallery_assets/` (`index.html`, `style.css`, `app.js`).
+
+    Read through `importlib.resources` from the installed package (package data in
+    pyproject.toml), not from the source tree, so a wheel install renders the same page.
+    """
+    return (resources.files("selection") / "gallery_assets" / name).read_text(encoding="utf-8")
+
+
 def js_json(obj: Any) -> str:
     """JSON that is safe inside a <script> element or a .js file.
 
@@ -677,10 +470,10 @@ def render_gallery(run_dir: str | Path, classes: list[str] | None = None, thumb_
         "overrides_error": data.overrides_error,
     }
     atomic_write_text(gdir / "data" / "meta.js", "window.WEBKD_META = " + js_json(meta) + ";\n")
-    atomic_write_text(gdir / "app.js", _APP_JS)
+    atomic_write_text(gdir / "app.js", page_asset("app.js"))
     scripts = "\n".join(f'<script src="data/rows_{c:03d}.js?v={token}"></script>' for c in range(chunks))
-    page = (_INDEX.replace("{{TITLE}}", html.escape(paths.root.resolve().name, quote=True))
-            .replace("{{CSS}}", _CSS).replace("{{TOKEN}}", token).replace("{{SCRIPTS}}", scripts))
+    page = (page_asset("index.html").replace("{{TITLE}}", html.escape(paths.root.resolve().name, quote=True))
+            .replace("{{CSS}}", page_asset("style.css")).replace("{{TOKEN}}", token).replace("{{SCRIPTS}}", scripts))
     atomic_write_text(paths.gallery, page)
     for stale in (gdir / "data").glob("rows_*.js"):      # chunks of an earlier, larger render
         m = re.match(r"rows_(\d+)\.js$", stale.name)
@@ -689,521 +482,3 @@ def render_gallery(run_dir: str | Path, classes: list[str] | None = None, thumb_
     log.info("gallery: %d images, %d thumbnails made (%.1f s), page written in %.1f s: %s",
              data.n, tidx.generated, t_thumbs, time.perf_counter() - t0, paths.gallery)
     return paths.gallery
-
-
-# --------------------------------------------------------------------------------------------
-# static page parts (no data in them; the data comes from data/*.js)
-# --------------------------------------------------------------------------------------------
-_INDEX = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'self' file:; style-src 'self' file: 'unsafe-inline'; img-src 'self' file: blob: data:; connect-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'">
-<title>webkd gallery: {{TITLE}}</title>
-<style>{{CSS}}</style>
-</head>
-<body>
-<header>
-  <h1>webkd gallery: <span id="run-name">{{TITLE}}</span></h1>
-  <div id="run-info"></div>
-  <div id="warn" hidden></div>
-</header>
-<details id="summary" open><summary>Summary: kept / rejected per class</summary><div id="summary-body"></div></details>
-<section id="controls">
-  <label>View <select id="f-view"><option value="pseudo">by pseudo-label</option><option value="query">by web query</option></select></label>
-  <label>Class <select id="f-class"></select></label>
-  <label>Reason <select id="f-reason"></select></label>
-  <label>Score <input id="f-smin" type="number" min="0" max="1" step="0.01" value="0"> to
-    <input id="f-smax" type="number" min="0" max="1" step="0.01" value="1"></label>
-  <label>Search <input id="f-q" type="search" placeholder="id, file, label, caption"></label>
-  <label>Sort <select id="f-sort"><option value="desc">score high to low</option><option value="asc">score low to high</option></select></label>
-  <label><input id="f-group" type="checkbox" checked> group near-duplicates</label>
-  <label><input id="f-ovonly" type="checkbox"> only page overrides</label>
-  <button id="b-reset" type="button">Reset filters</button>
-</section>
-<nav id="tabs">
-  <button type="button" class="tab" data-tab="kept">Kept (<span id="n-kept">0</span>)</button>
-  <button type="button" class="tab" data-tab="rejected">Rejected (<span id="n-rejected">0</span>)</button>
-  <button type="button" class="tab" data-tab="all">All (<span id="n-all">0</span>)</button>
-</nav>
-<section id="actions">
-  <span>Showing <b id="n-shown">0</b> images in <span id="n-tiles">0</span> tiles</span>
-  <button id="b-accept-all" type="button">Accept all in filter</button>
-  <button id="b-reject-all" type="button">Reject all in filter</button>
-  <button id="b-clear-filter" type="button">Clear overrides in filter</button>
-  <span class="sep">Page overrides: <b id="n-ov">0</b></span>
-  <button id="b-export" type="button">Export overrides (JSON)</button>
-  <button id="b-clear-all" type="button">Clear all page overrides</button>
-</section>
-<div class="pager" id="pager-top"></div>
-<main id="grid"></main>
-<div class="pager" id="pager-bottom"></div>
-<footer>Apply exported overrides with <code>webkd override RUN_DIR overrides.json</code>; the next curate / refresh uses them.</footer>
-<noscript>This page needs JavaScript (no network access is used).</noscript>
-<script src="data/meta.js?v={{TOKEN}}"></script>
-{{SCRIPTS}}
-<script src="app.js?v={{TOKEN}}"></script>
-</body>
-</html>
-"""
-
-_CSS = """
-*{box-sizing:border-box}
-body{font:13px/1.35 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 14px 40px;color:#1d1d1f;background:#f6f6f4}
-h1{font-size:18px;margin:12px 0 2px}
-#run-info{color:#555}
-#warn{background:#fff3cd;border:1px solid #e0c060;padding:4px 8px;margin:6px 0}
-details#summary{margin:8px 0;background:#fff;border:1px solid #ddd;border-radius:4px;padding:4px 8px}
-details#summary summary{cursor:pointer;font-weight:600}
-.sumwrap{display:flex;flex-wrap:wrap;gap:18px;max-height:320px;overflow:auto}
-table.sum{border-collapse:collapse;font-size:12px}
-table.sum th,table.sum td{padding:2px 8px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
-table.sum th:first-child,table.sum th:last-child,table.sum td:first-child,table.sum td.why{text-align:left}
-table.sum td:first-child{max-width:220px;overflow:hidden;text-overflow:ellipsis}
-table.sum a{color:#1a55a0;cursor:pointer;text-decoration:underline}
-#controls{display:flex;flex-wrap:wrap;gap:6px 14px;align-items:center;padding:8px 0;position:sticky;top:0;background:#f6f6f4;z-index:3;border-bottom:1px solid #ddd}
-#controls input[type=number]{width:64px}
-#controls select{max-width:240px}
-#tabs{margin:8px 0 4px}
-.tab{padding:4px 14px;border:1px solid #bbb;background:#fff;border-radius:4px 4px 0 0;cursor:pointer}
-.tab.active{background:#1d1d1f;color:#fff;border-color:#1d1d1f}
-#actions{display:flex;flex-wrap:wrap;gap:6px 10px;align-items:center;margin:4px 0}
-#actions .sep{margin-left:14px}
-.pager{display:flex;gap:8px;align-items:center;margin:6px 0}
-#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:8px}
-.tile{background:#fff;border:1px solid #ddd;border-left:5px solid #2a9d6a;border-radius:4px;padding:6px;min-width:0}
-.tile.rejected{border-left-color:#c8453c}
-.tile.ov-accept{box-shadow:0 0 0 2px #2a9d6a}
-.tile.ov-reject{box-shadow:0 0 0 2px #c8453c}
-.top{display:flex;gap:8px}
-.thumb{flex:none;background-color:#ddd;background-repeat:no-repeat;border-radius:2px}
-.thumb.missing{background:repeating-linear-gradient(45deg,#ddd,#ddd 4px,#eee 4px,#eee 8px)}
-.info{min-width:0;flex:1}
-.line{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.score{font-weight:600}
-.badge{display:inline-block;padding:0 5px;border-radius:3px;background:#e4efe9;color:#175c3c;font-size:11px}
-.rejected .badge{background:#f6e1df;color:#8a2a23}
-.muted{color:#666}
-.hist{margin-top:3px;display:flex;flex-wrap:wrap;gap:2px}
-.chip{font:10px/14px ui-monospace,monospace;padding:0 3px;border-radius:2px;background:#e4efe9;color:#175c3c}
-.chip.r{background:#f6e1df;color:#8a2a23}
-.ovbar{display:flex;gap:6px;align-items:center;margin-top:4px}
-.ovbar button{font-size:11px;padding:1px 8px;cursor:pointer;border:1px solid #bbb;background:#fff;border-radius:3px}
-.ovbar button.on.acc{background:#2a9d6a;color:#fff;border-color:#2a9d6a}
-.ovbar button.on.rej{background:#c8453c;color:#fff;border-color:#c8453c}
-.ovstate{font-size:11px;font-weight:600}
-.group{display:flex;flex-wrap:wrap;gap:4px;margin-top:4px;padding-top:4px;border-top:1px dashed #ccc}
-.member{font-size:10px;max-width:70px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.empty{padding:30px;color:#666}
-footer{margin-top:14px;color:#666}
-"""
-
-_APP_JS = r"""/* webkd gallery. Vanilla JS, no network. Every string from the data reaches the DOM through
-   textContent or element attributes, never through the HTML parser. */
-"use strict";
-(function () {
-  const M = window.WEBKD_META;
-  const CH = window.WEBKD_CHUNKS || [];
-  const $ = (id) => document.getElementById(id);
-  function el(tag, cls, text) {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    return e;
-  }
-
-  // ---- data: columns concatenated over the chunks ----
-  const D = {};
-  for (const k of M.columns) D[k] = [];
-  for (const ch of CH) for (const k of M.columns) D[k] = D[k].concat(ch[k]);
-  const N = D.id ? D.id.length : 0;
-  const byId = new Map();
-  for (let i = 0; i < N; i++) byId.set(D.id[i], i);
-  const R = M.reasons, RI = M.reason_info;
-  const className = (k) => (k >= 0 && k < M.classes.length) ? M.classes[k] : (k < 0 ? "(none)" : "class " + k);
-  const webName = (w) => (w >= 0 ? M.web_labels[w] : "(none)");
-  const members = new Map();             // representative index -> member indices (in the ledger)
-  for (let i = 0; i < N; i++) {
-    const d = D.dup[i];
-    if (d === null || !byId.has(d)) continue;
-    const r = byId.get(d);
-    if (!members.has(r)) members.set(r, []);
-    members.get(r).push(i);
-  }
-  const extras = new Map();              // representative id -> extra (not in ledger) positions
-  for (let j = 0; j < M.extra.id.length; j++) {
-    const rep = M.extra.rep[j];
-    if (!extras.has(rep)) extras.set(rep, []);
-    extras.get(rep).push(j);
-  }
-
-  // ---- state ----
-  const DEFAULTS = {view: "pseudo", cls: "*", tab: "kept", reason: "*", smin: 0, smax: 1, q: "",
-                    group: true, ovOnly: false, sort: "desc", page: 0};
-  const S = Object.assign({}, DEFAULTS);
-  let LIST = [], TILES = [];
-
-  // ---- overrides made on this page (memory + localStorage) ----
-  const LSKEY = "webkd-overrides:" + M.run.key;
-  const OV = new Map();                  // id -> {action, time}
-  const storedAction = (i) => (D.so[i] === 1 ? "accept" : D.so[i] === 2 ? "reject" : null);
-  function loadOV() {
-    try {
-      const raw = window.localStorage ? window.localStorage.getItem(LSKEY) : null;
-      if (!raw) return;
-      const o = JSON.parse(raw);
-      for (const id of Object.keys(o)) {
-        const e = o[id];
-        if (!e || (e.action !== "accept" && e.action !== "reject")) continue;
-        const i = byId.get(id);
-        if (i !== undefined && storedAction(i) === e.action) continue;   // already in the store
-        OV.set(id, {action: e.action, time: String(e.time || "")});
-      }
-    } catch (err) { console.warn("webkd: cannot read saved overrides", err); }
-  }
-  function saveOV() {
-    try {
-      if (window.localStorage) window.localStorage.setItem(LSKEY, JSON.stringify(Object.fromEntries(OV)));
-    } catch (err) { /* private mode, quota: the in-memory copy still works */ }
-    $("n-ov").textContent = String(OV.size);
-  }
-  function setOV(id, action) {
-    if (action) OV.set(id, {action: action, time: new Date().toISOString()}); else OV.delete(id);
-  }
-  function exportOV() {
-    const entries = {};
-    for (const [id, e] of OV) entries[id] = {action: e.action, note: "gallery", time: e.time};
-    const text = JSON.stringify({version: 1, entries: entries}, null, 2) + "\n";
-    const a = document.createElement("a");
-    a.href = URL.createObjectURL(new Blob([text], {type: "application/json"}));
-    a.download = "overrides.json";
-    document.body.appendChild(a);
-    a.click();
-    setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 2000);
-  }
-
-  // ---- filtering ----
-  const classKey = (i) => (S.view === "pseudo" ? D.pl[i] : D.wl[i]);
-  function textHit(i, q) {
-    const parts = [D.id[i], D.uri[i], D.cap[i], D.url[i], webName(D.wl[i]), className(D.pl[i])];
-    for (const p of parts) if (p && String(p).toLowerCase().indexOf(q) >= 0) return true;
-    return false;
-  }
-  function pass(i, skip) {
-    if (skip !== "class" && S.cls !== "*" && classKey(i) !== S.cls) return false;
-    if (skip !== "reason" && S.reason !== "*" && D.reason[i] !== S.reason) return false;
-    if (skip !== "tab") {
-      if (S.tab === "kept" && !D.kept[i]) return false;
-      if (S.tab === "rejected" && D.kept[i]) return false;
-    }
-    const c = D.conf[i];
-    if (c === null) { if (S.smin > 0 || S.smax < 1) return false; }
-    else if (c < S.smin || c > S.smax) return false;
-    if (S.ovOnly && !OV.has(D.id[i])) return false;
-    if (S.q && !textHit(i, S.q)) return false;
-    return true;
-  }
-  function classOptions() {
-    const keys = new Set();
-    for (let i = 0; i < N; i++) keys.add(classKey(i));
-    const arr = Array.from(keys);
-    if (S.view === "pseudo") arr.sort((a, b) => a - b);
-    else arr.sort((a, b) => webName(a).localeCompare(webName(b)));
-    const sel = $("f-class");
-    sel.replaceChildren();
-    const all = el("option", null, "all classes"); all.value = "*"; sel.appendChild(all);
-    for (const k of arr) {
-      const o = el("option", null, S.view === "pseudo" ? className(k) : webName(k));
-      o.value = String(k); o.dataset.name = o.textContent; sel.appendChild(o);
-    }
-    sel.value = S.cls === "*" ? "*" : String(S.cls);
-  }
-  function reasonOptions() {
-    const sel = $("f-reason");
-    const all = el("option", null, "all reasons"); all.value = "*"; sel.appendChild(all);
-    R.forEach((r, k) => {
-      const o = el("option", null, r); o.value = String(k); o.dataset.name = r;
-      o.title = RI[r] ? RI[r][1] : r; sel.appendChild(o);
-    });
-  }
-  function update() {
-    let nk = 0, nr = 0;
-    const cc = new Map(), rc = new Map(), list = [];
-    for (let i = 0; i < N; i++) {
-      if (pass(i, "tab")) { if (D.kept[i]) nk++; else nr++; }
-      if (pass(i, "class")) { const k = classKey(i); cc.set(k, (cc.get(k) || 0) + 1); }
-      if (pass(i, "reason")) rc.set(D.reason[i], (rc.get(D.reason[i]) || 0) + 1);
-      if (pass(i, null)) list.push(i);
-    }
-    $("n-kept").textContent = String(nk);
-    $("n-rejected").textContent = String(nr);
-    $("n-all").textContent = String(nk + nr);
-    let tc = 0;
-    for (const o of $("f-class").options) {
-      if (o.value === "*") continue;
-      const n = cc.get(Number(o.value)) || 0; tc += n;
-      o.textContent = o.dataset.name + " (" + n + ")";
-    }
-    $("f-class").options[0].textContent = "all classes (" + tc + ")";
-    let tr = 0;
-    for (const o of $("f-reason").options) {
-      if (o.value === "*") continue;
-      const n = rc.get(Number(o.value)) || 0; tr += n;
-      o.textContent = o.dataset.name + " (" + n + ")";
-    }
-    $("f-reason").options[0].textContent = "all reasons (" + tr + ")";
-    const sgn = S.sort === "asc" ? 1 : -1;
-    list.sort((a, b) => {
-      const ca = D.conf[a] === null ? -1 : D.conf[a], cb = D.conf[b] === null ? -1 : D.conf[b];
-      return ca !== cb ? sgn * (ca - cb) : (D.id[a] < D.id[b] ? -1 : 1);
-    });
-    let tiles = list;
-    if (S.group) {
-      const inList = new Set(list);
-      tiles = list.filter((i) => {
-        const d = D.dup[i];
-        if (d === null) return true;
-        const r = byId.get(d);
-        return r === undefined || !inList.has(r);
-      });
-    }
-    LIST = list; TILES = tiles;
-    $("n-shown").textContent = String(list.length);
-    $("n-tiles").textContent = String(tiles.length);
-    for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === S.tab);
-    const pages = Math.max(1, Math.ceil(tiles.length / M.page_size));
-    S.page = Math.min(Math.max(0, S.page), pages - 1);
-    renderPage(pages);
-  }
-
-  // ---- tiles ----
-  function fmt(p, d) { return (p === null || p === undefined) ? "-" : Number(p).toFixed(d === undefined ? 2 : d); }
-  function thumb(g) {
-    const T = M.thumbs, d = el("div", "thumb");
-    d.style.width = d.style.height = T.size + "px";
-    if (g === null || g < 0 || g === undefined) { d.classList.add("missing"); return d; }
-    const s = Math.floor(g / T.per_sheet), j = g % T.per_sheet;
-    d.style.backgroundImage = 'url("' + T.dir + "/" + T.sheets[s] + '")';
-    d.style.backgroundPosition = (-(j % T.cols) * T.size) + "px " + (-Math.floor(j / T.cols) * T.size) + "px";
-    return d;
-  }
-  function line(cls, label, text, title) {
-    const d = el("div", "line " + cls);
-    if (label) d.appendChild(el("span", "muted", label + " "));
-    d.appendChild(el("span", "v", text));
-    d.title = title !== undefined ? String(title) : String(text);
-    return d;
-  }
-  function baseName(u) {
-    if (!u) return "-";
-    const s = String(u), k = Math.max(s.lastIndexOf("/"), s.lastIndexOf("\\"));
-    return k >= 0 ? s.slice(k + 1) : s;
-  }
-  function ovState(t, id, i) {
-    const e = OV.get(id), st = storedAction(i);
-    t.classList.toggle("ov-accept", !!e && e.action === "accept");
-    t.classList.toggle("ov-reject", !!e && e.action === "reject");
-    t.querySelector("button.acc").classList.toggle("on", !!e && e.action === "accept");
-    t.querySelector("button.rej").classList.toggle("on", !!e && e.action === "reject");
-    const s = t.querySelector(".ovstate");
-    s.textContent = e ? "page: " + e.action : (st ? "stored: " + st : "");
-  }
-  function history(i) {
-    const h = D.h[i], box = el("div", "hist f-hist");
-    for (let k = 0; k + 2 < h.length; k += 3) {
-      const e = h[k], kept = h[k + 1], r = R[h[k + 2]];
-      const tag = RI[r] ? RI[r][0] : r;
-      const c = el("span", "chip " + (kept ? "k" : "r"), e + (kept ? "\u2713" : "\u2717") + tag);
-      c.title = "epoch " + e + ": " + (kept ? "kept" : "rejected") + " (" + r + ")";
-      box.appendChild(c);
-    }
-    return box;
-  }
-  function groupStrip(i, box) {
-    const strip = el("div", "group");
-    for (const m of members.get(i) || []) {
-      const w = el("div", "member");
-      w.appendChild(thumb(D.g[m]));
-      w.appendChild(el("div", "line", R[D.reason[m]]));
-      w.title = D.id[m] + "\n" + (D.uri[m] || "") + "\n" + (D.kept[m] ? "kept" : "rejected") + " (" + R[D.reason[m]] + ")";
-      strip.appendChild(w);
-    }
-    for (const j of extras.get(D.id[i]) || []) {
-      const w = el("div", "member");
-      w.appendChild(thumb(M.extra.g[j]));
-      w.appendChild(el("div", "line", "no ledger row"));
-      w.title = M.extra.id[j] + "\n" + (M.extra.uri[j] || "");
-      strip.appendChild(w);
-    }
-    box.appendChild(strip);
-  }
-  function tile(i) {
-    const id = D.id[i], kept = !!D.kept[i], r = R[D.reason[i]];
-    const t = el("article", "tile " + (kept ? "kept" : "rejected"));
-    t.dataset.id = id;
-    const top = el("div", "top");
-    top.appendChild(thumb(D.g[i]));
-    const info = el("div", "info");
-    const head = el("div", "line");
-    head.appendChild(el("span", "score f-score", fmt(D.conf[i], 3)));
-    head.appendChild(document.createTextNode(" "));
-    const b = el("span", "badge f-reason", r); b.title = RI[r] ? RI[r][1] : r; head.appendChild(b);
-    head.appendChild(el("span", "muted f-weight", " w " + fmt(D.weight[i])));
-    if (D.val[i]) head.appendChild(el("span", "muted", " val"));
-    info.appendChild(head);
-    info.appendChild(line("f-web", "web:", webName(D.wl[i])));
-    info.appendChild(line("f-file", "file:", baseName(D.uri[i]), D.uri[i] || ""));
-    info.appendChild(line("f-pl", "pseudo:", className(D.pl[i]) + " (thr " + fmt(D.thr[i]) + ")"));
-    info.appendChild(line("f-student", "student:", D.sp[i] < 0 ? "-" : className(D.sp[i]) + " " + fmt(D.sc[i])));
-    top.appendChild(info);
-    t.appendChild(top);
-    t.appendChild(line("f-teacher", "teacher:", className(D.t1[i]) + " " + fmt(D.p1[i]) + " \u00b7 " +
-                       className(D.t2[i]) + " " + fmt(D.p2[i]) +
-                       (D.alpha[i] === null ? "" : "  (\u03b1 " + fmt(D.alpha[i]) + ")")));
-    if (D.cap[i]) t.appendChild(line("f-cap", "caption:", D.cap[i]));
-    if (D.url[i]) {
-      const u = String(D.url[i]);
-      if (/^https?:\/\//i.test(u)) {
-        const d = el("div", "line f-url"), a = el("a", null, u);
-        a.href = u; a.rel = "noopener noreferrer nofollow"; a.target = "_blank";
-        d.appendChild(el("span", "muted", "url: ")); d.appendChild(a); d.title = u; t.appendChild(d);
-      } else t.appendChild(line("f-url", "url:", u));
-    }
-    if (D.knn[i] !== null) t.appendChild(line("f-knn", "kNN agree:", fmt(D.knn[i])));
-    t.appendChild(history(i));
-    const idl = line("f-id", "id:", id.slice(0, 16), id);
-    t.appendChild(idl);
-    if (D.dup[i] !== null) t.appendChild(line("f-dupof", "near-dup of:", String(D.dup[i]).slice(0, 16), D.dup[i]));
-    const nm = (members.get(i) || []).length + (extras.get(id) || []).length;
-    const bar = el("div", "ovbar");
-    const ba = el("button", "acc", "Accept"), br = el("button", "rej", "Reject");
-    ba.type = "button"; br.type = "button";
-    ba.title = "force keep (override)"; br.title = "force reject (override)";
-    const st = el("span", "ovstate");
-    bar.appendChild(ba); bar.appendChild(br); bar.appendChild(st);
-    if (nm) {
-      const g = el("button", "grp", "+" + nm + " near-dup" + (nm > 1 ? "s" : ""));
-      g.type = "button";
-      g.addEventListener("click", () => {
-        const open = t.querySelector(".group");
-        if (open) open.remove(); else groupStrip(i, t);
-      });
-      bar.appendChild(g);
-    }
-    t.appendChild(bar);
-    const click = (action) => {
-      const cur = OV.get(id);
-      setOV(id, cur && cur.action === action ? null : action);
-      saveOV();
-      ovState(t, id, i);
-    };
-    ba.addEventListener("click", () => click("accept"));
-    br.addEventListener("click", () => click("reject"));
-    ovState(t, id, i);
-    return t;
-  }
-  function pager(box, pages) {
-    box.replaceChildren();
-    if (pages <= 1) return;
-    const prev = el("button", null, "\u2039 Prev"), next = el("button", null, "Next \u203a");
-    prev.type = next.type = "button";
-    prev.disabled = S.page === 0; next.disabled = S.page >= pages - 1;
-    prev.addEventListener("click", () => { S.page--; renderPage(pages); window.scrollTo(0, 0); });
-    next.addEventListener("click", () => { S.page++; renderPage(pages); window.scrollTo(0, 0); });
-    box.appendChild(prev);
-    box.appendChild(el("span", "pageinfo", "page " + (S.page + 1) + " / " + pages));
-    box.appendChild(next);
-  }
-  function renderPage(pages) {
-    const grid = $("grid");
-    const start = S.page * M.page_size, part = TILES.slice(start, start + M.page_size);
-    const frag = document.createDocumentFragment();
-    for (const i of part) frag.appendChild(tile(i));
-    grid.replaceChildren(frag);
-    if (!part.length) grid.appendChild(el("div", "empty", N ? "No images match the filters." :
-      "No ledger yet: run selection (webkd distill / curate) first."));
-    pager($("pager-top"), pages);
-    pager($("pager-bottom"), pages);
-  }
-
-  // ---- summary table ----
-  function summaryTable(title, rows, view) {
-    const tb = el("table", "sum"), head = el("tr");
-    for (const h of [title, "kept", "rejected", "top rejection reasons"]) head.appendChild(el("th", null, h));
-    tb.appendChild(head);
-    for (const c of rows) {
-      const tr = el("tr"), td = el("td"), a = el("a", null, c.name);
-      a.title = "show this class";
-      a.addEventListener("click", () => {
-        S.view = view; $("f-view").value = view; classOptions();
-        S.cls = view === "pseudo" ? c.key : M.web_labels.indexOf(c.name);
-        $("f-class").value = String(S.cls); S.tab = "all"; S.page = 0; update();
-        $("controls").scrollIntoView();
-      });
-      td.appendChild(a); tr.appendChild(td);
-      tr.appendChild(el("td", null, c.kept));
-      tr.appendChild(el("td", null, c.rejected));
-      tr.appendChild(el("td", "why", c.reasons.map((x) => x[0] + " " + x[1]).join(", ")));
-      tb.appendChild(tr);
-    }
-    return tb;
-  }
-  function summary() {
-    const s = M.summary, box = $("summary-body"), wrap = el("div", "sumwrap");
-    wrap.appendChild(summaryTable("pseudo-label", s.by_pseudo, "pseudo"));
-    wrap.appendChild(summaryTable("web query", s.by_query, "query"));
-    box.appendChild(wrap);
-    box.appendChild(el("p", "reasons", "Top rejection reasons: " +
-      (s.reasons.length ? s.reasons.slice(0, 8).map((x) => x[0] + " " + x[1]).join(", ") : "-")));
-    const ep = M.run.epochs;
-    $("run-info").textContent = N + " images (" + M.run.records + " manifest records), kept " + s.kept +
-      ", rejected " + s.rejected + "; epochs " + (ep.length ? ep[0] + ".." + ep[ep.length - 1] : "-") +
-      "; " + s.groups + " near-duplicate groups; stored overrides: " + M.stored_overrides +
-      "; rendered " + M.run.rendered;
-    $("run-info").title = M.run.path;
-    if (M.overrides_error) { $("warn").hidden = false; $("warn").textContent = "Overrides store: " + M.overrides_error; }
-  }
-
-  // ---- controls ----
-  function num(v, d) { const x = parseFloat(v); return isNaN(x) ? d : x; }
-  function wire() {
-    const re = () => { S.page = 0; update(); };
-    $("f-view").addEventListener("change", (e) => { S.view = e.target.value; S.cls = "*"; classOptions(); re(); });
-    $("f-class").addEventListener("change", (e) => { S.cls = e.target.value === "*" ? "*" : Number(e.target.value); re(); });
-    $("f-reason").addEventListener("change", (e) => { S.reason = e.target.value === "*" ? "*" : Number(e.target.value); re(); });
-    $("f-smin").addEventListener("input", (e) => { S.smin = num(e.target.value, 0); re(); });
-    $("f-smax").addEventListener("input", (e) => { S.smax = num(e.target.value, 1); re(); });
-    $("f-q").addEventListener("input", (e) => { S.q = e.target.value.trim().toLowerCase(); re(); });
-    $("f-sort").addEventListener("change", (e) => { S.sort = e.target.value; re(); });
-    $("f-group").addEventListener("change", (e) => { S.group = e.target.checked; re(); });
-    $("f-ovonly").addEventListener("change", (e) => { S.ovOnly = e.target.checked; re(); });
-    $("b-reset").addEventListener("click", () => {
-      Object.assign(S, DEFAULTS);
-      $("f-view").value = "pseudo"; $("f-reason").value = "*"; $("f-smin").value = "0"; $("f-smax").value = "1";
-      $("f-q").value = ""; $("f-sort").value = "desc"; $("f-group").checked = true; $("f-ovonly").checked = false;
-      classOptions(); update();
-    });
-    for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", () => { S.tab = b.dataset.tab; re(); });
-    const bulk = (action) => { for (const i of LIST) setOV(D.id[i], action); saveOV(); update(); };
-    $("b-accept-all").addEventListener("click", () => bulk("accept"));
-    $("b-reject-all").addEventListener("click", () => bulk("reject"));
-    $("b-clear-filter").addEventListener("click", () => bulk(null));
-    $("b-export").addEventListener("click", exportOV);
-    let armed = 0;
-    $("b-clear-all").addEventListener("click", (e) => {      // two clicks, no dialog
-      if (Date.now() - armed > 4000) { armed = Date.now(); e.target.textContent = "Click again to clear all"; return; }
-      armed = 0; e.target.textContent = "Clear all page overrides"; OV.clear(); saveOV(); update();
-    });
-  }
-
-  loadOV();
-  summary();
-  reasonOptions();
-  classOptions();
-  wire();
-  saveOV();
-  update();
-  document.body.dataset.ready = "1";
-})();
-"""

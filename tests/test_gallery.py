@@ -19,8 +19,9 @@ from PIL import Image
 from pipeline.config import RunPaths
 from pipeline.records import QuarantineRow, Record, save_manifest, save_quarantine
 from pipeline.storage import atomic_write_table
-from selection.gallery import build_thumbnails, js_json, load_run, render_gallery, summarize_run
+from selection.gallery import js_json, load_run, render_gallery, summarize_run
 from selection.overrides import apply_overrides, import_overrides_file, load_overrides, record_overrides
+from selection.thumbnails import build_thumbnails
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
