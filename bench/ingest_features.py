@@ -72,7 +72,7 @@ def _encoder(name: str, classes: list[str]):
     return spec, model, fingerprint(model, spec)
 
 
-def stage_features(run: Path, size: int, encoder: str, batch_size: int) -> dict:
+def stage_features(run: Path, size: int, encoder: str, batch_size: int, max_images: int = 0) -> dict:
     import numpy as np
     import torch
 
@@ -85,6 +85,8 @@ def stage_features(run: Path, size: int, encoder: str, batch_size: int) -> dict:
     spec, model, fp = _encoder(encoder, classes)
     pix = np.load(paths.pixels(size, "squash"), mmap_mode="r")
     ids = [r.id for r in load_manifest(paths.manifest)]
+    if max_images and max_images < len(pix):  # the first rows only (large encoders on this CPU)
+        pix, ids = pix[:max_images], ids[:max_images]
     n = len(pix)
     # pure forward rate on random tensors of the same batch size (after one warm-up batch)
     x = torch.rand(batch_size, 3, size, size)
@@ -119,13 +121,15 @@ def main() -> None:
     ap.add_argument("--encoders", default="cnn_fmnist,ViT-B-32")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--size", type=int, default=32, help="pixel cache side (ViT encoders resize to 224 themselves)")
+    ap.add_argument("--max-images", type=int, default=2048,
+                    help="feature extraction on the first N pool images only (0: all); ingest always reads all")
     ap.add_argument("--child", nargs="*")
     args = ap.parse_args()
     if args.child is not None:
         kind, *rest = args.child
         out = {"ingest": lambda: stage_ingest(Path(rest[0]), Path(rest[1])),
                "pixels": lambda: stage_pixels(Path(rest[0]), int(rest[1])),
-               "features": lambda: stage_features(Path(rest[0]), int(rest[1]), rest[2], int(rest[3]))}[kind]()
+               "features": lambda: stage_features(Path(rest[0]), int(rest[1]), rest[2], int(rest[3]), int(rest[4]))}[kind]()
         print(json.dumps(out))
         return
 
@@ -136,10 +140,12 @@ def main() -> None:
     shutil.rmtree(run, ignore_errors=True)
     ing = _child("ingest", str(run), str(scen.web_dir))
     pix = _child("pixels", str(run), str(args.size))
-    feats = [_child("features", str(run), str(args.size), e, str(args.batch_size)) for e in args.encoders.split(",")]
+    feats = [_child("features", str(run), str(args.size), e, str(args.batch_size), str(args.max_images))
+             for e in args.encoders.split(",")]
 
-    print(f"\npool: {ing['images']} real JPEG files (fashion-web), batch size {args.batch_size}, CPU threads "
-          f"{os.cpu_count()}\n")
+    import torch
+    print(f"\npool: {ing['images']} real JPEG files (fashion-web), batch size {args.batch_size}, torch threads "
+          f"{torch.get_num_threads()} of {os.cpu_count()} CPUs\n")
     print("| stage | images/s | pure forward images/s | extraction / forward | peak RSS (MB) |")
     print("|---|---|---|---|---|")
     print(f"| ingest, cold (read, sha256, decode, validate, manifest) | {ing['images'] / ing['cold_s']:.0f} | | | "
@@ -147,7 +153,7 @@ def main() -> None:
     print(f"| ingest, incremental no-op ({ing['noop_new']} new) | {ing['images'] / ing['noop_s']:.0f} | | | |")
     print(f"| pixel cache {args.size}px | {pix['images'] / pix['seconds']:.0f} | | | {pix['peak_mb']:.0f} |")
     for f in feats:
-        print(f"| features {f['encoder']} ({f['params'] / 1e6:.2f}M params) | {f['extract_ips']:.0f} | "
+        print(f"| features {f['encoder']} ({f['params'] / 1e6:.2f}M params, {f['images']} images) | {f['extract_ips']:.0f} | "
               f"{f['forward_ips']:.0f} | {f['extract_ips'] / f['forward_ips']:.2f} | {f['peak_mb']:.0f} |")
         print(f"| features {f['encoder']}, cached re-run ({f['cached_computed']} computed) | "
               f"{f['images'] / max(f['cached_s'], 1e-9):.0f} | | | |")
