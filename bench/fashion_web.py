@@ -37,18 +37,20 @@ from pipeline.config import load_config  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "fashion_web"
 
+# every row names its method, arguments and selection mode: the rows do not follow the YAML defaults
+NO_ARGS = "train.method_args={}"
 KD3P = "train.method_args={kd_weight: 1.0}"
 ROWS = {
     # name: (label, overrides)
     "kd_fmnist": ("KD on original FMNIST train (upper bound)",
-                  ["train.method=kd", "selection.mode=none"]),
-    "kd": ("vanilla KD, whole web pool", ["train.method=kd", "selection.mode=none"]),
+                  ["train.method=kd", "selection.mode=none", NO_ARGS]),
+    "kd": ("vanilla KD, whole web pool", ["train.method=kd", "selection.mode=none", NO_ARGS]),
     "kd3": ("KD^3 full (paper: selection + feature alignment + MixDistribution)",
-            ["train.method=kd3", "selection.mode=kd3"]),
-    "kd3_nosel": ("KD^3 without selection", ["train.method=kd3", "selection.mode=none"]),
+            ["train.method=kd3", "selection.mode=kd3", NO_ARGS]),
+    "kd3_nosel": ("KD^3 without selection", ["train.method=kd3", "selection.mode=none", NO_ARGS]),
     "kd3_nomd": ("KD^3 without MixDistribution", ["train.method=kd3", "selection.mode=kd3",
                                                    "train.method_args={mixdist: false}"]),
-    "ce": ("CE on web query labels", ["train.method=ce", "selection.mode=none"]),
+    "ce": ("CE on web query labels", ["train.method=ce", "selection.mode=none", NO_ARGS]),
     # [project] KD^3 with a logit-KD term on the shared-classifier logits (methods.md §7 combinations)
     "kd3p": ("KD^3 + logit KD [project]", ["train.method=kd3", "selection.mode=kd3", KD3P]),
     "kd3p_nosel": ("KD^3 + logit KD, without selection", ["train.method=kd3", "selection.mode=none", KD3P]),
@@ -59,7 +61,7 @@ ROWS = {
                   ["train.method=kd3", "selection.mode=kd3", "selection.reject_weight=0.3", KD3P]),
     "kd3p_teacher": ("KD^3 + logit KD, teacher-only selection",
                      ["train.method=kd3", "selection.mode=teacher", KD3P]),
-    "kd_sel": ("vanilla KD with KD^3 selection", ["train.method=kd", "selection.mode=kd3"]),
+    "kd_sel": ("vanilla KD with KD^3 selection", ["train.method=kd", "selection.mode=kd3", NO_ARGS]),
 }
 DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce", "kd3p", "kd3p_nosel", "kd3p_nomd"]
 CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pixels", "features", "index", "test"]
@@ -118,6 +120,14 @@ def main() -> None:
     fm_dir = datasets.write_fmnist_folder(data / "fmnist_train", "train", n=pool_size, seed=0)
 
     results: dict[str, list[dict]] = {r: [] for r in rows}
+    # resume: runs already recorded under the same settings are kept (a killed benchmark picks up where it was)
+    res_file = OUT / f"results{args.tag}.json"
+    same = ("epochs", "image_size", "pacs", "teacher_epochs", "set")
+    if res_file.exists():
+        old = json.loads(res_file.read_text())
+        if all(old["args"].get(k) == vars(args)[k] for k in same):
+            for row in rows:
+                results[row] = [r for r in old["results"].get(row, []) if r["seed"] in args.seeds]
     base_web, base_fm = OUT / "base_web", OUT / "base_fmnist"
     common = base_overrides(args, teacher_weights, scen.web_dir) + args.set
     print(f"curate web pool: {curate_once(cfg_path, common, base_web):.0f}s")
@@ -127,6 +137,8 @@ def main() -> None:
     for seed in args.seeds:
         for row in rows:
             label, over = ROWS[row]
+            if any(r["seed"] == seed for r in results[row]):
+                continue
             base, src = (base_fm, fm_dir) if row == "kd_fmnist" else (base_web, scen.web_dir)
             run_dir = OUT / f"{row}{args.tag}_s{seed}"
             clone_curated(base, run_dir)
@@ -141,7 +153,9 @@ def main() -> None:
             results[row].append(rec)
             print(f"[{row} seed {seed}] test {res.test_acc:.4f} val {res.val_acc:.4f} kept {res.kept}/{res.candidates} "
                   f"({rec['seconds']:.0f}s)", flush=True)
-            (OUT / f"results{args.tag}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+            storage_write = res_file.with_suffix(".tmp")
+            storage_write.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+            os.replace(storage_write, res_file)
 
     def ms(vals):
         v = np.array([x for x in vals if x is not None], float)

@@ -151,7 +151,8 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
     common = [f"data.sources=['folder:{scen.web_dir}']", f"data.test_source=folder:{scen.test_dir}",
               f"teachers.0.weights={weights}", f"train.epochs={epochs}", "data.image_size=28"]
     kd3_over = common + [f"run_dir={out / 'kd3'}"]
-    kd_over = common + [f"run_dir={out / 'kd_baseline'}", "train.method=kd", "selection.mode=none"]
+    kd_over = common + [f"run_dir={out / 'kd_baseline'}", "train.method=kd", "selection.mode=none",
+                        "train.method_args={}"]
     if use_flows:
         from flows.curate import curate_flow, run_flow
         from flows.distill import distill_flow
@@ -170,6 +171,8 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
         kd3_row = {"test_acc": res.test_acc, "val_acc": res.val_acc, "val_agreement": res.val_agreement,
                    "parameters": res.parameters, "kept": res.kept, "candidates": res.candidates}
         gallery, card = str(curated["gallery"]), str(res.model_card)
+    cfg = load_config(CONFIG, kd3_over)
+    kd3_row["label"] = describe_student(cfg)
     rows = {"kd3": kd3_row}
     if baseline:
         from flows import stages
@@ -180,6 +183,16 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
     return {"teacher": teacher_metrics, "rows": rows, "gallery": gallery, "model_card": card,
             "pool": sum(scen.counts.values()), "epochs": epochs, "seconds": time.time() - t0,
             "run_dir": str(out)}
+
+
+def describe_student(cfg) -> str:
+    """A table label for the configured student recipe, e.g. 'KD^3 + logit KD, no instance selection'."""
+    name = {"kd3": "KD^3", "kd": "vanilla KD", "ce": "CE"}.get(cfg.train.method, cfg.train.method)
+    if cfg.train.method == "kd3" and cfg.train.method_args.get("kd_weight"):
+        name += " + logit KD"
+    sel = {"none": "no instance selection", "teacher": "teacher-only selection",
+           "kd3": "KD^3 instance selection"}.get(cfg.selection.mode, f"selection {cfg.selection.mode}")
+    return f"student, {name}, {sel} (curated pool)"
 
 
 def format_demo(result: dict[str, Any]) -> str:
@@ -196,7 +209,7 @@ def format_demo(result: dict[str, Any]) -> str:
     for key in ("kd", "kd3"):
         r = result["rows"].get(key)
         if r:
-            lines.append(f"| {names[key]} | {r['parameters']:,} | {pct(r['test_acc'])} | {pct(r.get('val_acc'))} | "
+            lines.append(f"| {r.get('label') or names[key]} | {r['parameters']:,} | {pct(r['test_acc'])} | {pct(r.get('val_acc'))} | "
                          f"{pct(r.get('val_agreement'))} | {r['kept']} / {r['candidates']} |")
     lines += ["", f"gallery:    {result['gallery']}", f"model card: {result['model_card']}"]
     return "\n".join(lines)

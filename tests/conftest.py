@@ -17,6 +17,18 @@ os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), f"webk
 from pipeline import datasets  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    spin-waiting made each conv ~100x slower; the setting is restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def clothing() -> datasets.ImageSet:
     try:

@@ -19,13 +19,7 @@ from pipeline.records import load_manifest
 from training import models as M
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core box OpenMP spinning costs ~100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
 
 def _pick(pacs32, n: int, offset: int = 0) -> np.ndarray:

@@ -19,13 +19,7 @@ import yaml
 CLASSES = ["dress", "longsleeve", "pants", "shoes", "t-shirt"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
 
 _TEACHER: dict[str, Path] = {}

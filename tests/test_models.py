@@ -24,14 +24,7 @@ from training.zero_shot import OpenClipZeroShot
 GREY = dict(channels=1, mean=[0.5], std=[0.5])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    spin-waiting made each conv ~100x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
 
 def _rgb01(images: np.ndarray) -> torch.Tensor:

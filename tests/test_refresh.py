@@ -21,12 +21,7 @@ import yaml
 from test_flows import CLASSES, artifact, train_teacher, write_config, write_pool  # shared scenario writers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread
 
 
 @pytest.fixture(scope="module")
