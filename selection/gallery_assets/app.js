@@ -126,6 +126,16 @@
       o.title = RI[r] ? RI[r][1] : r; sel.appendChild(o);
     });
   }
+  // a filter's options show how many rows each value has under the other filters
+  function countOptions(selectId, counts, allLabel) {
+    let total = 0;
+    for (const o of $(selectId).options) {
+      if (o.value === "*") continue;
+      const n = counts.get(Number(o.value)) || 0; total += n;
+      o.textContent = o.dataset.name + " (" + n + ")";
+    }
+    $(selectId).options[0].textContent = allLabel + " (" + total + ")";
+  }
   function update() {
     let nk = 0, nr = 0;
     const cc = new Map(), rc = new Map(), list = [];
@@ -138,20 +148,8 @@
     $("n-kept").textContent = String(nk);
     $("n-rejected").textContent = String(nr);
     $("n-all").textContent = String(nk + nr);
-    let tc = 0;
-    for (const o of $("f-class").options) {
-      if (o.value === "*") continue;
-      const n = cc.get(Number(o.value)) || 0; tc += n;
-      o.textContent = o.dataset.name + " (" + n + ")";
-    }
-    $("f-class").options[0].textContent = "all classes (" + tc + ")";
-    let tr = 0;
-    for (const o of $("f-reason").options) {
-      if (o.value === "*") continue;
-      const n = rc.get(Number(o.value)) || 0; tr += n;
-      o.textContent = o.dataset.name + " (" + n + ")";
-    }
-    $("f-reason").options[0].textContent = "all reasons (" + tr + ")";
+    countOptions("f-class", cc, "all classes");
+    countOptions("f-reason", rc, "all reasons");
     const sgn = S.sort === "asc" ? 1 : -1;
     list.sort((a, b) => {
       const ca = D.conf[a] === null ? -1 : D.conf[a], cb = D.conf[b] === null ? -1 : D.conf[b];
