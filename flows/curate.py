@@ -31,6 +31,9 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,selection,training,flows")
+    # library log lines outside a flow run (the demo's no-flow baseline) go to the console only,
+    # without Prefect's "attempted to send logs to the API without a flow run id" warning
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 
 _prefect_defaults()
