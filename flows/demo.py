@@ -99,7 +99,8 @@ def train_fmnist_teacher(out: Path | None = None, epochs: int = 4, width: int = 
     test = datasets.load_fashion_mnist("test", data_dir)
     test_acc = accuracy(predict_logits(lambda x: model(x).logits, photo_polarity(test.images),
                                        np.arange(len(test.labels)), dev), test.labels)
-    metrics = {"val_acc": res.best_val,   # CE: selected on validation accuracy "test_acc": test_acc, "best_epoch": res.best_epoch,
+    metrics = {"val_acc": res.best_val,   # CE: selected on validation accuracy
+               "test_acc": test_acc, "best_epoch": res.best_epoch,
                "parameters": sum(p.numel() for p in model.parameters())}
     save_weights(model.cpu(), weights)
     metrics_path.write_text(json.dumps(metrics, indent=2))
