@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from flows import demo, stages  # noqa: E402
 from pipeline import datasets  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.storage import atomic_write_json  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "fashion_web"
 
@@ -153,9 +154,7 @@ def main() -> None:
             results[row].append(rec)
             print(f"[{row} seed {seed}] test {res.test_acc:.4f} val {res.val_acc:.4f} kept {res.kept}/{res.candidates} "
                   f"({rec['seconds']:.0f}s)", flush=True)
-            storage_write = res_file.with_suffix(".tmp")
-            storage_write.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-            os.replace(storage_write, res_file)
+            atomic_write_json(res_file, {"args": vars(args), "results": results})
 
     def ms(vals):
         v = np.array([x for x in vals if x is not None], float)

@@ -21,7 +21,6 @@ The ratio refresh / full is the cost of taking in +10% images incrementally (goa
     .venv/bin/python bench/refresh.py --epochs 10 --refresh-epochs 1 --pacs 600
 """
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -39,7 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from flows.curate import _prefect_defaults  # noqa: E402,F401  (Prefect settings before its import)
 from flows.distill import distill_flow  # noqa: E402
 from flows.refresh import refresh_flow  # noqa: E402
+from flows.stages import pct  # noqa: E402
 from pipeline import datasets  # noqa: E402
+from pipeline.storage import atomic_write_json  # noqa: E402
 from prefect import flow  # noqa: E402
 
 
@@ -128,9 +129,6 @@ def main() -> int:
     r_full, t_full, tasks_full = timed(distill_flow, config, overrides + full)
     r_noop, t_noop, _ = timed(refresh_flow, config, overrides + run)
 
-    def pct(v):
-        return "-" if v is None or v != v else f"{100 * v:.2f}%"
-
     ratio = t_ref / t_full
     rows = [
         ("images: old pool / new / final", f"{len(old)} / {len(new)} / {len(old) + len(new)}"),
@@ -161,12 +159,12 @@ def main() -> int:
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, load average {load[0]:.1f} at the end, "
                f"Python {platform.python_version()}")
     print(f"\nmachine: {machine}\ncommand: {' '.join(['.venv/bin/python', 'bench/refresh.py'] + sys.argv[1:])}")
-    (out / "refresh.json").write_text(json.dumps({
+    atomic_write_json(out / "refresh.json", {
         "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "old": len(old), "new": len(new),
         "seconds": {"server": t_server, "initial": t_init, "refresh": t_ref, "full": t_full, "noop": t_noop},
         "ratio": ratio, "tasks_refresh": tasks_ref, "tasks_full": tasks_full,
         "refresh": {k: v for k, v in r_ref.items() if k != "summary"},
-        "full": {k: v for k, v in r_full.items() if k != "summary"}, "noop": r_noop}, indent=2, default=str))
+        "full": {k: v for k, v in r_full.items() if k != "summary"}, "noop": r_noop})
     return 0 if ratio <= 0.2 else 1
 
 

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from flows import demo, stages  # noqa: E402
 from pipeline import datasets  # noqa: E402
 from pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, load_config  # noqa: E402
+from pipeline.storage import atomic_write_json  # noqa: E402
 from selection.refine import fit_linear_probe, refine_labels, softmax  # noqa: E402
 from training import losses  # noqa: E402
 from training.loop import Pool, accuracy, fit, load_checkpoint, predict_logits  # noqa: E402
@@ -76,10 +77,7 @@ class Results:
             rec = fn()
             rec["seconds"] = round(time.time() - t0, 1)
             self.data[key] = rec
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=1))
-            os.replace(tmp, self.path)
+            atomic_write_json(self.path, self.data)
             print(f"  [{key}] " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in rec.items()), flush=True)
         return self.data[key]

@@ -140,12 +140,11 @@ verb("distill", "Prefect flow: curate (cached), then select, train and export a 
 def _run_refresh(args: argparse.Namespace) -> int:
     from flows.curate import run_flow
     from flows.refresh import refresh_flow
+    from flows.stages import pct
 
     out = run_flow(refresh_flow, args.config, args.overrides)
     print(f"new records {out['new_records']}, embedded now {out['computed']}, pool {out['records']}")
     if out["trained"]:
-        def pct(v):
-            return "-" if v is None or v != v else f"{100 * v:.2f}%"
         print(f"challenger {out['version']}: {out['metric']} {pct(out['challenger_score'])} vs champion "
               f"{out['champion'] or '-'} {pct(out['champion_score'])} on the same {out['validation_rows']} "
               f"validation rows -> {out['decision']}")

@@ -114,6 +114,8 @@ def train_fmnist_teacher(out: Path | None = None, epochs: int = 4, width: int = 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_TEACHER = ASSETS / "fmnist_teacher.safetensors"
 CONFIG = Path(__file__).resolve().parent / "configs" / "fashion_web.yaml"
+# what the demo table shows of each student (DistillResult attributes, distill_flow result keys)
+ROW_KEYS = ("test_acc", "val_acc", "val_agreement", "parameters", "kept", "candidates")
 
 
 def check_data(data_dir: str | Path | None = None) -> list[str]:
@@ -154,33 +156,29 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
     kd3_over = common + [f"run_dir={out / 'kd3'}"]
     kd_over = common + [f"run_dir={out / 'kd_baseline'}", "train.method=kd", "selection.mode=none",
                         "train.method_args={}"]
+    cfg = load_config(CONFIG, kd3_over)
     if use_flows:
         from flows.curate import curate_flow, run_flow
         from flows.distill import distill_flow
 
-        curated = run_flow(curate_flow, str(CONFIG), kd3_over)
+        run_flow(curate_flow, str(CONFIG), kd3_over)
         kd3 = run_flow(distill_flow, str(CONFIG), kd3_over)
-        kd3_row = {k: kd3[k] for k in ("test_acc", "val_acc", "val_agreement", "parameters", "kept", "candidates")
-                   if k in kd3}
+        kd3_row = {k: kd3[k] for k in ROW_KEYS}
         gallery, card = kd3["gallery"], kd3["model_card"]
     else:
         from flows import stages
 
-        cfg = load_config(CONFIG, kd3_over)
         curated = stages.curate(cfg)
         res = stages.distill(cfg)
-        kd3_row = {"test_acc": res.test_acc, "val_acc": res.val_acc, "val_agreement": res.val_agreement,
-                   "parameters": res.parameters, "kept": res.kept, "candidates": res.candidates}
+        kd3_row = {k: getattr(res, k) for k in ROW_KEYS}
         gallery, card = str(curated["gallery"]), str(res.model_card)
-    cfg = load_config(CONFIG, kd3_over)
     kd3_row["label"] = describe_student(cfg)
     rows = {"kd3": kd3_row}
     if baseline:
         from flows import stages
 
         res = stages.distill(load_config(CONFIG, kd_over))
-        rows["kd"] = {"test_acc": res.test_acc, "val_acc": res.val_acc, "val_agreement": res.val_agreement,
-                      "parameters": res.parameters, "kept": res.kept, "candidates": res.candidates}
+        rows["kd"] = {k: getattr(res, k) for k in ROW_KEYS}
     return {"teacher": teacher_metrics, "rows": rows, "gallery": gallery, "model_card": card,
             "pool": sum(scen.counts.values()), "epochs": epochs, "seconds": time.time() - t0,
             "run_dir": str(out)}
@@ -197,20 +195,19 @@ def describe_student(cfg) -> str:
 
 
 def format_demo(result: dict[str, Any]) -> str:
-    def pct(v):
-        return "-" if v is None or v != v else f"{100 * v:.1f}%"
+    from flows.stages import pct
 
     t = result["teacher"]
     lines = [f"fashion-web demo: {result['pool']} web images (clothing photos + PACS off-class), "
              f"{result['epochs']} epochs, {result['seconds'] / 60:.1f} min", "",
              "| model | parameters | Fashion-MNIST test | web val: query acc | web val: agreement with teacher | kept / pool |",
              "|---|---|---|---|---|---|",
-             f"| teacher (cnn_fmnist, trained on Fashion-MNIST) | {t.get('parameters', 0):,} | {pct(t.get('test_acc'))} | - | - | - |"]
+             f"| teacher (cnn_fmnist, trained on Fashion-MNIST) | {t.get('parameters', 0):,} | {pct(t.get('test_acc'), 1)} | - | - | - |"]
     names = {"kd": "student, vanilla KD on the whole web pool", "kd3": "student, KD^3 (curated, distilled)"}
     for key in ("kd", "kd3"):
         r = result["rows"].get(key)
         if r:
-            lines.append(f"| {r.get('label') or names[key]} | {r['parameters']:,} | {pct(r['test_acc'])} | {pct(r.get('val_acc'))} | "
-                         f"{pct(r.get('val_agreement'))} | {r['kept']} / {r['candidates']} |")
+            lines.append(f"| {r.get('label') or names[key]} | {r['parameters']:,} | {pct(r['test_acc'], 1)} | {pct(r.get('val_acc'), 1)} | "
+                         f"{pct(r.get('val_agreement'), 1)} | {r['kept']} / {r['candidates']} |")
     lines += ["", f"gallery:    {result['gallery']}", f"model card: {result['model_card']}"]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import stages
+from flows.stages import pct
 from pipeline.config import load_config
 
 
@@ -29,21 +30,17 @@ def register_task(cfg, result):
     return stages.register_distilled(cfg, result)
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None or v != v else f"{100 * v:.2f}%"
-
-
 def distill_markdown(result: Any, verdict: dict[str, Any]) -> str:
     rows = [("version", verdict["version"]), ("method", result.method),
             ("student parameters", f"{result.parameters:,}"),
             ("kept at last epoch", f"{result.kept} / {result.candidates}"),
             ("best epoch (validation)", result.best_epoch),
             ("validation accuracy on query labels: student / teacher",
-             f"{_pct(result.val_acc)} / {_pct(result.teacher_val_acc)}"),
-            ("validation agreement with the teacher", _pct(result.val_agreement)),
-            ("test accuracy: student / teacher", f"{_pct(result.test_acc)} / {_pct(result.teacher_test_acc)}"),
+             f"{pct(result.val_acc)} / {pct(result.teacher_val_acc)}"),
+            ("validation agreement with the teacher", pct(result.val_agreement)),
+            ("test accuracy: student / teacher", f"{pct(result.test_acc)} / {pct(result.teacher_test_acc)}"),
             (f"{verdict['metric']} on the registry's split: this / previous champion",
-             f"{_pct(verdict['score'])} / {verdict.get('champion') or '-'} {_pct(verdict.get('champion_score'))}"),
+             f"{pct(verdict['score'])} / {verdict.get('champion') or '-'} {pct(verdict.get('champion_score'))}"),
             ("decision", verdict["decision"]), ("time", f"{result.seconds:.0f}s")]
     return "\n".join(["# Distilled student", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
@@ -63,7 +60,7 @@ def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
     publish_model_card(cfg, card)
     create_markdown_artifact(markdown=distill_markdown(result, verdict), key=artifact_key(cfg, "distill"),
                              description=f"student distilled in {cfg.paths.root}")
-    print(f"distilled {verdict['version']}: validation accuracy {_pct(result.val_acc)}; {verdict['decision']}")
+    print(f"distilled {verdict['version']}: validation accuracy {pct(result.val_acc)}; {verdict['decision']}")
     return {"run_dir": str(cfg.paths.root), "version": verdict["version"], "method": result.method,
             "val_acc": result.val_acc, "teacher_val_acc": result.teacher_val_acc, "test_acc": result.test_acc,
             "teacher_test_acc": result.teacher_test_acc, "parameters": result.parameters,

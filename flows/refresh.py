@@ -24,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import stages
+from flows.stages import pct
 from pipeline.config import load_config
 
 
@@ -42,10 +43,6 @@ def judge_task(cfg, plan, result):
     return stages.judge_challenger(cfg, plan, result)
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None or v != v else f"{100 * v:.2f}%"
-
-
 def refresh_markdown(out: dict[str, Any]) -> str:
     computed = ", ".join(f"{k} {v}" for k, v in out["computed"].items()) or "-"
     rows = [("new records", out["new_records"]), ("records in the pool", out["records"]),
@@ -54,8 +51,8 @@ def refresh_markdown(out: dict[str, Any]) -> str:
     if out["trained"]:
         rows += [("challenger", f"{out['version']} ({out['warm_note']})"),
                  ("validation rows (same split for both)", out["validation_rows"]),
-                 (f"champion {out['metric']}", f"{out['champion'] or '-'} {_pct(out['champion_score'])}"),
-                 (f"challenger {out['metric']}", _pct(out["challenger_score"])), ("decision", out["decision"])]
+                 (f"champion {out['metric']}", f"{out['champion'] or '-'} {pct(out['champion_score'])}"),
+                 (f"challenger {out['metric']}", pct(out["challenger_score"])), ("decision", out["decision"])]
     rows += [("champion now", out["champion_now"] or "-"), ("time", f"{out['seconds']:.1f}s")]
     return "\n".join(["# Refresh", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 

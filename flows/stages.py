@@ -225,6 +225,11 @@ def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
 # --------------------------------------------------------------------------------------------
 # distillation
 # --------------------------------------------------------------------------------------------
+def pct(v: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage for reports; '-' for a missing or NaN value."""
+    return "-" if v is None or v != v else f"{100 * v:.{digits}f}%"
+
+
 @dataclass
 class DistillResult:
     run_dir: Path
@@ -245,8 +250,6 @@ class DistillResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        def pct(v):
-            return "-" if v is None or v != v else f"{100 * v:.2f}%"
         rows = [("method", self.method), ("student parameters", f"{self.parameters:,}"),
                 ("kept at last epoch", f"{self.kept} / {self.candidates}"),
                 ("best epoch (validation)", str(self.best_epoch)),

@@ -3,7 +3,7 @@
 `training.zero_shot`); weight loading; frozen teachers; encoder fingerprints.
 
 Every wrapper takes float RGB in [0, 1], shape (B, 3, H, W) at any H, W, applies its own
-`Preprocess` (resize, grey, inversion, mean/std) inside `forward`, and returns
+`Preprocess` (resize, grey, inversion, background subtraction, mean/std) inside `forward`, and returns
 `Outputs(logits (B, K), features [(B, C_l, H_l, W_l)] per stage, embedding (B, D))` with
 `classifier(embedding) == logits`, so no distillation method needs forward hooks (KD^3 predicts
 through the teacher's frozen linear layer; MixSKD re-runs later stages through `forward_from`).
