@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from flows import demo, stages  # noqa: E402
-from pipeline import datasets  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.storage import atomic_write_json  # noqa: E402
+from webkd.flows import demo, stages  # noqa: E402
+from webkd.pipeline import datasets  # noqa: E402
+from webkd.pipeline.config import load_config  # noqa: E402
+from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "fashion_web"
 

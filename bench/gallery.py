@@ -37,11 +37,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import datasets  # noqa: E402
-from pipeline.config import RunPaths  # noqa: E402
-from pipeline.records import Record, save_manifest  # noqa: E402
-from pipeline.storage import atomic_write_table  # noqa: E402
-from selection.gallery import render_gallery  # noqa: E402
+from webkd.pipeline import datasets  # noqa: E402
+from webkd.pipeline.config import RunPaths  # noqa: E402
+from webkd.pipeline.records import Record, save_manifest  # noqa: E402
+from webkd.pipeline.storage import atomic_write_table  # noqa: E402
+from webkd.selection.gallery import render_gallery  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -141,7 +141,7 @@ def build_run(root: Path, rows: int, epochs: int, seed: int = 0) -> RunPaths:
                 "knn_agree": np.full(n, np.nan)}
         table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in LEDGER_SCHEMA}, schema=LEDGER_SCHEMA)
         try:
-            from selection.policy import write_ledger
+            from webkd.selection.policy import write_ledger
         except ImportError:
             atomic_write_table(paths.ledger(e), table)
         else:

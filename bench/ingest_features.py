@@ -33,8 +33,8 @@ def _peak_mb() -> float:
 
 
 def stage_ingest(run: Path, web: Path) -> dict:
-    from pipeline.config import IngestConfig, RunPaths
-    from pipeline.ingest import run_ingest
+    from webkd.pipeline.config import IngestConfig, RunPaths
+    from webkd.pipeline.ingest import run_ingest
 
     paths = RunPaths(run)
     t = time.time()
@@ -48,9 +48,9 @@ def stage_ingest(run: Path, web: Path) -> dict:
 
 
 def stage_pixels(run: Path, size: int) -> dict:
-    from pipeline.config import RunPaths
-    from pipeline.features import build_pixel_cache
-    from pipeline.records import load_manifest
+    from webkd.pipeline.config import RunPaths
+    from webkd.pipeline.features import build_pixel_cache
+    from webkd.pipeline.records import load_manifest
 
     paths = RunPaths(run)
     recs = load_manifest(paths.manifest)
@@ -60,8 +60,8 @@ def stage_pixels(run: Path, size: int) -> dict:
 
 
 def _encoder(name: str, classes: list[str]):
-    from pipeline.config import ModelSpec, PreprocessSpec
-    from training.models import build_model, fingerprint, freeze
+    from webkd.pipeline.config import ModelSpec, PreprocessSpec
+    from webkd.training.models import build_model, fingerprint, freeze
 
     if name == "cnn_fmnist":
         spec = ModelSpec(key=name, name="cnn_fmnist", kwargs={"width": 32},
@@ -76,9 +76,9 @@ def stage_features(run: Path, size: int, encoder: str, batch_size: int, max_imag
     import numpy as np
     import torch
 
-    from pipeline.config import RunPaths
-    from pipeline.features import extract_features
-    from pipeline.records import load_manifest
+    from webkd.pipeline.config import RunPaths
+    from webkd.pipeline.features import extract_features
+    from webkd.pipeline.records import load_manifest
 
     paths = RunPaths(run)
     classes = [f"class {i}" for i in range(10)]
@@ -133,7 +133,7 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    from pipeline.datasets import write_fashion_web
+    from webkd.pipeline.datasets import write_fashion_web
 
     scen = write_fashion_web(OUT / "data", write_test=False)
     run = OUT / "run"

@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_HOME", str(ROOT / "bench" / "out" / "prefect"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from flows.curate import _prefect_defaults  # noqa: E402,F401  (Prefect settings before its import)
-from flows.distill import distill_flow  # noqa: E402
-from flows.refresh import refresh_flow  # noqa: E402
-from flows.stages import pct  # noqa: E402
-from pipeline import datasets  # noqa: E402
-from pipeline.storage import atomic_write_json  # noqa: E402
+from webkd.flows.curate import _prefect_defaults  # noqa: E402,F401  (Prefect settings before its import)
+from webkd.flows.distill import distill_flow  # noqa: E402
+from webkd.flows.refresh import refresh_flow  # noqa: E402
+from webkd.flows.stages import pct  # noqa: E402
+from webkd.pipeline import datasets  # noqa: E402
+from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 from prefect import flow  # noqa: E402
 
 
@@ -109,7 +109,7 @@ def main() -> int:
     for d in ("web", "run", "run_full"):
         shutil.rmtree(out / d, ignore_errors=True)
     link_into(old, sc.web_dir, out / "web")
-    from flows.demo import train_fmnist_teacher
+    from webkd.flows.demo import train_fmnist_teacher
 
     teacher, teacher_metrics = train_fmnist_teacher(epochs=args.teacher_epochs, width=args.teacher_width)
     overrides = [f"data.sources=[folder:{out / 'web'}]", "data.test_source=null",

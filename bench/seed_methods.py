@@ -45,15 +45,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from flows import demo, stages  # noqa: E402
-from pipeline import datasets  # noqa: E402
-from pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, load_config  # noqa: E402
-from pipeline.storage import atomic_write_json  # noqa: E402
-from selection.refine import fit_linear_probe, refine_labels, softmax  # noqa: E402
-from training import losses  # noqa: E402
-from training.loop import Pool, accuracy, fit, load_checkpoint, predict_logits  # noqa: E402
-from training.methods import build_method, method_defaults  # noqa: E402
-from training.models import build_model, count_parameters, freeze, load_weights, save_weights  # noqa: E402
+from webkd.flows import demo, stages  # noqa: E402
+from webkd.pipeline import datasets  # noqa: E402
+from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, load_config  # noqa: E402
+from webkd.pipeline.storage import atomic_write_json  # noqa: E402
+from webkd.selection.refine import fit_linear_probe, refine_labels, softmax  # noqa: E402
+from webkd.training import losses  # noqa: E402
+from webkd.training.loop import Pool, accuracy, fit, load_checkpoint, predict_logits  # noqa: E402
+from webkd.training.methods import build_method, method_defaults  # noqa: E402
+from webkd.training.models import build_model, count_parameters, freeze, load_weights, save_weights  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "seed_methods"
 log = logging.getLogger("seed_methods")
@@ -351,7 +351,7 @@ def probe_rows(x: np.ndarray, noisy: np.ndarray, train: np.ndarray, val: np.ndar
         prev = fit_linear_probe(x, soft, tr, va, val_labels, k, "soft", scaling=(w0.mean, w0.scale), **common)
         out[f"sd{r}"] = accuracy(prev.logits(test_x), test_y, group)
     for name, loss, init in (("pll", "paper", "scratch"), ("pll_gce", "gce", "teacher")):
-        from pipeline.config import RefineConfig
+        from webkd.pipeline.config import RefineConfig
 
         cfg = RefineConfig(loss=loss, init=init, epochs=epochs)
         ref = refine_labels(x, noisy, train, val, k, cfg, val_labels=val_labels, seed=seed, teacher=w0)
@@ -393,8 +393,8 @@ def table_pll(args, res: Results, fm_teacher, pacs_t, parts) -> str:
                       + md_table(["probe", "20% noise", "40% noise", "60% noise"], rows))
     # (c) the fashion-web pool's real query labels; test: FMNIST test through the same teacher
     cfg = web_run(args, fmnist_teacher_weights(args.teacher_epochs)[0])
-    from pipeline.features import load_features
-    from pipeline.records import class_index, load_manifest
+    from webkd.pipeline.features import load_features
+    from webkd.pipeline.records import class_index, load_manifest
 
     recs = load_manifest(cfg.paths.manifest)
     feat = np.asarray(load_features(cfg.paths, cfg.teachers[0].cache_key).embeddings, np.float32)

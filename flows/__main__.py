@@ -22,14 +22,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from pipeline.config import load_config
+    from webkd.pipeline.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
 # ---- library-level verbs ---------------------------------------------------------------------
 def _run_ingest(args: argparse.Namespace) -> int:
-    from flows import stages
+    from webkd.flows import stages
 
     report = stages.ingest(_load(args))
     print(report.summary())
@@ -41,7 +41,7 @@ verb("ingest", "Read web images from the configured sources into manifest.parque
 
 
 def _run_features(args: argparse.Namespace) -> int:
-    from flows import stages
+    from webkd.flows import stages
 
     for key, info in stages.features(_load(args)).items():
         print(f"{key}: {info}")
@@ -53,7 +53,7 @@ verb("features", "Compute (or update) cached teacher/student embeddings and logi
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from flows import stages
+    from webkd.flows import stages
 
     print(stages.index(_load(args)))
     return 0
@@ -64,7 +64,7 @@ verb("index", "Build the FAISS index over cached embeddings and mark near-duplic
 
 
 def _run_refine(args: argparse.Namespace) -> int:
-    from flows import stages
+    from webkd.flows import stages
 
     cfg = _load(args)
     result = stages.refine(cfg)
@@ -88,7 +88,7 @@ def _flow_args(p: argparse.ArgumentParser) -> None:
 
 def _run_curate(args: argparse.Namespace) -> int:
     if args.no_flow:
-        from flows import stages
+        from webkd.flows import stages
 
         out = stages.curate(_load(args))
         print(out["ingest"].summary())
@@ -97,7 +97,7 @@ def _run_curate(args: argparse.Namespace) -> int:
         print(f"teacher selection: kept {out['selection']['kept']} of {out['selection']['rows']}")
         print(f"gallery: {out['gallery']}")
         return 0
-    from flows.curate import curate_flow, run_flow
+    from webkd.flows.curate import curate_flow, run_flow
 
     out = run_flow(curate_flow, args.config, args.overrides)
     print(f"records {out['records']} ({out['new_records']} new), embedded now {out['computed']}, "
@@ -115,13 +115,13 @@ verb("curate", "Prefect flow: ingest new web images, embed new rows, index, let 
 
 def _run_distill(args: argparse.Namespace) -> int:
     if args.no_flow:
-        from flows import stages
+        from webkd.flows import stages
 
         result = stages.distill(_load(args))
         print(result.summary())
         return 0
-    from flows.curate import run_flow
-    from flows.distill import distill_flow
+    from webkd.flows.curate import run_flow
+    from webkd.flows.distill import distill_flow
 
     out = run_flow(distill_flow, args.config, args.overrides)
     print(out["summary"])
@@ -138,9 +138,9 @@ verb("distill", "Prefect flow: curate (cached), then select, train and export a 
 
 
 def _run_refresh(args: argparse.Namespace) -> int:
-    from flows.curate import run_flow
-    from flows.refresh import refresh_flow
-    from flows.stages import pct
+    from webkd.flows.curate import run_flow
+    from webkd.flows.refresh import refresh_flow
+    from webkd.flows.stages import pct
 
     out = run_flow(refresh_flow, args.config, args.overrides)
     print(f"new records {out['new_records']}, embedded now {out['computed']}, pool {out['records']}")
@@ -167,7 +167,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from flows.schedules import api_url, build_deployments, serve_deployments
+    from webkd.flows.schedules import api_url, build_deployments, serve_deployments
 
     deps = build_deployments(args.config, args.overrides)
     for d in deps:
@@ -209,8 +209,8 @@ def _override_args(p: argparse.ArgumentParser) -> None:
 def _run_override(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.config import RunPaths
-    from selection.overrides import OverridesError, import_overrides_file, load_entries, record_overrides
+    from webkd.pipeline.config import RunPaths
+    from webkd.selection.overrides import OverridesError, import_overrides_file, load_entries, record_overrides
 
     paths = RunPaths(Path(args.run_dir))
     if not paths.root.is_dir():
@@ -262,8 +262,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.config import RunPaths
-    from selection.gallery import GalleryError, render_gallery, summarize_run
+    from webkd.pipeline.config import RunPaths
+    from webkd.selection.gallery import GalleryError, render_gallery, summarize_run
 
     paths = RunPaths(Path(args.run_dir))
     inputs = [paths.manifest, paths.overrides, *paths.selection_dir.glob("epoch_*.parquet")]
@@ -288,7 +288,7 @@ verb("inspect", "Print a run's summary (records, quarantine, kept/rejected per c
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from flows import demo
+    from webkd.flows import demo
 
     missing = demo.check_data(args.data_dir)
     if missing:
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from pipeline.config import ConfigError
+    from webkd.pipeline.config import ConfigError
 
     try:
         return int(args._run(args) or 0)

@@ -30,7 +30,7 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,selection,training,flows")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "webkd")
     # library log lines outside a flow run (the demo's no-flow baseline) go to the console only,
     # without Prefect's "attempted to send logs to the API without a flow run id" warning
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -50,8 +50,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact  # 
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.tasks import Task  # noqa: E402
 
-from flows import stages  # noqa: E402
-from pipeline.config import Config, RunPaths, load_config  # noqa: E402
+from webkd.flows import stages  # noqa: E402
+from webkd.pipeline.config import Config, RunPaths, load_config  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def file_signature(path: str | Path | None) -> Any:
 def listing_digest(cfg: Config) -> str:
     """Hash of what the sources list now (uri, label, size, mtime, offset; no image bytes read):
     a new file, shard or manifest row changes it."""
-    from pipeline.sources import iter_source
+    from webkd.pipeline.sources import iter_source
 
     h = hashlib.sha256()
     notes: Counter = Counter()
@@ -130,7 +130,7 @@ def run_token(paths: RunPaths) -> str:
     built again gets a new one, so no cache entry of its previous life can answer for it."""
     import uuid
 
-    from pipeline.storage import atomic_write_text
+    from webkd.pipeline.storage import atomic_write_text
 
     try:
         token = paths.cache_token.read_text().strip()
@@ -196,7 +196,7 @@ def outputs_of(cfg: Config, stage: str) -> list[Path]:
         return [f for k in _feature_keys(cfg) for f in (p.features(k), p.logits(k), p.features_meta(k))] + \
             [p.pixels(cfg.data.image_size, cfg.data.fit)]
     if stage == "index":
-        from pipeline.index import index_meta_path
+        from webkd.pipeline.index import index_meta_path
 
         return [p.index(stages.index_key(cfg)), index_meta_path(p.index(stages.index_key(cfg)))]
     if stage == "selection":
@@ -236,7 +236,7 @@ def gallery_task(cfg: Config):
 
 @task(name="summary", cache_policy=NO_CACHE)
 def summary_task(cfg: Config):
-    from selection.gallery import summarize_run
+    from webkd.selection.gallery import summarize_run
 
     return summarize_run(cfg.paths.root, list(cfg.data.classes) or None)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import datasets
-from pipeline.config import Config, ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, build_config
+from webkd.pipeline import datasets
+from webkd.pipeline.config import Config, ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, build_config
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,10 @@ def train_fmnist_teacher(out: Path | None = None, epochs: int = 4, width: int = 
     """
     import torch
 
-    from pipeline.features import resolve_device
-    from training.loop import Pool, accuracy, fit, load_checkpoint, predict_logits
-    from training.methods import build_method
-    from training.models import build_model, save_weights
+    from webkd.pipeline.features import resolve_device
+    from webkd.training.loop import Pool, accuracy, fit, load_checkpoint, predict_logits
+    from webkd.training.methods import build_method
+    from webkd.training.models import build_model, save_weights
 
     tag = f"fmnist_cnn_w{width}_e{epochs}_s{seed}_v{val_size}"
     out = Path(out or cache_dir() / "teachers" / tag)
@@ -141,7 +141,7 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
     same budget, and return the numbers and paths the CLI prints."""
     import time
 
-    from pipeline.config import load_config
+    from webkd.pipeline.config import load_config
 
     t0 = time.time()
     scen = datasets.write_fashion_web(cache_dir() / "fashion_web", data_dir=data_dir, pacs_images=pacs_images)
@@ -158,15 +158,15 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
                         "train.method_args={}"]
     cfg = load_config(CONFIG, kd3_over)
     if use_flows:
-        from flows.curate import curate_flow, run_flow
-        from flows.distill import distill_flow
+        from webkd.flows.curate import curate_flow, run_flow
+        from webkd.flows.distill import distill_flow
 
         run_flow(curate_flow, str(CONFIG), kd3_over)
         kd3 = run_flow(distill_flow, str(CONFIG), kd3_over)
         kd3_row = {k: kd3[k] for k in ROW_KEYS}
         gallery, card = kd3["gallery"], kd3["model_card"]
     else:
-        from flows import stages
+        from webkd.flows import stages
 
         curated = stages.curate(cfg)
         res = stages.distill(cfg)
@@ -175,7 +175,7 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
     kd3_row["label"] = describe_student(cfg)
     rows = {"kd3": kd3_row}
     if baseline:
-        from flows import stages
+        from webkd.flows import stages
 
         res = stages.distill(load_config(CONFIG, kd_over))
         rows["kd"] = {k: getattr(res, k) for k in ROW_KEYS}
@@ -195,7 +195,7 @@ def describe_student(cfg) -> str:
 
 
 def format_demo(result: dict[str, Any]) -> str:
-    from flows.stages import pct
+    from webkd.flows.stages import pct
 
     t = result["teacher"]
     lines = [f"fashion-web demo: {result['pool']} web images (clothing photos + PACS off-class), "

@@ -6,7 +6,7 @@ scored beside the previous champion on the same validation split and both number
 `registry.json`. Scheduled refreshes (flows/refresh.py) are the ones gated on being better.
 The library-level equivalent without Prefect is `webkd distill --no-flow` (`stages.distill`).
 """
-from flows.curate import (curation_stages, gallery_stage, publish_curation, publish_model_card,  # noqa: I001
+from webkd.flows.curate import (curation_stages, gallery_stage, publish_curation, publish_model_card,  # noqa: I001
                           run_stage, summary_task, artifact_key, with_retries)
 
 from typing import Any
@@ -15,9 +15,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import stages
-from flows.stages import pct
-from pipeline.config import load_config
+from webkd.flows import stages
+from webkd.flows.stages import pct
+from webkd.pipeline.config import load_config
 
 
 @task(name="distill", cache_policy=NO_CACHE)

@@ -13,7 +13,7 @@ The overrides store (`overrides.json`) applies to the teacher selection and to e
 the challenger's training. A refresh with nothing new answers every stage from the cache and
 trains nothing.
 """
-from flows.curate import (artifact_key, curation_stages, gallery_stage, publish_curation,  # noqa: I001
+from webkd.flows.curate import (artifact_key, curation_stages, gallery_stage, publish_curation,  # noqa: I001
                           publish_model_card, run_stage, summary_task, with_retries)
 
 import time
@@ -23,9 +23,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import stages
-from flows.stages import pct
-from pipeline.config import load_config
+from webkd.flows import stages
+from webkd.flows.stages import pct
+from webkd.pipeline.config import load_config
 
 
 @task(name="refresh-plan", cache_policy=NO_CACHE)

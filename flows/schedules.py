@@ -9,7 +9,7 @@ and `overrides`, and serves them from this process (at most one flow run at a ti
 `prefect deployment run`). Schedules fire only against a running Prefect server
 (`prefect server start --host 127.0.0.1`, then `PREFECT_API_URL=http://127.0.0.1:4200/api`).
 """
-from flows.curate import curate_flow  # noqa: I001  (sets the local Prefect defaults first)
+from webkd.flows.curate import curate_flow  # noqa: I001  (sets the local Prefect defaults first)
 
 import os
 import re
@@ -18,8 +18,8 @@ from typing import Any
 
 from prefect.schedules import Cron
 
-from flows.refresh import refresh_flow
-from pipeline.config import Config, load_config
+from webkd.flows.refresh import refresh_flow
+from webkd.pipeline.config import Config, load_config
 
 
 def deployment_name(cfg: Config, what: str) -> str:

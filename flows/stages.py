@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, RunPaths, dump_config, save_resolved_config
-from pipeline.features import build_pixel_cache, extract_features, load_features, resolve_device
-from pipeline.index import index_run, index_vectors, load_index, load_index_center, search
-from pipeline.ingest import IngestReport, run_ingest
-from pipeline.records import Record, class_index, load_manifest
-from pipeline.storage import atomic_write_json, atomic_write_text, read_json
+from webkd.pipeline.config import Config, RunPaths, dump_config, save_resolved_config
+from webkd.pipeline.features import build_pixel_cache, extract_features, load_features, resolve_device
+from webkd.pipeline.index import index_run, index_vectors, load_index, load_index_center, search
+from webkd.pipeline.ingest import IngestReport, run_ingest
+from webkd.pipeline.records import Record, class_index, load_manifest
+from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def pixels(cfg: Config, paths: RunPaths | None = None) -> np.ndarray:
 
 def build_teachers(cfg: Config, device: str = "cpu") -> list[tuple[str, Any, str]]:
     """[(cache key, frozen model, fingerprint)] for every configured teacher."""
-    from training.models import build_model, fingerprint, freeze
+    from webkd.training.models import build_model, fingerprint, freeze
 
     out = []
     for spec in cfg.teachers:
@@ -67,7 +67,7 @@ class FeatureSummary:
 
 def features(cfg: Config, teachers: list | None = None) -> dict[str, FeatureSummary]:
     """Cached embeddings + logits of every teacher (and the student when configured)."""
-    from training.models import build_model, fingerprint
+    from webkd.training.models import build_model, fingerprint
 
     if not cfg.teachers and "student" not in cfg.features.encoders:
         raise ValueError("no encoder to run: configure `teachers:` (or features.encoders: [student])")
@@ -134,7 +134,7 @@ def refined_labels(paths: RunPaths, ids: list[str]) -> np.ndarray:
 
 
 def build_pool(cfg: Config, with_neighbors: bool | None = None):
-    from training.loop import Pool
+    from webkd.training.loop import Pool
 
     paths = cfg.paths
     records = load_manifest(paths.manifest)
@@ -166,7 +166,7 @@ def build_pool(cfg: Config, with_neighbors: bool | None = None):
                 val_labels=np.where(split == "val", web_class, -1), teacher_logits=teacher_logits,
                 neighbors=neighbors, class_group=class_groups(cfg))
     if cfg.train.label_source == "refined":  # the ledger shows the refined labels (selection/refine.py)
-        from selection.refine import label_columns
+        from webkd.selection.refine import label_columns
 
         pool.label_columns = label_columns(paths.labels, ids)
     return pool
@@ -178,7 +178,7 @@ def build_pool(cfg: Config, with_neighbors: bool | None = None):
 def refine(cfg: Config):
     """Refine the web query labels with one PLL two-hot round on cached teacher embeddings and
     write labels.parquet (used by `train.label_source=refined`). Computes missing features first."""
-    from selection.refine import refine_labels, write_labels
+    from webkd.selection.refine import refine_labels, write_labels
 
     paths = cfg.paths
     records = load_manifest(paths.manifest)
@@ -210,7 +210,7 @@ def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
     """(pixels, labels) of `data.test_source`, ingested into <run>/test (labels from folder names)."""
     if not cfg.data.test_source:
         return None
-    from pipeline.config import IngestConfig
+    from webkd.pipeline.config import IngestConfig
 
     tpaths = RunPaths(cfg.paths.root / "test")
     run_ingest([cfg.data.test_source], tpaths, IngestConfig(min_side=1))
@@ -262,19 +262,19 @@ class DistillResult:
 
 
 def command_line() -> str:
-    """The command that made this run (`python -m flows ...` is the same program as `webkd ...`)."""
+    """The command that made this run (`python -m webkd.flows ...` is the same program as `webkd ...`)."""
     return " ".join(shlex.quote(a) for a in ["webkd"] + sys.argv[1:])
 
 
 def load_overrides_for(cfg: Config) -> dict[str, str]:
-    from selection.overrides import load_overrides
+    from webkd.selection.overrides import load_overrides
 
     return load_overrides(cfg.paths.overrides)
 
 
 def _lineage(cfg: Config, records: list[Record], final_epoch: int, out: RunPaths | None = None) -> dict[str, Any]:
-    from pipeline.records import load_quarantine
-    from selection.policy import read_ledger
+    from webkd.pipeline.records import load_quarantine
+    from webkd.selection.policy import read_ledger
 
     table = read_ledger((out or cfg.paths).ledger(final_epoch)).to_pydict()
     kept = np.array(table["kept"])
@@ -299,8 +299,8 @@ def build_student_and_method(cfg: Config, teachers: list, sample):
     """The student (warm-started when configured) and the method with its model-derived args."""
     import torch
 
-    from training.methods import build_method, method_defaults
-    from training.models import build_model, load_weights
+    from webkd.training.methods import build_method, method_defaults
+    from webkd.training.models import build_model, load_weights
 
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes)
@@ -337,8 +337,8 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None)
     from the run directory."""
     import torch
 
-    from training.export import save_export, write_model_card
-    from training.loop import accuracy, fit, load_checkpoint, predict_logits
+    from webkd.training.export import save_export, write_model_card
+    from webkd.training.loop import accuracy, fit, load_checkpoint, predict_logits
 
     t0 = time.time()
     out = out or cfg.paths
@@ -391,7 +391,7 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None)
     if test_acc is not None:
         metrics["test_acc"] = test_acc
         metrics["teacher_test_acc"] = teacher_test
-    from training.models import fingerprint as model_fingerprint
+    from webkd.training.models import fingerprint as model_fingerprint
 
     meta = {"name": cfg.name, "method": cfg.train.method, "classes": list(cfg.data.classes),
             "student_spec": cfg.student.model_dump(mode="json"),
@@ -424,8 +424,8 @@ def teacher_selection(cfg: Config) -> dict[str, Any]:
     `selection/epoch_000.parquet`; the same decision `fit` makes before its first epoch."""
     import torch
 
-    from selection.policy import ledger_table, write_ledger
-    from training.loop import reselect
+    from webkd.selection.policy import ledger_table, write_ledger
+    from webkd.training.loop import reselect
 
     pool = build_pool(cfg)
     if pool.teacher_logits is None:
@@ -440,7 +440,7 @@ def teacher_selection(cfg: Config) -> dict[str, Any]:
 
 def gallery(cfg: Config) -> Path:
     """(Re-)render the run's review page from its ledgers, manifest and overrides."""
-    from selection.gallery import render_gallery
+    from webkd.selection.gallery import render_gallery
 
     return render_gallery(cfg.paths.root, classes=list(cfg.data.classes) or None)
 
@@ -471,7 +471,7 @@ def training_fingerprint(cfg: Config) -> str:
 
 def pool_state(cfg: Config) -> dict[str, Any]:
     """What a student trained now would be trained on (pool ids, overrides, training config)."""
-    from training.registry import pool_state as state
+    from webkd.training.registry import pool_state as state
 
     return state([r.id for r in load_manifest(cfg.paths.manifest)], load_overrides_for(cfg),
                  training_fingerprint(cfg))
@@ -492,7 +492,7 @@ def refresh_plan(cfg: Config) -> dict[str, Any]:
     training config differ from those of the newest trained student (or none exists). First
     export/ is repaired after an interrupted promotion, and an export/ written outside the flows
     (library `distill`) is registered as the champion."""
-    from training import registry
+    from webkd.training import registry
 
     paths = cfg.paths
     registry.sync_export(paths)
@@ -526,7 +526,7 @@ def challenger_config(cfg: Config, warm_start: str | None) -> Config:
 def train_challenger(cfg: Config, plan: dict[str, Any]) -> DistillResult:
     """Train the planned challenger into `students/<version>/`; the champion's export and the
     run's checkpoints, ledgers and metrics are not touched."""
-    from training.registry import student_dir
+    from webkd.training.registry import student_dir
 
     if not plan.get("version"):
         raise ValueError("the refresh plan has no challenger version (nothing to train)")
@@ -550,8 +550,8 @@ class ValidationSplit:
 
 
 def validation_split(cfg: Config) -> ValidationSplit:
-    from training.loop import val_metric_name
-    from training.methods import METHODS
+    from webkd.training.loop import val_metric_name
+    from webkd.training.methods import METHODS
 
     pool = build_pool(cfg, with_neighbors=False)
     metric = val_metric_name(cfg.train.val_metric, METHODS[cfg.train.method], pool)
@@ -568,7 +568,7 @@ def validation_split(cfg: Config) -> ValidationSplit:
 def _compare(cfg: Config, export_dir: Path, champion: str | None) -> dict[str, Any]:
     """Score of `export_dir` and of the champion's export on the same validation rows, with the
     metric training selects checkpoints by."""
-    from training import registry
+    from webkd.training import registry
 
     v = validation_split(cfg)
     device = str(resolve_device(cfg.device))
@@ -588,7 +588,7 @@ def judge_challenger(cfg: Config, plan: dict[str, Any], result: DistillResult) -
     """Evaluate champion and challenger on the same validation split, register the challenger,
     and promote it only if it is better (tie: the champion stays); a promoted challenger's
     ledgers become the run's selection."""
-    from training import registry
+    from webkd.training import registry
 
     paths = cfg.paths
     version = plan["version"]
@@ -613,7 +613,7 @@ def register_distilled(cfg: Config, result: DistillResult) -> dict[str, Any]:
     `students/<version>/`, compare it with the previous champion on the same validation split
     (recorded, not gating: an explicit distill is the user's choice) and make it the champion.
     Ledgers of epochs beyond this training are removed from `selection/`."""
-    from training import registry
+    from webkd.training import registry
 
     paths = cfg.paths
     reg = registry.load_registry(paths.registry)

@@ -388,7 +388,7 @@ def dump_config(cfg: Config) -> str:
 
 def save_resolved_config(cfg: Config) -> Path:
     """Write the resolved config into the run directory (atomically) before work starts."""
-    from pipeline.storage import atomic_write_text
+    from webkd.pipeline.storage import atomic_write_text
 
     p = cfg.paths.config
     atomic_write_text(p, dump_config(cfg))

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import RunPaths
-from pipeline.records import Record
-from pipeline.storage import atomic_path, atomic_save_npy, atomic_write_json, read_json
+from webkd.pipeline.config import RunPaths
+from webkd.pipeline.records import Record
+from webkd.pipeline.storage import atomic_path, atomic_save_npy, atomic_write_json, read_json
 
 if TYPE_CHECKING:  # torch is imported lazily: pixel caching and the CLI do not need it
     import torch
@@ -99,7 +99,7 @@ def pixel_meta_path(path: str | Path) -> Path:
 
 
 def _decode_row(record: Record, size: int, fit: str) -> tuple[np.ndarray | None, str]:
-    from pipeline.ingest import load_rgb
+    from webkd.pipeline.ingest import load_rgb
 
     try:
         return fit_square(load_rgb(record), size, fit), ""

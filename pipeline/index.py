@@ -22,9 +22,9 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import IndexConfig, RunPaths
-from pipeline.records import OK, QuarantineRow, load_manifest, load_quarantine, save_manifest, save_quarantine
-from pipeline.storage import atomic_path, atomic_write_json, read_json
+from webkd.pipeline.config import IndexConfig, RunPaths
+from webkd.pipeline.records import OK, QuarantineRow, load_manifest, load_quarantine, save_manifest, save_quarantine
+from webkd.pipeline.storage import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.config import IngestConfig, RunPaths
-from pipeline.records import (OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine, read_bytes,
+from webkd.pipeline.config import IngestConfig, RunPaths
+from webkd.pipeline.records import (OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine, read_bytes,
                               save_manifest, save_quarantine)
-from pipeline.sources import Entry, iter_source
-from pipeline.storage import atomic_write_table
+from webkd.pipeline.sources import Entry, iter_source
+from webkd.pipeline.storage import atomic_write_table
 
 log = logging.getLogger(__name__)
 

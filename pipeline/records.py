@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import atomic_write_table
+from webkd.pipeline.storage import atomic_write_table
 
 OK = "ok"
 

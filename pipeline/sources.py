@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
-from pipeline.config import IngestConfig
+from webkd.pipeline.config import IngestConfig
 
 log = logging.getLogger(__name__)
 

@@ -47,12 +47,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.config import RunPaths
-from pipeline.records import REASONS as RECORD_REASONS
-from pipeline.records import load_quarantine
-from pipeline.storage import atomic_write_text
-from selection.overrides import load_overrides
-from selection.thumbnails import ThumbIndex, build_thumbnails
+from webkd.pipeline.config import RunPaths
+from webkd.pipeline.records import REASONS as RECORD_REASONS
+from webkd.pipeline.records import load_quarantine
+from webkd.pipeline.storage import atomic_write_text
+from webkd.selection.overrides import load_overrides
+from webkd.selection.thumbnails import ThumbIndex, build_thumbnails
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.storage import atomic_write_json
+from webkd.pipeline.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import SelectionConfig
-from pipeline.storage import atomic_write_table
-from selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
+from webkd.pipeline.config import SelectionConfig
+from webkd.pipeline.storage import atomic_write_table
+from webkd.selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.config import RefineConfig
-from pipeline.storage import atomic_write_table
+from webkd.pipeline.config import RefineConfig
+from webkd.pipeline.storage import atomic_write_table
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import RunPaths
-from pipeline.records import load_manifest
-from pipeline.storage import atomic_path, atomic_write_text, read_json
+from webkd.pipeline.config import RunPaths
+from webkd.pipeline.records import load_manifest
+from webkd.pipeline.storage import atomic_path, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class _ThumbSource:
         return self._records.get(i)
 
     def _from_file(self, i: str) -> np.ndarray:
-        from pipeline.ingest import load_rgb  # decoding lives in ingest (bomb guard, EXIF, modes)
+        from webkd.pipeline.ingest import load_rgb  # decoding lives in ingest (bomb guard, EXIF, modes)
 
         rec = self._record(i)
         if rec is None:

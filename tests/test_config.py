@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, RunPaths, load_config, save_resolved_config
+from webkd.pipeline.config import ConfigError, RunPaths, load_config, save_resolved_config
 
 
 def _write(tmp_path, data) -> str:

@@ -26,8 +26,8 @@ def scenario(tmp_path_factory, clothing, pacs_jpeg):
     """~200 real photos under query folders + PACS images as off-class queries; a saved teacher."""
     from PIL import Image
 
-    from pipeline.config import ModelSpec, PreprocessSpec
-    from training.models import build_model, save_weights
+    from webkd.pipeline.config import ModelSpec, PreprocessSpec
+    from webkd.training.models import build_model, save_weights
 
     root = tmp_path_factory.mktemp("e2e")
     rng = np.random.default_rng(0)
@@ -67,7 +67,7 @@ def _env():
 
 
 def _distill(scenario: Path, run: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows", "distill", "--no-flow", str(scenario / "cfg.yaml"), f"run_dir={run}"],
+    return subprocess.Popen([sys.executable, "-m", "webkd.flows", "distill", "--no-flow", str(scenario / "cfg.yaml"), f"run_dir={run}"],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -120,7 +120,7 @@ def test_distill_end_to_end_and_kill_resume(scenario):
     assert meta["deploy"]["head"] == "kd3" and meta["classes"] == CLASSES
     import onnxruntime as ort
 
-    from training.export import load_student
+    from webkd.training.export import load_student
 
     model = load_student(export)
     x = torch.from_numpy(np.load(full / "pixels" / "rgb32_squash.npy")[:16]).permute(0, 3, 1, 2).float() / 255

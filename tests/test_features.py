@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import IngestConfig, ModelSpec, PreprocessSpec, RunPaths
-from pipeline.features import (build_pixel_cache, extract_features, fit_square, load_features, pixel_meta_path,
+from webkd.pipeline.config import IngestConfig, ModelSpec, PreprocessSpec, RunPaths
+from webkd.pipeline.features import (build_pixel_cache, extract_features, fit_square, load_features, pixel_meta_path,
                                resolve_device)
-from pipeline.ingest import run_ingest
-from pipeline.records import load_manifest
-from training import models as M
+from webkd.pipeline.ingest import run_ingest
+from webkd.pipeline.records import load_manifest
+from webkd.training import models as M
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one intra-op thread

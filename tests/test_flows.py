@@ -32,10 +32,10 @@ def train_teacher(clothing, path: Path, n: int = 1200, epochs: int = 4) -> float
 
     from PIL import Image
 
-    from pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig
-    from training.loop import Pool, fit, load_checkpoint
-    from training.methods import build_method
-    from training.models import build_model, save_weights
+    from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig
+    from webkd.training.loop import Pool, fit, load_checkpoint
+    from webkd.training.methods import build_method
+    from webkd.training.models import build_model, save_weights
 
     if "weights" not in _TEACHER:
         ks = [clothing.class_names.index(c) for c in CLASSES]
@@ -170,8 +170,8 @@ def artifact(key: str):
 
 # --------------------------------------------------------------------------------------------
 def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clothing):
-    from flows.curate import curate_flow
-    from pipeline.config import load_config
+    from webkd.flows.curate import curate_flow
+    from webkd.pipeline.config import load_config
 
     cfg = load_config(scenario)
     run = cfg.paths.root
@@ -247,9 +247,9 @@ def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clot
 
 
 def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario):
-    from flows.distill import distill_flow
-    from pipeline.config import load_config
-    from training import registry
+    from webkd.flows.distill import distill_flow
+    from webkd.pipeline.config import load_config
+    from webkd.training import registry
 
     run = scenario.parent / "run_distill"
     ov = [f"run_dir={run}", "name=flows distill"]
@@ -272,7 +272,7 @@ def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario
 
     # ---- the registry scores the export with the metric training selected its checkpoint by ---
     # (KD^3 with a teacher: top-1 agreement with the teacher on every validation row)
-    from flows import stages
+    from webkd.flows import stages
 
     v = stages.validation_split(cfg)
     score = registry.evaluate_export(run / "export", v.pixels, v.rows, v.targets, v.class_group)
@@ -292,7 +292,7 @@ def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario
 
 @pytest.mark.parametrize("verb_name", ["curate", "distill", "refresh", "serve"])
 def test_flow_verbs_explain_themselves(verb_name, capsys):
-    from flows.__main__ import main
+    from webkd.flows.__main__ import main
 
     with pytest.raises(SystemExit) as exc:
         main([verb_name, "--help"])
@@ -335,7 +335,7 @@ def test_killed_cli_leaves_no_temporary_server(scenario, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    cli = subprocess.Popen([sys.executable, "-m", "flows", "curate", str(scenario), f"run_dir={tmp_path / 'run'}"],
+    cli = subprocess.Popen([sys.executable, "-m", "webkd.flows", "curate", str(scenario), f"run_dir={tmp_path / 'run'}"],
                            cwd=Path(__file__).resolve().parent.parent, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = None

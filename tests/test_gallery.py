@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import RunPaths
-from pipeline.records import QuarantineRow, Record, save_manifest, save_quarantine
-from pipeline.storage import atomic_write_table
-from selection.gallery import js_json, load_run, render_gallery, summarize_run
-from selection.overrides import apply_overrides, import_overrides_file, load_overrides, record_overrides
-from selection.thumbnails import build_thumbnails
+from webkd.pipeline.config import RunPaths
+from webkd.pipeline.records import QuarantineRow, Record, save_manifest, save_quarantine
+from webkd.pipeline.storage import atomic_write_table
+from webkd.selection.gallery import js_json, load_run, render_gallery, summarize_run
+from webkd.selection.overrides import apply_overrides, import_overrides_file, load_overrides, record_overrides
+from webkd.selection.thumbnails import build_thumbnails
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -47,7 +47,7 @@ LEDGER_SCHEMA = pa.schema([
 def write_ledger(path: Path, cols: dict) -> None:
     table = pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in LEDGER_SCHEMA}, schema=LEDGER_SCHEMA)
     try:  # the policy's writer checks the table against its own schema: the contract holds
-        from selection.policy import write_ledger as policy_write
+        from webkd.selection.policy import write_ledger as policy_write
     except ImportError:
         atomic_write_table(path, table)
     else:
@@ -461,7 +461,7 @@ def test_render_empty_and_partial_runs(tmp_path, shirts):
 
 
 def test_inspect_and_override_cli(tmp_path, shirts, capsys):
-    from flows.__main__ import main
+    from webkd.flows.__main__ import main
 
     images, labels, names = shirts
     run = make_run(tmp_path, images[:60], labels[:60], names)

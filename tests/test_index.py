@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import index as ix
-from pipeline.config import IndexConfig, RunPaths
-from pipeline.records import QuarantineRow, Record, load_manifest, load_quarantine, save_manifest, save_quarantine
-from pipeline.storage import atomic_save_npy
+from webkd.pipeline import index as ix
+from webkd.pipeline.config import IndexConfig, RunPaths
+from webkd.pipeline.records import QuarantineRow, Record, load_manifest, load_quarantine, save_manifest, save_quarantine
+from webkd.pipeline.storage import atomic_save_npy
 
 SIDE = 16  # embeddings are PCA'd 16x16 RGB pixel vectors
 

@@ -21,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import ingest
-from pipeline.config import IngestConfig, RunPaths
-from pipeline.ingest import Rejected, decode_image, load_rgb, run_ingest, to_rgb
-from pipeline.records import REASONS, load_manifest, load_quarantine, read_bytes
+from webkd.pipeline import ingest
+from webkd.pipeline.config import IngestConfig, RunPaths
+from webkd.pipeline.ingest import Rejected, decode_image, load_rgb, run_ingest, to_rgb
+from webkd.pipeline.records import REASONS, load_manifest, load_quarantine, read_bytes
 
 
 # --------------------------------------------------------------------------------------------

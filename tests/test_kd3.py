@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelSpec, PreprocessSpec
-from training.methods import KD3, KD3Head, build_method, method_defaults
-from training.models import build_model, freeze
+from webkd.pipeline.config import ModelSpec, PreprocessSpec
+from webkd.training.methods import KD3, KD3Head, build_method, method_defaults
+from webkd.training.models import build_model, freeze
 
 PRE = PreprocessSpec(size=32, channels=3)
 

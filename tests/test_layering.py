@@ -8,14 +8,21 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["pipeline", "selection", "training", "flows"]  # each may import only layers to its left
 
 
+def _top(module: str) -> str:
+    """The layer (or third-party package) a module name belongs to: `webkd.training.loop` ->
+    `training`; a bare `training.loop` (the pre-namespace spelling) -> `training` too."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "webkd" and len(parts) > 1 else parts[0]
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     mods: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            mods.update(a.name.split(".")[0] for a in node.names)
+            mods.update(_top(a.name) for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            mods.add(node.module.split(".")[0])
+            mods.add(_top(node.module))
     return mods
 
 
@@ -47,8 +54,24 @@ def test_init_files_stay_empty():
 def test_checker_sees_violations(tmp_path):
     """The walker itself must catch a violating import, or the tests above prove nothing."""
     f = tmp_path / "x.py"
-    f.write_text("import prefect\nfrom training.loop import fit\nfrom . import sibling\n")
-    assert _imports(f) == {"prefect", "training"}
+    f.write_text("import prefect\nfrom webkd.training.loop import fit\nimport webkd.selection.policy\n"
+                 "from . import sibling\n")
+    assert _imports(f) == {"prefect", "training", "selection"}
+
+
+def test_no_bare_layer_imports():
+    """Every project import goes through the installed `webkd` namespace: a bare `import training`
+    would load a second copy of the module from the working directory."""
+    bad = []
+    for f in sorted(ROOT.glob("*/**/*.py")):
+        if ".venv" in f.parts or f.parts[len(ROOT.parts)] not in LAYERS + ["tests", "bench"]:
+            continue
+        tree = ast.parse(f.read_text(), filename=str(f))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            bad += [f"{f.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in LAYERS]
+    assert not bad, "bare imports (use webkd.<layer>):\n" + "\n".join(bad)
 
 
 def test_library_imports_without_prefect():
@@ -57,7 +80,7 @@ def test_library_imports_without_prefect():
 
     code = ("import sys, importlib, pkgutil\n"
             "sys.modules['prefect'] = None\n"  # any import of prefect now raises ImportError
-            "for pkg in ('pipeline', 'selection', 'training'):\n"
+            "for pkg in ('webkd.pipeline', 'webkd.selection', 'webkd.training'):\n"
             "    p = importlib.import_module(pkg)\n"
             "    for m in pkgutil.iter_modules(p.__path__):\n"
             "        importlib.import_module(f'{pkg}.{m.name}')\n")

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import losses as L
+from webkd.training import losses as L
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_losses.json"
 ZT = torch.tensor([[3.0, 2.0, 1.0, 0.0]])  # methods.md golden teacher logits

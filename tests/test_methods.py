@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelSpec
-from training.losses import ce_loss
-from training.method_base import Method
-from training.methods import METHODS, build_method, method_defaults
-from training.models import build_model, freeze
+from webkd.pipeline.config import ModelSpec
+from webkd.training.losses import ce_loss
+from webkd.training.method_base import Method
+from webkd.training.methods import METHODS, build_method, method_defaults
+from webkd.training.models import build_model, freeze
 
 K = 7  # PACS classes
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelSpec
-from training.export import count_parameters, load_student, save_export
-from training.methods import build_method, method_defaults
-from training.mixskd import MixSKD
-from training.models import build_model
+from webkd.pipeline.config import ModelSpec
+from webkd.training.export import count_parameters, load_student, save_export
+from webkd.training.methods import build_method, method_defaults
+from webkd.training.mixskd import MixSKD
+from webkd.training.models import build_model
 
 K = 10  # clothing classes
 

@@ -16,10 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.config import ModelSpec, PreprocessSpec
-from training import models as M
-from training.archs import ARCHS
-from training.zero_shot import OpenClipZeroShot
+from webkd.pipeline.config import ModelSpec, PreprocessSpec
+from webkd.training import models as M
+from webkd.training.archs import ARCHS
+from webkd.training.zero_shot import OpenClipZeroShot
 
 GREY = dict(channels=1, mean=[0.5], std=[0.5])
 

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from selection.overrides import (OverridesError, apply_overrides, import_overrides_file, load_entries,
+from webkd.selection.overrides import (OverridesError, apply_overrides, import_overrides_file, load_entries,
                                  load_overrides, record_overrides)
 
 A, B, C, V = "a" * 64, "b" * 64, "c" * 64, "d" * 64

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelSpec
-from training import losses
-from training.models import build_model, freeze
-from training.pll import PLL
+from webkd.pipeline.config import ModelSpec
+from webkd.training import losses
+from webkd.training.models import build_model, freeze
+from webkd.training.pll import PLL
 
 
 @pytest.fixture(scope="module")

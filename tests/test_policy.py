@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import KnnConfig, SelectionConfig
-from selection import policy as pol
-from selection.scores import prediction
+from webkd.pipeline.config import KnnConfig, SelectionConfig
+from webkd.selection import policy as pol
+from webkd.selection.scores import prediction
 
 # The ledger table of ARCHITECTURE.md, written out independently of LEDGER_SCHEMA.
 DOCUMENTED_LEDGER = [
@@ -207,7 +207,7 @@ def test_bad_input_fails_clearly():
 
 def test_thresholds_and_kept_counts_are_logged(real_logits, caplog):
     zt, zs, _ = real_logits
-    with caplog.at_level(logging.INFO, logger="selection.policy"):
+    with caplog.at_level(logging.INFO, logger="webkd.selection.policy"):
         sel = pol.select(zt, zs, 0.3, SelectionConfig())
     text = caplog.text
     kept = sel.kept_per_class()

@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline import datasets
-from pipeline.config import ModelSpec, RefineConfig, RunPaths, SelectionConfig, build_config
-from selection import policy
-from selection.refine import (fit_linear_probe, label_columns, read_labels_report, refine_labels, top2,
+from webkd.pipeline import datasets
+from webkd.pipeline.config import ModelSpec, RefineConfig, RunPaths, SelectionConfig, build_config
+from webkd.selection import policy
+from webkd.selection.refine import (fit_linear_probe, label_columns, read_labels_report, refine_labels, top2,
                               two_hot_set_loss, write_labels)
-from training import losses
+from webkd.training import losses
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_labels_file_and_ledger_columns(fmnist_noisy, tmp_path):
 @pytest.fixture
 def clothing_run(clothing, query_folder_factory, tmp_path):
     """A run over 70 real clothing photos in query-named folders, a cnn_tiny teacher on file."""
-    from training.models import build_model, save_weights
+    from webkd.training.models import build_model, save_weights
 
     rng = np.random.default_rng(3)
     idx = np.concatenate([rng.choice(np.flatnonzero(clothing.labels == k), 7, replace=False) for k in range(10)])
@@ -143,9 +143,9 @@ def clothing_run(clothing, query_folder_factory, tmp_path):
 
 
 def test_refine_verb_writes_labels_and_rld_trains_on_web_or_refined_labels(clothing_run, capsys):
-    from flows import stages
-    from flows.__main__ import main
-    from training.loop import fit
+    from webkd.flows import stages
+    from webkd.flows.__main__ import main
+    from webkd.training.loop import fit
 
     path, raw = clothing_run
     cfg = build_config(raw)

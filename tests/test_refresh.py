@@ -49,11 +49,11 @@ def _ledger(path: Path) -> dict:
 
 
 def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefect_server, scenario):
-    from flows import stages
-    from flows.refresh import refresh_flow
-    from pipeline.config import load_config
-    from selection.overrides import record_overrides
-    from training import registry
+    from webkd.flows import stages
+    from webkd.flows.refresh import refresh_flow
+    from webkd.pipeline.config import load_config
+    from webkd.selection.overrides import record_overrides
+    from webkd.training import registry
 
     cfg_path, extra = scenario
     cfg = load_config(cfg_path)
@@ -134,7 +134,7 @@ def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefec
 # registry (library level, no Prefect)
 # --------------------------------------------------------------------------------------------
 def test_decide_promotes_only_when_strictly_better():
-    from training.registry import decide
+    from webkd.training.registry import decide
 
     assert decide(None, 0.3)[0]                       # no champion yet
     assert decide(0.5, 0.51)[0]
@@ -152,10 +152,10 @@ def exports(tmp_path_factory, scenario, clothing):
     one, plus real held-out photos (pixels, labels) to score them on."""
     from PIL import Image
 
-    from pipeline.config import ModelSpec, PreprocessSpec
-    from training.export import save_export
-    from training.methods import LogitsOnly
-    from training.models import build_model, load_weights
+    from webkd.pipeline.config import ModelSpec, PreprocessSpec
+    from webkd.training.export import save_export
+    from webkd.training.methods import LogitsOnly
+    from webkd.training.models import build_model, load_weights
 
     cfg_path, _ = scenario
     root = tmp_path_factory.mktemp("exports")
@@ -180,14 +180,14 @@ def exports(tmp_path_factory, scenario, clothing):
 
 
 def _install_version(paths, version: str, src: Path) -> None:
-    from training import registry
+    from webkd.training import registry
 
     registry.archive_export(paths, version, src)
 
 
 def test_promote_only_if_better_on_the_same_split(tmp_path, exports):
-    from pipeline.config import RunPaths
-    from training import registry
+    from webkd.pipeline.config import RunPaths
+    from webkd.training import registry
 
     (ex, pix, rows, labels) = exports
     paths = RunPaths(tmp_path / "run")
@@ -239,8 +239,8 @@ def test_promote_only_if_better_on_the_same_split(tmp_path, exports):
 
 
 def test_interrupted_promotion_is_repaired_and_foreign_exports_adopted(tmp_path, exports):
-    from pipeline.config import RunPaths
-    from training import registry
+    from webkd.pipeline.config import RunPaths
+    from webkd.training import registry
 
     ex = exports[0]
     paths = RunPaths(tmp_path / "run")

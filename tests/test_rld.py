@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelSpec
-from training import losses
-from training.models import build_model, freeze
-from training.rld import RLD
+from webkd.pipeline.config import ModelSpec
+from webkd.training import losses
+from webkd.training.models import build_model, freeze
+from webkd.training.rld import RLD
 
 
 @pytest.fixture(scope="module")

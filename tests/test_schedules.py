@@ -35,7 +35,7 @@ def no_server():
 
 
 def test_deployments_carry_cron_timezone_and_parameters(tmp_path, no_server):
-    from flows.schedules import build_deployments
+    from webkd.flows.schedules import build_deployments
 
     path = _config(tmp_path, {"curate_cron": "15 1 * * *", "refresh_cron": "30 4 * * 1,4",
                               "timezone": "Europe/Berlin"})
@@ -53,8 +53,8 @@ def test_deployments_carry_cron_timezone_and_parameters(tmp_path, no_server):
 
 
 def test_defaults_null_cron_and_bad_cron(tmp_path, no_server):
-    from flows.schedules import build_deployments
-    from pipeline.config import FlowsConfig
+    from webkd.flows.schedules import build_deployments
+    from webkd.pipeline.config import FlowsConfig
 
     curate, refresh = build_deployments(_config(tmp_path, {}))
     assert curate.schedules[0].schedule.cron == FlowsConfig().curate_cron
@@ -72,11 +72,11 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
     path = _config(tmp_path, {"curate_cron": "0 5 * * *"})
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")      # no profile with an API URL
-    dry = subprocess.run([sys.executable, "-m", "flows", "serve", str(path), "--dry-run"], cwd=ROOT, env=env,
+    dry = subprocess.run([sys.executable, "-m", "webkd.flows", "serve", str(path), "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert "shop-web-v2-curate: 0 5 * * * (UTC)" in dry.stdout and "shop-web-v2-refresh" in dry.stdout
-    out = subprocess.run([sys.executable, "-m", "flows", "serve", str(path)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "webkd.flows", "serve", str(path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "prefect server start" in out.stderr and "PREFECT_API_URL" in out.stderr

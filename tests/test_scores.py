@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from selection import scores as sc
+from webkd.selection import scores as sc
 
 
 def _official(e: int) -> float:

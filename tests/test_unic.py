@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelSpec, RunPaths, SelectionConfig, TrainConfig
-from training import losses
-from training.export import count_parameters
-from training.loop import Pool, fit, load_checkpoint
-from training.methods import build_method, method_defaults
-from training.models import build_model, freeze
-from training.unic import UNIC
+from webkd.pipeline.config import ModelSpec, RunPaths, SelectionConfig, TrainConfig
+from webkd.training import losses
+from webkd.training.export import count_parameters
+from webkd.training.loop import Pool, fit, load_checkpoint
+from webkd.training.methods import build_method, method_defaults
+from webkd.training.models import build_model, freeze
+from webkd.training.unic import UNIC
 
 
 @pytest.fixture(scope="module")

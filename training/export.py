@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.config import ModelSpec
-from pipeline.storage import atomic_path, atomic_write_json, atomic_write_text, read_json
+from webkd.pipeline.config import ModelSpec
+from webkd.pipeline.storage import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def load_student(export_dir: str | Path, device: str | torch.device = "cpu") -> 
     """Rebuild the deployed student from an export folder (metadata + safetensors)."""
     from safetensors.torch import load_file
 
-    from training.methods import KD3Head, LogitsOnly, Projector
-    from training.models import build_model
+    from webkd.training.methods import KD3Head, LogitsOnly, Projector
+    from webkd.training.models import build_model
 
     export_dir = Path(export_dir)
     meta = read_json(export_dir / META)

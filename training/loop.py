@@ -22,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.config import RunPaths, SelectionConfig, TrainConfig
-from pipeline.storage import atomic_path, atomic_write_json
-from selection import policy
-from selection.overrides import apply_overrides
-from training.methods import Method
+from webkd.pipeline.config import RunPaths, SelectionConfig, TrainConfig
+from webkd.pipeline.storage import atomic_path, atomic_write_json
+from webkd.selection import policy
+from webkd.selection.overrides import apply_overrides
+from webkd.training.methods import Method
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training import losses
-from training.method_base import LogitsOnly, Method, mean_teacher_logits, teacher_outputs
-from training.mixskd import MixSKD
-from training.pll import PLL
-from training.rld import RLD
-from training.unic import UNIC
+from webkd.training import losses
+from webkd.training.method_base import LogitsOnly, Method, mean_teacher_logits, teacher_outputs
+from webkd.training.mixskd import MixSKD
+from webkd.training.pll import PLL
+from webkd.training.rld import RLD
+from webkd.training.unic import UNIC
 
 
 _teacher_outputs = teacher_outputs          # older private names, kept for callers

@@ -26,9 +26,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from training import losses
-from training.method_base import Method
-from training.models import gap
+from webkd.training import losses
+from webkd.training.method_base import Method
+from webkd.training.models import gap
 
 
 class _GradReverse(torch.autograd.Function):

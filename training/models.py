@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.config import ModelSpec, PreprocessSpec
-from pipeline.storage import atomic_path
-from training.archs import ARCHS
+from webkd.pipeline.config import ModelSpec, PreprocessSpec
+from webkd.pipeline.storage import atomic_path
+from webkd.training.archs import ARCHS
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def build_model(spec: ModelSpec, num_classes: int | None, class_names: list[str]
     if spec.library == "open_clip":
         if spec.weights:
             raise ModelLoadError("open_clip teachers load their checkpoint through `pretrained: <file>`, not `weights`")
-        from training.zero_shot import build_zero_shot  # here: zero_shot imports Outputs/Preprocess from us
+        from webkd.training.zero_shot import build_zero_shot  # here: zero_shot imports Outputs/Preprocess from us
 
         return build_zero_shot(spec, class_names, k)
     if not k:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from training import losses
-from training.method_base import Method, mean_teacher_logits, teacher_outputs
+from webkd.training import losses
+from webkd.training.method_base import Method, mean_teacher_logits, teacher_outputs
 
 
 class PLL(Method):

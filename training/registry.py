@@ -42,8 +42,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.config import RunPaths
-from pipeline.storage import atomic_write_json, atomic_write_text, read_json
+from webkd.pipeline.config import RunPaths
+from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +257,8 @@ def evaluate_export(export_dir: str | Path, pixels: np.ndarray, rows: np.ndarray
     group counting as equal. NaN without labelled rows."""
     import torch
 
-    from training.export import load_student
-    from training.loop import accuracy, predict_logits
+    from webkd.training.export import load_student
+    from webkd.training.loop import accuracy, predict_logits
 
     rows = np.asarray(rows, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -435,7 +435,7 @@ def publish_selection(src_dir: str | Path, dst_dir: str | Path, epochs: int) -> 
     """Copy the ledgers `epoch_<k>.parquet` (k < epochs) of a promoted student into the run's
     `selection/` (atomically, one file at a time) and delete ledgers of epochs >= `epochs` there,
     which belong to an older, longer training. `src_dir == dst_dir` only prunes."""
-    from pipeline.storage import atomic_path
+    from webkd.pipeline.storage import atomic_path
 
     src, dst = Path(src_dir), Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ The math is `training.losses.rld_loss`.
 """
 from __future__ import annotations
 
-from training import losses
-from training.method_base import Method, mean_teacher_logits, teacher_outputs
+from webkd.training import losses
+from webkd.training.method_base import Method, mean_teacher_logits, teacher_outputs
 
 
 class RLD(Method):

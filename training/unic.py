@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training import losses
-from training.method_base import Method, teacher_outputs
-from training.models import gap
+from webkd.training import losses
+from webkd.training.method_base import Method, teacher_outputs
+from webkd.training.models import gap
 
 TOKENS = ("cls", "patch")
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import ModelSpec, PreprocessSpec
-from training.models import ModelLoadError, Outputs, Preprocess
+from webkd.pipeline.config import ModelSpec, PreprocessSpec
+from webkd.training.models import ModelLoadError, Outputs, Preprocess
 
 log = logging.getLogger(__name__)
 
