@@ -1,5 +1,6 @@
 """The built wheel: everything under one `webkd` namespace, nothing else at top level, and an
 install of it into a fresh virtual environment runs `webkd --help`."""
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,9 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """Built from a copy of the tracked files, so the checkout gets no build/ folder and nothing
+    untracked (runs, caches) can slip into the wheel."""
+    out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for rel in filter(None, files.stdout.split("\0")):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(out), str(ROOT)], capture_output=True, text=True)
+                        "-w", str(out), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = out.glob("webkd-*.whl")
     return whl
