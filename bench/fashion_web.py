@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from webkd.flows import demo, stages  # noqa: E402
+from webkd.flows import demo  # noqa: E402
+from webkd.flows.stages import curate as curate_stages  # noqa: E402
+from webkd.flows.stages import distill as distill_stages  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
 from webkd.pipeline.config import load_config  # noqa: E402
 from webkd.pipeline.storage import atomic_write_json  # noqa: E402
@@ -78,10 +80,10 @@ def curate_once(cfg_path: Path, overrides: list[str], run_dir: Path) -> float:
     """Ingest + features + index + test ingest into `run_dir` (reused by every run)."""
     t0 = time.time()
     cfg = load_config(cfg_path, overrides + [f"run_dir={run_dir}"])
-    print(stages.ingest(cfg).summary())
-    print(stages.features(cfg))
-    print(stages.index(cfg))
-    stages.test_set(cfg)
+    print(curate_stages.ingest(cfg).summary())
+    print(curate_stages.features(cfg))
+    print(curate_stages.index(cfg))
+    distill_stages.test_set(cfg)
     return time.time() - t0
 
 
@@ -146,7 +148,7 @@ def main() -> None:
             cfg = load_config(cfg_path, base_overrides(args, teacher_weights, src) + over + args.set +
                               [f"seed={seed}", f"run_dir={run_dir}"])
             t0 = time.time()
-            res = stages.distill(cfg)
+            res = distill_stages.distill(cfg)
             rec = {"seed": seed, "test_acc": res.test_acc, "val_acc": res.val_acc, "val_agreement": res.val_agreement,
                    "teacher_test_acc": res.teacher_test_acc,
                    "teacher_val_acc": res.teacher_val_acc, "kept": res.kept, "candidates": res.candidates,

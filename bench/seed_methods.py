@@ -45,13 +45,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from webkd.flows import demo, stages  # noqa: E402
+from webkd.flows import demo  # noqa: E402
+from webkd.flows.stages import curate as curate_stages  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
 from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, load_config  # noqa: E402
 from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 from webkd.selection.refine import fit_linear_probe, refine_labels, softmax  # noqa: E402
 from webkd.training import losses  # noqa: E402
-from webkd.training.loop import Pool, accuracy, fit, load_checkpoint, predict_logits  # noqa: E402
+from webkd.training.loop import accuracy, fit, load_checkpoint, predict_logits  # noqa: E402
+from webkd.training.pool import Pool, class_groups, split_of  # noqa: E402
 from webkd.training.methods import build_method, method_defaults  # noqa: E402
 from webkd.training.models import build_model, count_parameters, freeze, load_weights, save_weights  # noqa: E402
 
@@ -245,10 +247,10 @@ def web_run(args, teacher_weights: Path) -> Any:
     cfg = load_config(ROOT / "flows" / "configs" / "fashion_web.yaml", over)
     if not cfg.paths.labels.exists():
         t0 = time.time()
-        print(stages.ingest(cfg).summary())
-        stages.features(cfg)
-        stages.index(cfg)
-        print("refine:", stages.refine(cfg).summary(), f"(curation {time.time() - t0:.0f}s)")
+        print(curate_stages.ingest(cfg).summary())
+        curate_stages.features(cfg)
+        curate_stages.index(cfg)
+        print("refine:", curate_stages.refine(cfg).summary(), f"(curation {time.time() - t0:.0f}s)")
     return cfg
 
 
@@ -262,9 +264,9 @@ def table_rld(args, res: Results, fm_teacher, fm_weights) -> str:
                    status=np.full(n, "ok", object), labels=lab, web_labels=[None] * n, web_class=lab,
                    val_labels=np.where(split == "val", lab, -1))
     cfg = web_run(args, fm_weights)
-    web_pool = stages.build_pool(cfg)
-    ref_pool = stages.build_pool(cfg.model_copy(update={"train": cfg.train.model_copy(update={"label_source": "refined"})}))
-    group = stages.class_groups(cfg)
+    web_pool = curate_stages.pool(cfg)
+    ref_pool = curate_stages.pool(cfg.model_copy(update={"train": cfg.train.model_copy(update={"label_source": "refined"})}))
+    group = class_groups(cfg.data)
     spec = student_spec(args.width_rld, fmnist_domain=True)
     settings = {"fmnist": {"pool": fm_pool, "kd_ce": 0.1}, "web": {"pool": web_pool, "kd_ce": 0.0}}
 
@@ -399,11 +401,11 @@ def table_pll(args, res: Results, fm_teacher, pacs_t, parts) -> str:
     recs = load_manifest(cfg.paths.manifest)
     feat = np.asarray(load_features(cfg.paths, cfg.teachers[0].cache_key).embeddings, np.float32)
     q = np.array(class_index(recs, cfg.data.classes, cfg.data.label_map), np.int64)
-    split = np.array([stages.split_of(r.id, cfg.data.val_fraction) for r in recs])
+    split = np.array([split_of(r.id, cfg.data.val_fraction) for r in recs])
     ok = np.array([r.status == "ok" for r in recs])
     te = datasets.load_fashion_mnist("test")
     te_feat = embed(fm_teacher, demo.photo_polarity(te.images))
-    group = stages.class_groups(cfg)
+    group = class_groups(cfg.data)
     recs_c = [res.get(f"pll[{tag}]/web/s{s}", lambda s=s: probe_rows(feat, np.where(ok, q, -1), (split == "train") & ok,
                                                               split == "val", q, 10, s, args.probe_epochs,
                                                               te_feat, te.labels, group)) for s in args.seeds]

@@ -29,9 +29,9 @@ def _load(args: argparse.Namespace):
 
 # ---- library-level verbs ---------------------------------------------------------------------
 def _run_ingest(args: argparse.Namespace) -> int:
-    from webkd.flows import stages
+    from webkd.flows.stages import curate as curate_stages
 
-    report = stages.ingest(_load(args))
+    report = curate_stages.ingest(_load(args))
     print(report.summary())
     return 0
 
@@ -41,9 +41,9 @@ verb("ingest", "Read web images from the configured sources into manifest.parque
 
 
 def _run_features(args: argparse.Namespace) -> int:
-    from webkd.flows import stages
+    from webkd.flows.stages import curate as curate_stages
 
-    for key, info in stages.features(_load(args)).items():
+    for key, info in curate_stages.features(_load(args)).items():
         print(f"{key}: {info}")
     return 0
 
@@ -53,9 +53,9 @@ verb("features", "Compute (or update) cached teacher/student embeddings and logi
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    from webkd.flows import stages
+    from webkd.flows.stages import curate as curate_stages
 
-    print(stages.index(_load(args)))
+    print(curate_stages.index(_load(args)))
     return 0
 
 
@@ -64,10 +64,10 @@ verb("index", "Build the FAISS index over cached embeddings and mark near-duplic
 
 
 def _run_refine(args: argparse.Namespace) -> int:
-    from webkd.flows import stages
+    from webkd.flows.stages import curate as curate_stages
 
     cfg = _load(args)
-    result = stages.refine(cfg)
+    result = curate_stages.refine(cfg)
     print(result.summary())
     print(f"labels: {cfg.paths.labels} (train with train.label_source=refined)")
     return 0
@@ -88,9 +88,9 @@ def _flow_args(p: argparse.ArgumentParser) -> None:
 
 def _run_curate(args: argparse.Namespace) -> int:
     if args.no_flow:
-        from webkd.flows import stages
+        from webkd.flows.stages import curate as curate_stages
 
-        out = stages.curate(_load(args))
+        out = curate_stages.curate(_load(args))
         print(out["ingest"].summary())
         for key, info in out["features"].items():
             print(f"features {key}: {info}")
@@ -115,9 +115,9 @@ verb("curate", "Prefect flow: ingest new web images, embed new rows, index, let 
 
 def _run_distill(args: argparse.Namespace) -> int:
     if args.no_flow:
-        from webkd.flows import stages
+        from webkd.flows.stages import distill as distill_stages
 
-        result = stages.distill(_load(args))
+        result = distill_stages.distill(_load(args))
         print(result.summary())
         return 0
     from webkd.flows.curate import run_flow
@@ -140,7 +140,7 @@ verb("distill", "Prefect flow: curate (cached), then select, train and export a 
 def _run_refresh(args: argparse.Namespace) -> int:
     from webkd.flows.curate import run_flow
     from webkd.flows.refresh import refresh_flow
-    from webkd.flows.stages import pct
+    from webkd.flows.stages.distill import pct
 
     out = run_flow(refresh_flow, args.config, args.overrides)
     print(f"new records {out['new_records']}, embedded now {out['computed']}, pool {out['records']}")

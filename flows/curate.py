@@ -50,7 +50,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact  # 
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.tasks import Task  # noqa: E402
 
-from webkd.flows import stages  # noqa: E402
+from webkd.flows.stages import curate as curate_stages  # noqa: E402
 from webkd.pipeline.config import Config, RunPaths, load_config  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def features_key(_ctx: Any, params: dict[str, Any]) -> str:
 
 def index_key(_ctx: Any, params: dict[str, Any]) -> str:
     cfg: Config = params["cfg"]
-    key = stages.index_key(cfg)
+    key = curate_stages.index_key(cfg)
     return digest("index", CACHE_VERSION, _root(cfg), key, cfg.index.model_dump(mode="json"),
                   cfg.data.image_size, cfg.data.fit,   # near duplicates may be found in the pixel cache
                   file_signature(cfg.paths.features_meta(key)), manifest_digest(cfg.paths))
@@ -198,7 +198,7 @@ def outputs_of(cfg: Config, stage: str) -> list[Path]:
     if stage == "index":
         from webkd.pipeline.index import index_meta_path
 
-        return [p.index(stages.index_key(cfg)), index_meta_path(p.index(stages.index_key(cfg)))]
+        return [p.index(curate_stages.index_key(cfg)), index_meta_path(p.index(curate_stages.index_key(cfg)))]
     if stage == "selection":
         return [p.ledger(0)]
     if stage == "gallery":
@@ -211,27 +211,27 @@ def outputs_of(cfg: Config, stage: str) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 @task(name="ingest", cache_key_fn=ingest_key, persist_result=True)
 def ingest_task(cfg: Config):
-    return stages.ingest(cfg)
+    return curate_stages.ingest(cfg)
 
 
 @task(name="features", cache_key_fn=features_key, persist_result=True)
 def features_task(cfg: Config):
-    return stages.features(cfg)
+    return curate_stages.features(cfg)
 
 
 @task(name="index", cache_key_fn=index_key, persist_result=True)
 def index_task(cfg: Config):
-    return stages.index(cfg)
+    return curate_stages.index(cfg)
 
 
 @task(name="teacher-selection", cache_key_fn=selection_key, persist_result=True)
 def selection_task(cfg: Config):
-    return stages.teacher_selection(cfg)
+    return curate_stages.teacher_selection(cfg)
 
 
 @task(name="gallery", cache_key_fn=gallery_key, persist_result=True)
 def gallery_task(cfg: Config):
-    return stages.gallery(cfg)
+    return curate_stages.gallery(cfg)
 
 
 @task(name="summary", cache_policy=NO_CACHE)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from webkd.pipeline import datasets
-from webkd.pipeline.config import Config, ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, build_config
+from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def train_fmnist_teacher(out: Path | None = None, epochs: int = 4, width: int = 
     import torch
 
     from webkd.pipeline.features import resolve_device
-    from webkd.training.loop import Pool, accuracy, fit, load_checkpoint, predict_logits
+    from webkd.training.loop import accuracy, fit, load_checkpoint, predict_logits
+    from webkd.training.pool import Pool
     from webkd.training.methods import build_method
     from webkd.training.models import build_model, save_weights
 
@@ -166,18 +167,20 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
         kd3_row = {k: kd3[k] for k in ROW_KEYS}
         gallery, card = kd3["gallery"], kd3["model_card"]
     else:
-        from webkd.flows import stages
+        from webkd.flows.stages import curate as curate_stages
+        from webkd.flows.stages import distill as distill_stages
 
-        curated = stages.curate(cfg)
-        res = stages.distill(cfg)
+        curated = curate_stages.curate(cfg)
+        res = distill_stages.distill(cfg)
         kd3_row = {k: getattr(res, k) for k in ROW_KEYS}
         gallery, card = str(curated["gallery"]), str(res.model_card)
     kd3_row["label"] = describe_student(cfg)
     rows = {"kd3": kd3_row}
     if baseline:
-        from webkd.flows import stages
+        from webkd.flows.stages import curate as curate_stages
+        from webkd.flows.stages import distill as distill_stages
 
-        res = stages.distill(load_config(CONFIG, kd_over))
+        res = distill_stages.distill(load_config(CONFIG, kd_over))
         rows["kd"] = {k: getattr(res, k) for k in ROW_KEYS}
     return {"teacher": teacher_metrics, "rows": rows, "gallery": gallery, "model_card": card,
             "pool": sum(scen.counts.values()), "epochs": epochs, "seconds": time.time() - t0,
@@ -195,7 +198,7 @@ def describe_student(cfg) -> str:
 
 
 def format_demo(result: dict[str, Any]) -> str:
-    from webkd.flows.stages import pct
+    from webkd.flows.stages.distill import pct
 
     t = result["teacher"]
     lines = [f"fashion-web demo: {result['pool']} web images (clothing photos + PACS off-class), "

@@ -4,7 +4,7 @@ in the registry and make it the champion -> gallery -> artifacts.
 An explicit distill is the user's decision, so its student becomes the champion; it is still
 scored beside the previous champion on the same validation split and both numbers are kept in
 `registry.json`. Scheduled refreshes (flows/refresh.py) are the ones gated on being better.
-The library-level equivalent without Prefect is `webkd distill --no-flow` (`stages.distill`).
+The library-level equivalent without Prefect is `webkd distill --no-flow` (`distill_stages.distill`).
 """
 from webkd.flows.curate import (curation_stages, gallery_stage, publish_curation, publish_model_card,  # noqa: I001
                           run_stage, summary_task, artifact_key, with_retries)
@@ -15,19 +15,21 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from webkd.flows import stages
-from webkd.flows.stages import pct
+from webkd.flows.stages import distill as distill_stages
+
+from webkd.flows.stages import refresh as refresh_stages
+from webkd.flows.stages.distill import pct
 from webkd.pipeline.config import load_config
 
 
 @task(name="distill", cache_policy=NO_CACHE)
 def distill_task(cfg):
-    return stages.distill(cfg, curate_first=False)
+    return distill_stages.distill(cfg, curate_first=False)
 
 
 @task(name="register-champion", cache_policy=NO_CACHE)
 def register_task(cfg, result):
-    return stages.register_distilled(cfg, result)
+    return refresh_stages.register_distilled(cfg, result)
 
 
 def distill_markdown(result: Any, verdict: dict[str, Any]) -> str:

@@ -23,24 +23,24 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from webkd.flows import stages
-from webkd.flows.stages import pct
+from webkd.flows.stages import refresh as refresh_stages
+from webkd.flows.stages.distill import pct
 from webkd.pipeline.config import load_config
 
 
 @task(name="refresh-plan", cache_policy=NO_CACHE)
 def plan_task(cfg):
-    return stages.refresh_plan(cfg)
+    return refresh_stages.refresh_plan(cfg)
 
 
 @task(name="train-challenger", cache_policy=NO_CACHE)
 def challenger_task(cfg, plan):
-    return stages.train_challenger(cfg, plan)
+    return refresh_stages.train_challenger(cfg, plan)
 
 
 @task(name="judge-challenger", cache_policy=NO_CACHE)
 def judge_task(cfg, plan, result):
-    return stages.judge_challenger(cfg, plan, result)
+    return refresh_stages.judge_challenger(cfg, plan, result)
 
 
 def refresh_markdown(out: dict[str, Any]) -> str:

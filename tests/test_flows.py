@@ -33,7 +33,8 @@ def train_teacher(clothing, path: Path, n: int = 1200, epochs: int = 4) -> float
     from PIL import Image
 
     from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig
-    from webkd.training.loop import Pool, fit, load_checkpoint
+    from webkd.training.loop import fit, load_checkpoint
+    from webkd.training.pool import Pool
     from webkd.training.methods import build_method
     from webkd.training.models import build_model, save_weights
 
@@ -272,9 +273,9 @@ def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario
 
     # ---- the registry scores the export with the metric training selected its checkpoint by ---
     # (KD^3 with a teacher: top-1 agreement with the teacher on every validation row)
-    from webkd.flows import stages
+    from webkd.flows.stages import refresh as refresh_stages
 
-    v = stages.validation_split(cfg)
+    v = refresh_stages.validation_split(cfg)
     score = registry.evaluate_export(run / "export", v.pixels, v.rows, v.targets, v.class_group)
     assert entry["validation"]["metric"] == v.metric == "val_agreement"
     assert entry["validation"]["rows"] == len(v.rows) == sum(s == "val" for s in _ledger_split(run)) > 0

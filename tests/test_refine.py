@@ -143,13 +143,14 @@ def clothing_run(clothing, query_folder_factory, tmp_path):
 
 
 def test_refine_verb_writes_labels_and_rld_trains_on_web_or_refined_labels(clothing_run, capsys):
-    from webkd.flows import stages
+    from webkd.flows.stages import curate as curate_stages
+    from webkd.flows.stages import distill as distill_stages
     from webkd.flows.__main__ import main
     from webkd.training.loop import fit
 
     path, raw = clothing_run
     cfg = build_config(raw)
-    stages.ingest(cfg)
+    curate_stages.ingest(cfg)
     assert main(["refine", str(path)]) == 0
     assert "two-hot probe val acc" in capsys.readouterr().out
     t = pq.read_table(cfg.paths.labels).to_pydict()
@@ -157,16 +158,16 @@ def test_refine_verb_writes_labels_and_rld_trains_on_web_or_refined_labels(cloth
     assert read_labels_report(cfg.paths.labels)["encoder"] == "t"
     for source in ("web", "refined"):
         c = build_config(raw, [f"train.label_source={source}"])
-        pool = stages.build_pool(c)
+        pool = curate_stages.pool(c)
         if source == "refined":
             expected = dict(zip(t["id"], t["refined_label"]))
             np.testing.assert_array_equal(pool.labels, [expected[i] for i in pool.ids])
             assert pool.label_columns["refined_label"].tolist() == pool.labels.tolist()
         else:
             np.testing.assert_array_equal(pool.labels, pool.web_class)
-        teachers = [m for _, m, _ in stages.build_teachers(c)]
+        teachers = [m for _, m, _ in curate_stages.build_teachers(c)]
         sample = torch.from_numpy(np.ascontiguousarray(pool.pixels[:4])).permute(0, 3, 1, 2).float() / 255
-        student, method = stages.build_student_and_method(c, teachers, sample)
+        student, method = distill_stages.build_student_and_method(c, teachers, sample)
         assert method.name == "rld"
         res = fit(student, teachers, method, pool, c.train, c.selection, RunPaths(c.paths.root / f"fit_{source}"),
                   seed=0)

@@ -49,7 +49,7 @@ def _ledger(path: Path) -> dict:
 
 
 def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefect_server, scenario):
-    from webkd.flows import stages
+    from webkd.flows.stages import refresh as refresh_stages
     from webkd.flows.refresh import refresh_flow
     from webkd.pipeline.config import load_config
     from webkd.selection.overrides import record_overrides
@@ -93,7 +93,7 @@ def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefec
     assert ccfg["train"]["lr"] == pytest.approx(cfg.train.lr * cfg.flows.refresh_lr_scale)   # fine-tuning
     assert yaml.safe_load(paths.config.read_text())["train"]["warm_start"] is None   # run config untouched
     # champion and challenger were scored on the same validation rows (recomputed here)
-    v = stages.validation_split(cfg)
+    v = refresh_stages.validation_split(cfg)
     reg = registry.load_registry(paths.registry)
     entry = reg.entry("v0002")
     assert entry["parent"] == "v0001" and entry["kind"] == "refresh"

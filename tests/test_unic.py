@@ -9,7 +9,8 @@ import torch
 from webkd.pipeline.config import ModelSpec, RunPaths, SelectionConfig, TrainConfig
 from webkd.training import losses
 from webkd.training.export import count_parameters
-from webkd.training.loop import Pool, fit, load_checkpoint
+from webkd.training.loop import fit, load_checkpoint
+from webkd.training.pool import Pool
 from webkd.training.methods import build_method, method_defaults
 from webkd.training.models import build_model, freeze
 from webkd.training.unic import UNIC

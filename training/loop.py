@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,36 +27,12 @@ from webkd.pipeline.storage import atomic_path, atomic_write_json
 from webkd.selection import policy
 from webkd.selection.overrides import apply_overrides
 from webkd.training.methods import Method
+from webkd.training.pool import Pool
 
 log = logging.getLogger(__name__)
 
 # rejections a soft selection (selection.reject_weight > 0) still trains on, down-weighted
 SOFT_REJECTIONS = ["below_class_threshold", "low_confidence", "knn_disagree", "off_class"]
-
-
-@dataclass
-class Pool:
-    """Everything the loop needs about the image pool, row-aligned with the manifest."""
-
-    pixels: np.ndarray                  # (N, S, S, 3) uint8 RGB
-    ids: list[str]
-    split: np.ndarray                   # (N,) "train" | "val"
-    status: np.ndarray                  # (N,) manifest status ("ok", "near_duplicate", ...)
-    labels: np.ndarray                  # (N,) int64 training labels (web class or refined), -1 unknown
-    web_labels: list[str | None]
-    web_class: np.ndarray               # (N,) int64 web query mapped to a teacher class, -1 off-class
-    val_labels: np.ndarray              # (N,) int64 labels used for validation accuracy, -1 not scored
-    teacher_logits: np.ndarray | None = None   # (N, K) deterministic-view teacher logits (cached)
-    neighbors: np.ndarray | None = None        # (N, k) FAISS neighbours, for k-NN agreement
-    class_group: np.ndarray | None = None      # (K,) classes in one group count as equal in validation
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def candidates(self) -> np.ndarray:
-        """Rows that may be trained on: train split, status ok."""
-        return (self.split == "train") & (self.status == "ok")
 
 
 @dataclass
@@ -291,7 +267,8 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
                                  selection_cfg, device, keep, overrides, train_cfg.eval_batch_size)
             weights = sel.weight
             policy.write_ledger(paths.ledger(epoch), policy.ledger_table(
-                sel, pool.ids, np.arange(len(pool)), epoch, pool.split, pool.web_labels, pool.web_class))
+                sel, pool.ids, np.arange(len(pool)), epoch, pool.split, pool.web_labels, pool.web_class,
+                label_columns=pool.label_columns))
         rows = np.flatnonzero(keep)
         if method.needs_labels:
             rows = rows[pool.labels[rows] >= 0]

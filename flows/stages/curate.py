@@ -1,0 +1,172 @@
+"""Curation stages, Config -> library calls: ingest, features, index, refine, the teacher's
+selection and the gallery. The CLI verbs and the Prefect tasks (flows/curate.py) both call these,
+so a stage behaves the same with or without the Prefect engine (no Prefect here). Stages hand
+each other run-directory paths, never tensors.
+"""
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from webkd.pipeline.config import Config, save_resolved_config
+from webkd.pipeline.features import build_pixel_cache, extract_features, load_features, resolve_device
+from webkd.pipeline.index import index_run
+from webkd.pipeline.ingest import IngestReport, run_ingest
+from webkd.pipeline.records import class_index, load_manifest
+from webkd.training.pool import NeighborSearch, Pool, build_pool, splits_of
+
+log = logging.getLogger(__name__)
+
+
+def ingest(cfg: Config) -> IngestReport:
+    save_resolved_config(cfg)
+    if not cfg.data.sources:
+        raise ValueError("data.sources is empty: give at least one folder:, manifest: or wds: source")
+    return run_ingest(cfg.data.sources, cfg.paths, cfg.ingest)
+
+
+def pixels(cfg: Config, records: list | None = None) -> np.ndarray:
+    """The run's decoded pixel cache, (N, S, S, 3) uint8, row-aligned with the manifest."""
+    records = load_manifest(cfg.paths.manifest) if records is None else records
+    return build_pixel_cache(records, cfg.paths.pixels(cfg.data.image_size, cfg.data.fit),
+                             cfg.data.image_size, cfg.data.fit)
+
+
+def build_teachers(cfg: Config, device: str = "cpu") -> list[tuple[str, Any, str]]:
+    """[(cache key, frozen model, fingerprint)] for every configured teacher."""
+    from webkd.training.models import build_model, fingerprint, freeze
+
+    out = []
+    for spec in cfg.teachers:
+        model = freeze(build_model(spec, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes))
+        out.append((spec.cache_key, model.to(device), fingerprint(model, spec)))
+    return out
+
+
+@dataclass
+class FeatureSummary:
+    """One encoder's feature cache after `features`: `computed` rows were encoded by that call."""
+
+    rows: int
+    dim: int
+    num_classes: int
+    computed: int
+
+    def __str__(self) -> str:
+        return f"{self.rows} rows x {self.dim} dims, {self.num_classes} classes ({self.computed} computed now)"
+
+
+def features(cfg: Config, teachers: list | None = None) -> dict[str, FeatureSummary]:
+    """Cached embeddings + logits of every teacher (and the student when configured)."""
+    from webkd.training.models import build_model, fingerprint
+
+    if not cfg.teachers and "student" not in cfg.features.encoders:
+        raise ValueError("no encoder to run: configure `teachers:` (or features.encoders: [student])")
+    device = resolve_device(cfg.device)
+    records = load_manifest(cfg.paths.manifest)
+    pix = pixels(cfg, records)
+    ids = [r.id for r in records]
+    encoders = []
+    if "teachers" in cfg.features.encoders:
+        encoders += teachers if teachers is not None else build_teachers(cfg, device)
+    if "student" in cfg.features.encoders:
+        s = build_model(cfg.student, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes)
+        encoders.append(("student", s, fingerprint(s, cfg.student)))
+    out = {}
+    for key, model, fp in encoders:
+        cache = extract_features(model, pix, key, fp, cfg.paths, batch_size=cfg.features.batch_size,
+                                 device=device, row_ids=ids)
+        out[key] = FeatureSummary(cache.rows, cache.dim, cache.num_classes, cache.computed)
+    return out
+
+
+def index_key(cfg: Config) -> str:
+    if cfg.index.encoder:
+        return cfg.index.encoder
+    if not cfg.teachers:
+        raise ValueError("index.encoder is not set and there is no teacher to index")
+    return cfg.teachers[0].cache_key
+
+
+def index(cfg: Config):
+    pix = pixels(cfg) if cfg.index.near_dup_space == "pixels" and cfg.index.near_dup_threshold is not None else None
+    return index_run(cfg.paths, index_key(cfg), cfg.index, pixels=pix)
+
+
+def pool(cfg: Config, with_neighbors: bool | None = None) -> Pool:
+    """The run's training pool (`training.pool.build_pool`) with this config's settings."""
+    knn = cfg.selection.knn.enabled if with_neighbors is None else with_neighbors
+    search = NeighborSearch(index_key(cfg), cfg.selection.knn.k, cfg.index.nprobe, cfg.index.block_size) if knn else None
+    return build_pool(cfg.paths, cfg.data, [t.cache_key for t in cfg.teachers], cfg.train.label_source, search)
+
+
+def refine(cfg: Config):
+    """Refine the web query labels with one PLL two-hot round on cached teacher embeddings and
+    write labels.parquet (used by `train.label_source=refined`). Computes missing features first."""
+    from webkd.selection.refine import refine_labels, write_labels
+
+    paths = cfg.paths
+    records = load_manifest(paths.manifest)
+    if not records:
+        raise ValueError(f"{paths.manifest} has no records: run `webkd ingest` first")
+    key = cfg.refine.encoder or (cfg.teachers[0].cache_key if cfg.teachers else None)
+    if key is None:
+        raise ValueError("refine needs a frozen encoder: configure `teachers:` or refine.encoder")
+    cache = load_features(paths, key)
+    if cache is None or cache.rows != len(records):
+        if key not in {t.cache_key for t in cfg.teachers}:
+            raise ValueError(f"refine.encoder={key!r}: no feature cache with {len(records)} rows; run `webkd features`")
+        features(cfg)
+        cache = load_features(paths, key)
+    ids = [r.id for r in records]
+    web_class = np.array(class_index(records, cfg.data.classes, cfg.data.label_map), np.int64)
+    split = splits_of(ids, cfg.data.val_fraction)
+    ok = np.array([r.status == "ok" for r in records])
+    result = refine_labels(np.asarray(cache.embeddings, np.float32), web_class, (split == "train") & ok,
+                           split == "val", len(cfg.data.classes), cfg.refine, seed=cfg.seed)
+    write_labels(paths.labels, ids, result, extra={"encoder": key, "encoder_fingerprint": cache.fingerprint})
+    return result
+
+
+def load_overrides_for(cfg: Config) -> dict[str, str]:
+    from webkd.selection.overrides import load_overrides
+
+    return load_overrides(cfg.paths.overrides)
+
+
+def teacher_selection(cfg: Config) -> dict[str, Any]:
+    """The epoch-0 decision over the whole pool (teacher alone, then the overrides store) ->
+    `selection/epoch_000.parquet`; the same decision `fit` makes before its first epoch."""
+    import torch
+
+    from webkd.selection.policy import ledger_table, write_ledger
+    from webkd.training.loop import reselect
+
+    p = pool(cfg)
+    if p.teacher_logits is None:
+        raise ValueError("no cached teacher logits for every manifest row: run `webkd features` first")
+    sel, _ = reselect(0, 1 / cfg.train.epochs, p, None, None, [], cfg.selection, torch.device("cpu"), None,
+                      load_overrides_for(cfg), cfg.train.eval_batch_size)
+    table = ledger_table(sel, p.ids, np.arange(len(p)), 0, p.split, p.web_labels, p.web_class,
+                         label_columns=p.label_columns)
+    path = write_ledger(cfg.paths.ledger(0), table)
+    return {"ledger": str(path), "rows": len(p), "kept": int(sel.keep.sum()),
+            "overridden": int((sel.reason == "override").sum())}
+
+
+def gallery(cfg: Config) -> Path:
+    """(Re-)render the run's review page from its ledgers, manifest and overrides."""
+    from webkd.selection.gallery import render_gallery
+
+    return render_gallery(cfg.paths.root, classes=list(cfg.data.classes) or None)
+
+
+def curate(cfg: Config) -> dict[str, Any]:
+    """ingest -> features -> index -> teacher-only selection -> gallery, all incremental."""
+    report = ingest(cfg)
+    feats = features(cfg)
+    idx = index(cfg) if cfg.teachers else None
+    sel = teacher_selection(cfg)
+    return {"ingest": report, "features": feats, "index": idx, "selection": sel, "gallery": gallery(cfg)}

@@ -1,0 +1,256 @@
+"""Distillation stages: fit -> evaluate (validation, then the test set once) -> export + model card.
+
+`distill` is the library-level `webkd distill --no-flow` and the body of the distill flow's
+training task (flows/distill.py); a refresh challenger (flows/stages/refresh.py) runs it into
+`students/<version>/`. The pool is built once (`training.pool.build_pool`) and handed to each step.
+"""
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from webkd.flows.stages.curate import build_teachers, features, index, ingest, load_overrides_for, pool
+from webkd.pipeline.config import Config, IngestConfig, RunPaths, dump_config, save_resolved_config
+from webkd.pipeline.features import build_pixel_cache, resolve_device
+from webkd.pipeline.ingest import run_ingest
+from webkd.pipeline.records import class_index, load_manifest
+from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
+from webkd.training.pool import Pool, sample_batch
+
+log = logging.getLogger(__name__)
+
+
+def pct(v: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage for reports; '-' for a missing or NaN value."""
+    return "-" if v is None or v != v else f"{100 * v:.{digits}f}%"
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    method: str
+    best_epoch: int
+    val_acc: float                      # accuracy on the query labels of validation rows
+    teacher_val_acc: float | None
+    test_acc: float | None
+    teacher_test_acc: float | None
+    parameters: int
+    export_dir: Path
+    model_card: Path
+    kept: int
+    candidates: int
+    seconds: float
+    resumed_from: int | None = None
+    val_agreement: float | None = None  # top-1 agreement with the teacher on validation rows
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        rows = [("method", self.method), ("student parameters", f"{self.parameters:,}"),
+                ("kept at last epoch", f"{self.kept} / {self.candidates}"),
+                ("best epoch (validation)", str(self.best_epoch)),
+                ("validation accuracy: student / teacher", f"{pct(self.val_acc)} / {pct(self.teacher_val_acc)}"),
+                ("validation agreement with the teacher", pct(self.val_agreement)),
+                ("test accuracy: student / teacher", f"{pct(self.test_acc)} / {pct(self.teacher_test_acc)}"),
+                ("model card", str(self.model_card)), ("time", f"{self.seconds:.0f}s")]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def command_line() -> str:
+    """The command that made this run (`python -m webkd.flows ...` is the same program as `webkd ...`)."""
+    return " ".join(shlex.quote(a) for a in ["webkd"] + sys.argv[1:])
+
+
+def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pixels, labels) of `data.test_source`, ingested into <run>/test (labels from folder names)."""
+    if not cfg.data.test_source:
+        return None
+    tpaths = RunPaths(cfg.paths.root / "test")
+    run_ingest([cfg.data.test_source], tpaths, IngestConfig(min_side=1))
+    records = load_manifest(tpaths.manifest)
+    pix = build_pixel_cache(records, tpaths.pixels(cfg.data.image_size, cfg.data.fit), cfg.data.image_size, cfg.data.fit)
+    labels = np.array(class_index(records, cfg.data.classes, cfg.data.label_map), np.int64)
+    if (labels < 0).all():
+        raise ValueError(f"test source {cfg.data.test_source}: no folder name maps to a class in data.classes")
+    return pix, labels
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------
+def build_student_and_method(cfg: Config, teachers: list, sample):
+    """The student (warm-started when configured) and the method with its model-derived args."""
+    import torch
+
+    from webkd.training.methods import build_method, method_defaults
+    from webkd.training.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes)
+    defaults = method_defaults(student, teachers, sample).get(cfg.train.method, {})
+    method = build_method(cfg.train.method, **{**defaults, **cfg.train.method_args})
+    if cfg.train.warm_start:
+        warm_start(student, method, cfg.train.warm_start)
+    return student, method
+
+
+def warm_start(student, method, source: str) -> None:
+    """Initialise from a previous export folder (deployed student: backbone + KD^3 head)."""
+    from safetensors.torch import load_file
+
+    src = Path(source)
+    weights = load_file(str(src / "student.safetensors")) if src.is_dir() else None
+    if weights is None:
+        raise FileNotFoundError(f"train.warm_start={source}: expected an export folder with student.safetensors")
+    own = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
+    if not own:
+        own = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
+    student.load_state_dict(own)
+    proj = {k[len("projector."):]: v for k, v in weights.items() if k.startswith("projector.")}
+    if proj and hasattr(method, "projector"):
+        method.projector.load_state_dict(proj)
+    log.info("warm start from %s", src)
+
+
+@dataclass
+class Trained:
+    """A fitted student at its best validation checkpoint, and the module that ships."""
+
+    student: Any
+    method: Any
+    deployed: Any
+    fit: Any                            # training.loop.FitResult
+    best_val: dict[str, float]          # validation scores of the chosen checkpoint
+
+
+def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device) -> Trained:
+    """Train with the configured method (resumable), then reload the best validation checkpoint."""
+    from webkd.training.loop import fit, load_checkpoint
+
+    teacher_models = [m for _, m, _ in teachers]
+    student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))
+    result = fit(student, teacher_models, method, p, cfg.train, cfg.selection, out, seed=cfg.seed,
+                 device=device, overrides=load_overrides_for(cfg), run_fingerprint=cfg.fingerprint())
+    best = load_checkpoint(out.best_checkpoint, device)
+    student.load_state_dict(best["student"])
+    method.load_state_dict(best["method"])
+    student.eval()
+    method.eval()
+    return Trained(student, method, method.deploy(student, teacher_models).eval(), result, best.get("val", {}))
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+def evaluate(cfg: Config, p: Pool, trained: Trained, teachers: list, device) -> dict[str, Any]:
+    """Validation scores of the chosen checkpoint, the teacher's validation accuracy, and the
+    test set, read once here, after the checkpoint is chosen."""
+    import torch
+
+    from webkd.training.loop import accuracy, predict_logits
+
+    teacher_models = [m for _, m, _ in teachers]
+    metrics: dict[str, Any] = {"val_acc": trained.best_val.get("val_acc", float("nan")),
+                               "val_agreement": trained.best_val.get("val_agreement", float("nan")),
+                               "val_metric": trained.fit.history[-1]["val_metric"] if trained.fit.history else None,
+                               "best_epoch": trained.fit.best_epoch}
+    val_rows = np.flatnonzero((p.split == "val") & (p.val_labels >= 0))
+    if p.teacher_logits is not None and len(val_rows):
+        metrics["teacher_val_acc"] = accuracy(p.teacher_logits[val_rows], p.val_labels[val_rows], p.class_group)
+    test = test_set(cfg)
+    if test is not None:
+        tpix, tlab = test
+        rows = np.arange(len(tlab))
+        with torch.no_grad():
+            metrics["test_acc"] = accuracy(predict_logits(lambda x: trained.deployed(x), tpix, rows, device), tlab)
+            metrics["teacher_test_acc"] = accuracy(predict_logits(
+                lambda x: torch.stack([t(x).logits.float() for t in teacher_models]).mean(0), tpix, rows, device),
+                tlab) if teacher_models else None
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+def _lineage(cfg: Config, p: Pool, final_epoch: int, out: RunPaths | None = None) -> dict[str, Any]:
+    from webkd.pipeline.records import load_quarantine
+    from webkd.selection.policy import read_ledger
+
+    table = read_ledger((out or cfg.paths).ledger(final_epoch)).to_pydict()
+    kept = np.array(table["kept"])
+    reason = np.array(table["reason"], dtype=object)
+    pseudo = np.array(table["pseudo_label"])
+    train = np.array(table["split"]) == "train"
+    per_class = []
+    for k, name in enumerate(cfg.data.classes):
+        m = train & (pseudo == k)
+        rej = reason[m & ~kept]
+        top = max(set(rej.tolist()), key=rej.tolist().count) if len(rej) else ""
+        per_class.append({"class": name, "kept": int((m & kept).sum()), "rejected": int((m & ~kept).sum()),
+                          "top_reason": top})
+    return {"pool": len(p), "quarantined": len(load_quarantine(cfg.paths.quarantine)),
+            "near_duplicates": int((p.status == "near_duplicate").sum()),
+            "validation": int((np.array(table["split"]) == "val").sum()), "sources": list(cfg.data.sources),
+            "epoch": final_epoch, "kept": int((kept & train).sum()), "rejected": int((~kept & train).sum()),
+            "per_class": per_class}
+
+
+def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metrics: dict[str, Any],
+                   out: RunPaths):
+    """Export the deployed student (safetensors, ONNX, metadata), write the model card and the
+    final metrics. Returns (ExportResult, model card path)."""
+    from webkd.training.export import save_export, write_model_card
+    from webkd.training.models import fingerprint as model_fingerprint
+
+    meta = {"name": cfg.name, "method": cfg.train.method, "classes": list(cfg.data.classes),
+            "student_spec": cfg.student.model_dump(mode="json"),
+            "student_num_classes": cfg.student.num_classes or len(cfg.data.classes),
+            "deploy": trained.method.deploy_info(), "teachers": [k for k, _, _ in teachers],
+            "teacher_fingerprints": [fp for _, _, fp in teachers], "metrics": metrics,
+            "student_fingerprint": model_fingerprint(trained.student, cfg.student),
+            "config_fingerprint": cfg.fingerprint(), "command": command_line()}
+    exp = save_export(trained.deployed.cpu(), out.export_dir, meta, sample_batch(p), onnx=cfg.export.onnx,
+                      opset=cfg.export.opset, atol=cfg.export.atol)
+    meta = read_json(out.export_dir / "student.json")
+    final_epoch = max(e for e in range(cfg.train.epochs) if out.ledger(e).exists())
+    card = write_model_card(out.export_dir, meta, metrics, _lineage(cfg, p, final_epoch, out), command_line())
+    atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
+    return exp, card
+
+
+def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None, p: Pool | None = None) -> DistillResult:
+    """ingest -> features -> index (all incremental) -> fit -> evaluate (test once) -> export.
+
+    `out`: where the resolved config, checkpoints, ledgers, metrics and export go (default: the
+    run directory; a refresh challenger uses `students/<version>/`). The pool is always read
+    from the run directory (or given as `p`, already built)."""
+    t0 = time.time()
+    out = out or cfg.paths
+    if out == cfg.paths:
+        save_resolved_config(cfg)
+    else:  # a challenger's own config (warm start, epochs) goes beside its outputs
+        atomic_write_text(out.config, dump_config(cfg))
+    device = resolve_device(cfg.device)
+    if curate_first:
+        ingest(cfg)
+    teachers = build_teachers(cfg, str(device))
+    if curate_first and cfg.teachers:
+        features(cfg, teachers=teachers)
+        index(cfg)
+    p = p if p is not None else pool(cfg)
+    trained = fit_student(cfg, p, teachers, out, device)
+    metrics = evaluate(cfg, p, trained, teachers, device)
+    exp, card = export_student(cfg, p, trained, teachers, metrics, out)
+    last = trained.fit.history[-1] if trained.fit.history else {}
+    return DistillResult(run_dir=cfg.paths.root, method=cfg.train.method, best_epoch=trained.fit.best_epoch,
+                         val_acc=metrics["val_acc"], teacher_val_acc=metrics.get("teacher_val_acc"),
+                         test_acc=metrics.get("test_acc"), teacher_test_acc=metrics.get("teacher_test_acc"),
+                         parameters=exp.parameters, export_dir=exp.export_dir, model_card=card,
+                         kept=int(last.get("kept", 0)), candidates=int(last.get("candidates", 0)),
+                         seconds=time.time() - t0, resumed_from=trained.fit.resumed_from,
+                         val_agreement=metrics["val_agreement"])
