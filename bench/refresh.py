@@ -35,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_HOME", str(ROOT / "bench" / "out" / "prefect"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from webkd.flows.curate import _prefect_defaults  # noqa: E402,F401  (Prefect settings before its import)
+from webkd.flows.prefect_env import local_defaults  # noqa: E402
+
+local_defaults()  # Prefect settings, before Prefect is imported
 from webkd.flows.distill import distill_flow  # noqa: E402
 from webkd.flows.refresh import refresh_flow  # noqa: E402
 from webkd.flows.stages.distill import pct  # noqa: E402
@@ -146,7 +148,7 @@ def main() -> int:
          f"{pct(r_full['val_agreement'])} / {pct(r_full['val_acc'])}"),
         ("teacher: cnn_fmnist width / FMNIST epochs / FMNIST test acc",
          f"{args.teacher_width} / {args.teacher_epochs} / {pct(teacher_metrics.get('test_acc'))}"),
-        ("no-op: trained / stages from cache", f"{r_noop['trained']} / {', '.join(r_noop['cached'])}"),
+        ("no-op: trained / stages with nothing to do", f"{r_noop['trained']} / {', '.join(r_noop['up_to_date'])}"),
         ("Prefect temporary server start (in neither number)", f"{t_server:.1f} s"),
     ]
     lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]

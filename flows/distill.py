@@ -56,7 +56,7 @@ def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
     result = distill_task(cfg)
     verdict = with_retries(register_task, cfg)(cfg, result)
     page = gallery_stage(cfg, curated)
-    summary, _ = run_stage(summary_task, cfg)
+    summary = run_stage(summary_task, cfg)
     publish_curation(cfg, summary, page)
     card = cfg.paths.export_dir / "model_card.md"
     publish_model_card(cfg, card)

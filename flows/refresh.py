@@ -46,7 +46,7 @@ def judge_task(cfg, plan, result):
 def refresh_markdown(out: dict[str, Any]) -> str:
     computed = ", ".join(f"{k} {v}" for k, v in out["computed"].items()) or "-"
     rows = [("new records", out["new_records"]), ("records in the pool", out["records"]),
-            ("embedded now", computed), ("stages answered from cache", ", ".join(out["cached"]) or "-"),
+            ("embedded now", computed), ("stages with nothing to do", ", ".join(out["up_to_date"]) or "-"),
             ("trained a challenger", "yes" if out["trained"] else "no"), ("why", out["reason"])]
     if out["trained"]:
         rows += [("challenger", f"{out['version']} ({out['warm_note']})"),
@@ -70,8 +70,8 @@ def refresh_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
         result = challenger_task(cfg, plan)
         verdict = with_retries(judge_task, cfg)(cfg, plan, result)
     page = gallery_stage(cfg, curated)
-    summary, _ = run_stage(summary_task, cfg)
-    out = {"run_dir": str(cfg.paths.root), **{k: curated[k] for k in ("new_records", "records", "computed", "cached")},
+    summary = run_stage(summary_task, cfg)
+    out = {"run_dir": str(cfg.paths.root), **{k: curated[k] for k in ("new_records", "records", "computed", "up_to_date")},
            "trained": bool(plan["train"]), "reason": plan["reason"], "version": plan["version"],
            "warm_start": plan["warm_start"], "warm_note": plan["warm_note"], "champion": plan["champion"],
            "metric": verdict.get("metric"), "validation_rows": verdict.get("rows"),

@@ -337,6 +337,7 @@ class IndexReport:
     near_duplicates: int   # rows marked near_duplicate (non-representatives)
     changed: int           # rows whose status or dup_of changed in this run
     seconds: float
+    up_to_date: bool = False  # inputs unchanged since the last build: nothing rebuilt or rewritten
 
     def __str__(self) -> str:
         nd = ("near-duplicates: off" if self.threshold is None else
@@ -344,6 +345,31 @@ class IndexReport:
               f"{self.groups} groups of {self.candidates} candidates, {self.changed} changed")
         return (f"index {self.key}: {self.rows} x {self.dim} {self.factory} -> {self.path}\n"
                 f"{nd}\ntime {self.seconds:.1f}s")
+
+
+def _index_inputs(paths: RunPaths, key: str, cfg: IndexConfig, records: list, pixels: np.ndarray | None) -> str:
+    """Digest of what an index build reads: the feature cache (encoder fingerprint, row ids), the
+    index settings, the manifest rows that take part in near-duplicate grouping, and the pixel
+    cache's shape when near duplicates are found in pixel space."""
+    import hashlib
+    import json
+
+    cand = [r.id for r in records if r.status in (OK, NEAR_DUPLICATE)]
+    parts = [read_json(paths.features_meta(key), default=None), cfg.model_dump(mode="json"),
+             hashlib.sha256("\n".join(cand).encode()).hexdigest(),
+             list(pixels.shape) if pixels is not None and cfg.near_dup_space == "pixels" else None]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _unchanged_report(key: str, meta: dict, records: list, dim: int, path: Path, cfg: IndexConfig,
+                      seconds: float) -> "IndexReport":
+    """The report of an index whose inputs did not change, from the saved meta and the manifest."""
+    cand = [r for r in records if r.status in (OK, NEAR_DUPLICATE)]
+    dups = [r for r in cand if r.status == NEAR_DUPLICATE]
+    return IndexReport(key=key, rows=int(meta.get("rows", len(records))), dim=dim, factory=str(meta.get("factory")),
+                       path=path, threshold=cfg.near_dup_threshold, candidates=len(cand),
+                       groups=len({r.dup_of for r in dups}), near_duplicates=len(dups), changed=0,
+                       seconds=seconds, up_to_date=True)
 
 
 def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | None = None) -> IndexReport:
@@ -368,14 +394,19 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
     if emb.ndim != 2 or emb.shape[0] != len(records):
         raise ValueError(f"{feat_path} has shape {emb.shape} but the manifest has {len(records)} rows: "
                          "re-run `webkd features` so the cache is row-aligned with the manifest")
+    inputs = _index_inputs(paths, key, cfg, records, pixels)
+    meta = read_json(index_meta_path(paths.index(key)), default=None) or {}
+    if meta.get("inputs") == inputs and paths.index(key).exists():
+        report = _unchanged_report(key, meta, records, emb.shape[1], paths.index(key), cfg, time.perf_counter() - t0)
+        log.debug("%s", report)
+        return report
     center = np.asarray(emb, np.float32).mean(0) if cfg.center and len(emb) else None
     x = index_vectors(emb, center)  # (N, D)
     index = build_index(x, cfg)
     factory = choose_factory(*x.shape, cfg)
     save_index(index, paths.index(key))
-    atomic_write_json(index_meta_path(paths.index(key)),
-                      {"key": key, "factory": factory, "rows": int(x.shape[0]),
-                       "center": center.tolist() if center is not None else None})
+    meta = {"key": key, "factory": factory, "rows": int(x.shape[0]),
+            "center": center.tolist() if center is not None else None}
 
     cand = np.array([r.status in (OK, NEAR_DUPLICATE) for r in records], dtype=bool)
     rows = np.flatnonzero(cand)
@@ -408,6 +439,9 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
                                             batch=r.batch))
     save_manifest(paths.manifest, records)
     save_quarantine(paths.quarantine, quarantine)
+    # written last, with the inputs it was built from: a kill before this line rebuilds next time
+    atomic_write_json(index_meta_path(paths.index(key)),
+                      {**meta, "inputs": _index_inputs(paths, key, cfg, records, pixels)})
     n_dup = int((rep_rows != rows).sum())
     report = IndexReport(key=key, rows=x.shape[0], dim=x.shape[1], factory=factory, path=paths.index(key),
                          threshold=cfg.near_dup_threshold, candidates=len(rows),

@@ -259,6 +259,11 @@ class IngestReport:
     def n_quarantined(self) -> int:
         return sum(self.quarantined.values())
 
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing new or changed was listed: the round read no file and wrote nothing."""
+        return self.new == 0
+
     def summary(self) -> str:
         rows = [("ingest round", self.batch), ("listed", self.seen),
                 ("unchanged (skipped)", self.skipped_unchanged), ("processed (new/changed)", self.new),
@@ -433,9 +438,10 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
             format=out.format, mode=out.mode, status=OK, batch=batch))
         report.kept += 1
 
-    save_manifest(paths.manifest, records)
-    save_quarantine(paths.quarantine, quarantine)
-    _save_state(paths.ingest_state, state)                   # last: a kill before it re-reads, never skips
+    if todo or not (paths.manifest.exists() and paths.ingest_state.exists()):  # nothing read: nothing to write
+        save_manifest(paths.manifest, records)
+        save_quarantine(paths.quarantine, quarantine)
+        _save_state(paths.ingest_state, state)               # last: a kill before it re-reads, never skips
     report.quarantined = dict(quarantined)
     report.total_records, report.total_quarantined = len(records), len(quarantine)
     log.info("ingest round %d:\n%s", batch, report.summary())

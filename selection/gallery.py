@@ -50,7 +50,7 @@ import yaml
 from webkd.pipeline.config import RunPaths
 from webkd.pipeline.records import REASONS as RECORD_REASONS
 from webkd.pipeline.records import load_quarantine
-from webkd.pipeline.storage import atomic_write_text
+from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
 from webkd.selection.overrides import load_overrides
 from webkd.selection.thumbnails import ThumbIndex, build_thumbnails
 
@@ -422,6 +422,39 @@ def _columns(data: RunData, slots: dict[str, int]) -> dict[str, list]:
     }
 
 
+RENDER_DEFAULTS = {"thumb_size": 64, "page_size": 100, "per_sheet": 256}
+
+
+def _inputs_path(paths: RunPaths) -> Path:
+    return paths.gallery_dir / "data" / "inputs.json"
+
+
+def gallery_inputs(run_dir: str | Path, classes: list[str] | None = None, **render_args: Any) -> str:
+    """Digest of everything the page is rendered from: the ledgers, manifest, quarantine and
+    overrides (by content), the class names, the render settings and the page assets."""
+    paths = RunPaths(Path(run_dir))
+    h = hashlib.sha256(json.dumps([classes, sorted({**RENDER_DEFAULTS, **render_args}.items())]).encode())
+    files = [*sorted(paths.selection_dir.glob("epoch_*.parquet")), paths.manifest, paths.quarantine,
+             paths.overrides, paths.config]
+    for f in files:
+        h.update(f.name.encode())
+        if f.is_file():
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    for asset in ("index.html", "style.css", "app.js"):
+        h.update(page_asset(asset).encode())
+    return h.hexdigest()
+
+
+def gallery_up_to_date(run_dir: str | Path, classes: list[str] | None = None, **render_args: Any) -> bool:
+    """True when the page exists and was rendered from exactly the current inputs."""
+    paths = RunPaths(Path(run_dir))
+    saved = read_json(_inputs_path(paths), default=None) or {}
+    return paths.gallery.exists() and (paths.gallery_dir / "data" / "meta.js").exists() and \
+        saved.get("inputs") == gallery_inputs(run_dir, classes, **render_args)
+
+
 def render_gallery(run_dir: str | Path, classes: list[str] | None = None, thumb_size: int = 64,
                    page_size: int = 100, per_sheet: int = 256) -> Path:
     """Write the run's review page (`gallery/index.html`) and return its path.
@@ -479,6 +512,8 @@ def render_gallery(run_dir: str | Path, classes: list[str] | None = None, thumb_
         m = re.match(r"rows_(\d+)\.js$", stale.name)
         if m and int(m.group(1)) >= chunks:
             stale.unlink(missing_ok=True)
+    atomic_write_json(_inputs_path(paths), {"inputs": gallery_inputs(
+        paths.root, classes, thumb_size=thumb_size, page_size=page_size, per_sheet=per_sheet)})
     log.info("gallery: %d images, %d thumbnails made (%.1f s), page written in %.1f s: %s",
              data.n, tidx.generated, t_thumbs, time.perf_counter() - t0, paths.gallery)
     return paths.gallery

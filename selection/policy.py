@@ -292,6 +292,25 @@ def write_ledger(path: str | Path, table: pa.Table) -> Path:
     return Path(path)
 
 
+def ledger_unchanged(path: str | Path, table: pa.Table) -> bool:
+    """True when `path` already holds exactly this ledger (so it need not be written again)."""
+    p = Path(path)
+    if not p.exists():
+        return False
+    try:
+        old = pq.read_table(p)
+    except (OSError, ValueError, pa.ArrowException):
+        return False
+    if not old.schema.equals(table.schema, check_metadata=False):
+        return False
+    for name in table.column_names:  # NaN == NaN here (teacher-only rows have no student scores)
+        a, b = old.column(name).to_numpy(zero_copy_only=False), table.column(name).to_numpy(zero_copy_only=False)
+        same = np.array_equal(a, b, equal_nan=True) if a.dtype.kind == "f" else np.array_equal(a, b)
+        if not same:
+            return False
+    return True
+
+
 def read_ledger(path: str | Path) -> pa.Table:
     table = pq.read_table(path)
     _check_schema(table, str(path))

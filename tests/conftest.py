@@ -14,7 +14,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # .prefect/; one folder per user, so its database is migrated once, not in every session
 os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), f"webkd-test-prefect-{os.getuid()}"))
 
+from webkd.flows.prefect_env import local_defaults  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
+
+local_defaults()  # the CLI's Prefect defaults, for flows called in-process
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clot
     state = curate_flow(str(scenario), return_state=True)
     out = state.result()
     n = out["records"]
-    assert out["new_records"] == n > 90 and out["computed"] == {"t": n} and out["cached"] == []
+    assert out["new_records"] == n > 90 and out["computed"] == {"t": n} and out["up_to_date"] == []
 
     # ---- retries from the config on the I/O-bound tasks only (flows.retries default 2) ---------
     policy = {name: (p.retries, p.retry_delay) for name, p in task_policies(state.state_details.flow_run_id).items()}
@@ -210,7 +210,7 @@ def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clot
     # ---- the same run again: every stage answered from the cache, nothing rewritten ------------
     before = cfg.paths.ledger(0).stat().st_mtime_ns
     again = curate_flow(str(scenario))
-    assert set(again["cached"]) == {"ingest", "features", "index", "selection", "gallery"}
+    assert set(again["up_to_date"]) == {"ingest", "features", "index", "selection", "gallery"}
     assert again["new_records"] == 0 and again["computed"] == {"t": 0} and again["records"] == n
     assert cfg.paths.ledger(0).stat().st_mtime_ns == before
 
@@ -224,14 +224,14 @@ def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clot
         Image.fromarray(clothing.images[i]).save(scenario.parent / "web" / "pants" / f"c{i}.jpg", quality=90)
     fresh = curate_flow(str(scenario))
     assert fresh["new_records"] == 2 and fresh["computed"] == {"t": 2} and fresh["records"] == n + 2
-    assert not {"ingest", "features", "selection", "gallery"} & set(fresh["cached"])
+    assert not {"ingest", "features", "selection", "gallery"} & set(fresh["up_to_date"])
     assert len(pq.read_table(cfg.paths.ledger(0))) == n + 2
 
-    # ---- a deleted output is rebuilt (refresh_cache), not served from the cache ----------------
+    # ---- a deleted output is rebuilt: the stage sees its page is missing ----------------------
     cfg.paths.gallery.unlink()
     rebuilt = curate_flow(str(scenario))
-    assert "gallery" not in rebuilt["cached"] and cfg.paths.gallery.exists()
-    assert {"ingest", "features", "index", "selection"} <= set(rebuilt["cached"])
+    assert "gallery" not in rebuilt["up_to_date"] and cfg.paths.gallery.exists()
+    assert {"ingest", "features", "index", "selection"} <= set(rebuilt["up_to_date"])
 
     # ---- a run directory deleted and built again gets nothing cached for its previous life ----
     # (the same files come back with the same mtimes: the listing repeats an earlier one exactly)
@@ -244,7 +244,7 @@ def test_curate_flow_artifacts_cache_and_new_data(prefect_server, scenario, clot
     for f, h in zip(added, held):
         os.replace(h, f)
     back = curate_flow(str(scenario))
-    assert back["new_records"] == 2 and back["computed"] == {"t": 2} and back["cached"] == []
+    assert back["new_records"] == 2 and back["computed"] == {"t": 2} and back["up_to_date"] == []
 
 
 def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario):

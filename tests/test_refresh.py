@@ -123,7 +123,7 @@ def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefec
     r2 = refresh_flow(str(cfg_path))
     assert not r2["trained"] and "nothing new" in r2["reason"] and r2["version"] is None
     assert r2["new_records"] == 0 and r2["computed"] == {"t": 0}
-    assert set(r2["cached"]) == {"ingest", "features", "index", "selection", "gallery"}
+    assert set(r2["up_to_date"]) == {"ingest", "features", "index", "selection", "gallery"}
     assert not (paths.students_dir / "v0003").exists()
     assert len(registry.load_registry(paths.registry).entries) == 2
     assert "| trained a challenger | no |" in artifact("refresh-test-refresh").data

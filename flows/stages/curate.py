@@ -141,7 +141,7 @@ def teacher_selection(cfg: Config) -> dict[str, Any]:
     `selection/epoch_000.parquet`; the same decision `fit` makes before its first epoch."""
     import torch
 
-    from webkd.selection.policy import ledger_table, write_ledger
+    from webkd.selection.policy import ledger_table, ledger_unchanged, write_ledger
     from webkd.training.loop import reselect
 
     p = pool(cfg)
@@ -151,15 +151,29 @@ def teacher_selection(cfg: Config) -> dict[str, Any]:
                       load_overrides_for(cfg), cfg.train.eval_batch_size)
     table = ledger_table(sel, p.ids, np.arange(len(p)), 0, p.split, p.web_labels, p.web_class,
                          label_columns=p.label_columns)
-    path = write_ledger(cfg.paths.ledger(0), table)
+    path = cfg.paths.ledger(0)
+    unchanged = ledger_unchanged(path, table)
+    if not unchanged:  # the same decision again is not rewritten
+        write_ledger(path, table)
     return {"ledger": str(path), "rows": len(p), "kept": int(sel.keep.sum()),
-            "overridden": int((sel.reason == "override").sum())}
+            "overridden": int((sel.reason == "override").sum()), "up_to_date": unchanged}
 
 
-def gallery(cfg: Config) -> Path:
-    """(Re-)render the run's review page from its ledgers, manifest and overrides."""
+def gallery_current(cfg: Config) -> bool:
+    """The review page exists and was rendered from the run's current ledgers, manifest,
+    quarantine and overrides."""
+    from webkd.selection.gallery import gallery_up_to_date
+
+    return gallery_up_to_date(cfg.paths.root, list(cfg.data.classes) or None)
+
+
+def gallery(cfg: Config, force: bool = False) -> Path:
+    """Render the run's review page from its ledgers, manifest and overrides, unless it is
+    current (`force`: always)."""
     from webkd.selection.gallery import render_gallery
 
+    if not force and gallery_current(cfg):
+        return cfg.paths.gallery
     return render_gallery(cfg.paths.root, classes=list(cfg.data.classes) or None)
 
 
