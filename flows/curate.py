@@ -51,6 +51,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.tasks import Task  # noqa: E402
 
 from webkd.flows import stages  # noqa: E402
+from webkd.flows.checks import check_run  # noqa: E402
 from webkd.pipeline.config import Config, RunPaths, load_config  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ def gallery_stage(cfg: Config, curated: dict[str, Any]) -> Path:
 def curate_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Curate the web pool of a config: ingest new images, embed new rows, index, decide with
     the teacher (and the overrides store) what to keep, render the gallery, publish a summary."""
-    cfg = load_config(config_path, overrides or [])
+    cfg = check_run(load_config(config_path, overrides or []))  # every user error before any work
     out = curation_stages(cfg)
     page = gallery_stage(cfg, out)
     summary, _ = run_stage(summary_task, cfg)
