@@ -27,12 +27,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. train.epochs=5 run_dir=runs/try1")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, sources: bool = True):
     """The checked config: schema at load, then every check that needs no work (flows/checks.py)."""
     from webkd.flows.checks import check_run
     from webkd.pipeline.config import load_config
 
-    return check_run(load_config(args.config, args.overrides))
+    return check_run(load_config(args.config, args.overrides), sources=sources)
 
 
 def _counts(d: dict) -> str:
@@ -185,7 +185,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from webkd.flows.schedules import api_url, build_deployments, serve_deployments
 
-    _load(args)
+    _load(args, sources=False)   # the web sources may be filled before the first scheduled run
     deps = build_deployments(args.config, args.overrides)
     for d in deps:
         crons = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in d.schedules) or "no schedule"

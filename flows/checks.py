@@ -102,9 +102,10 @@ def check_models(cfg: Config) -> None:
             raise ConfigError(f"{where}.{key}: {exc}") from None
 
 
-def check_run(cfg: Config) -> Config:
-    """All checks, cheapest first; returns cfg so `cfg = check_run(load_config(...))` reads well."""
-    check_paths(cfg)
+def check_run(cfg: Config, sources: bool = True) -> Config:
+    """All checks, cheapest first; returns cfg so `cfg = check_run(load_config(...))` reads well.
+    `sources=False` leaves the web sources' existence to the runs (webkd serve)."""
+    check_paths(cfg, sources=sources)
     check_method(cfg)
     check_models(cfg)
     return cfg

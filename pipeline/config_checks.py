@@ -119,11 +119,12 @@ def _missing_source(source: str) -> str | None:
     return None
 
 
-def check_paths(cfg: Config) -> None:
-    """Every input path the config names exists (sources, weights, checkpoint files, warm start)."""
-    sources = [(f"data.sources.{i}", s) for i, s in enumerate(cfg.data.sources)]
-    sources += [(f"data.{k}", getattr(cfg.data, k)) for k in ("val_source", "test_source") if getattr(cfg.data, k)]
-    for key, src in sources:
+def check_paths(cfg: Config, sources: bool = True) -> None:
+    """Every input path the config names exists (sources, weights, checkpoint files, warm start).
+    `sources=False` (webkd serve): web sources may be filled before a scheduled run, which checks them."""
+    todo = [(f"data.sources.{i}", s) for i, s in enumerate(cfg.data.sources)] if sources else []
+    todo += [(f"data.{k}", getattr(cfg.data, k)) for k in ("val_source", "test_source") if getattr(cfg.data, k)]
+    for key, src in todo:
         why = _missing_source(src)
         if why:
             raise ConfigError(f"{key}: {why} ({PATH_RULE})")
