@@ -42,7 +42,7 @@ OUT = ROOT / "bench" / "out" / "fashion_web"
 
 # every row names its method, arguments and selection mode: the rows do not follow the YAML defaults
 NO_ARGS = "train.method_args={}"
-KD3P = "train.method_args={kd_weight: 1.0}"
+KD3P = "train.method_args={kd3: {kd_weight: 1.0}}"
 ROWS = {
     # name: (label, overrides)
     "kd_fmnist": ("KD on original FMNIST train (upper bound)",
@@ -52,13 +52,13 @@ ROWS = {
             ["train.method=kd3", "selection.mode=kd3", NO_ARGS]),
     "kd3_nosel": ("KD^3 without selection", ["train.method=kd3", "selection.mode=none", NO_ARGS]),
     "kd3_nomd": ("KD^3 without MixDistribution", ["train.method=kd3", "selection.mode=kd3",
-                                                   "train.method_args={mixdist: false}"]),
+                                                   "train.method_args={kd3: {mixdist: false}}"]),
     "ce": ("CE on web query labels", ["train.method=ce", "selection.mode=none", NO_ARGS]),
     # [project] KD^3 with a logit-KD term on the shared-classifier logits (methods.md §7 combinations)
     "kd3p": ("KD^3 + logit KD [project]", ["train.method=kd3", "selection.mode=kd3", KD3P]),
     "kd3p_nosel": ("KD^3 + logit KD, without selection", ["train.method=kd3", "selection.mode=none", KD3P]),
     "kd3p_nomd": ("KD^3 + logit KD, without selection and MixDistribution",
-                  ["train.method=kd3", "selection.mode=none", "train.method_args={kd_weight: 1.0, mixdist: false}"]),
+                  ["train.method=kd3", "selection.mode=none", "train.method_args={kd3: {kd_weight: 1.0, mixdist: false}}"]),
     # further ablations (not in the default --rows)
     "kd3p_soft": ("KD^3 + logit KD, soft selection (rejected weight 0.3)",
                   ["train.method=kd3", "selection.mode=kd3", "selection.reject_weight=0.3", KD3P]),

@@ -1,7 +1,13 @@
 """The `webkd` command line. Each verb is a thin call into flows.stages (library level) or a
-Prefect flow (curate, distill, refresh, serve)."""
+Prefect flow (curate, distill, refresh, serve).
+
+A config verb loads its config and runs every check of flows/checks.py before any work starts;
+a user error (bad key, missing file, unknown method or model, ...) is one line on stderr and
+exit code 2 (`--debug` shows the traceback). Flags and `key.sub=value` overrides mix in any order.
+"""
 import argparse
 import logging
+import os
 import sys
 import textwrap
 from typing import Callable
@@ -21,10 +27,17 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. train.epochs=5 run_dir=runs/try1")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, sources: bool = True):
+    """The checked config: schema at load, then every check that needs no work (flows/checks.py)."""
+    from webkd.flows.checks import check_run
     from webkd.pipeline.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return check_run(load_config(args.config, args.overrides), sources=sources)
+
+
+def _counts(d: dict) -> str:
+    """{'fmnist_teacher': 60} -> 'fmnist_teacher 60' (flow outputs read as text, not dicts)."""
+    return ", ".join(f"{k} {v}" for k, v in d.items()) if isinstance(d, dict) else str(d)
 
 
 # ---- library-level verbs ---------------------------------------------------------------------
@@ -99,8 +112,9 @@ def _run_curate(args: argparse.Namespace) -> int:
         return 0
     from webkd.flows.curate import curate_flow, run_flow
 
+    _load(args)  # checked before the flow (and its temporary server) starts
     out = run_flow(curate_flow, args.config, args.overrides)
-    print(f"records {out['records']} ({out['new_records']} new), embedded now {out['computed']}, "
+    print(f"records {out['records']} ({out['new_records']} new), embedded now {_counts(out['computed'])}, "
           f"kept {out['kept']}, rejected {out['rejected']}")
     print(f"gallery: {out['gallery']}")
     return 0
@@ -123,6 +137,7 @@ def _run_distill(args: argparse.Namespace) -> int:
     from webkd.flows.curate import run_flow
     from webkd.flows.distill import distill_flow
 
+    _load(args)
     out = run_flow(distill_flow, args.config, args.overrides)
     print(out["summary"])
     print(f"version {out['version']} is the champion ({out['decision']})")
@@ -142,8 +157,9 @@ def _run_refresh(args: argparse.Namespace) -> int:
     from webkd.flows.refresh import refresh_flow
     from webkd.flows.stages.distill import pct
 
+    _load(args)
     out = run_flow(refresh_flow, args.config, args.overrides)
-    print(f"new records {out['new_records']}, embedded now {out['computed']}, pool {out['records']}")
+    print(f"new records {out['new_records']}, embedded now {_counts(out['computed'])}, pool {out['records']}")
     if out["trained"]:
         print(f"challenger {out['version']}: {out['metric']} {pct(out['challenger_score'])} vs champion "
               f"{out['champion'] or '-'} {pct(out['champion_score'])} on the same {out['validation_rows']} "
@@ -169,6 +185,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from webkd.flows.schedules import api_url, build_deployments, serve_deployments
 
+    _load(args, sources=False)   # the web sources may be filled before the first scheduled run
     deps = build_deployments(args.config, args.overrides)
     for d in deps:
         crons = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in d.schedules) or "no schedule"
@@ -340,23 +357,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# library loggers whose INFO lines say nothing a user needs (faiss.loader: which SIMD build loaded)
+QUIET_LOGGERS = ("faiss", "httpx", "httpcore", "urllib3", "PIL", "numexpr", "matplotlib", "filelock")
+# exceptions that are the user's to fix (matched by class name: no heavy imports to catch them)
+USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError"}
+
+
+def _user_error(exc: BaseException) -> bool:
+    return any(c.__name__ in USER_ERRORS for c in type(exc).__mro__)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Flags and `key.sub=value` overrides in any order: argparse fills CONFIG and the first run
+    of overrides, every later `key=value` token joins `overrides` (in command-line order)."""
+    args, extra = parser.parse_known_args(argv)
+    rest = [t for t in extra if not (hasattr(args, "overrides") and "=" in t and not t.startswith("-"))]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + [t for t in extra if t not in rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from webkd.flows.prefect_env import local_defaults
 
     local_defaults()  # before any flow module imports Prefect
     parser = build_parser()
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = parse_args(parser, [a for a in argv if a != "--debug"])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        os.environ.setdefault("TQDM_DISABLE", "1")   # library bars too (pipeline/progress.py: ours)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from webkd.pipeline.config import ConfigError
-
     try:
         return int(args._run(args) or 0)
-    except ConfigError as exc:
-        print(f"webkd {args.verb}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if debug or not _user_error(exc):
+            raise
+        print(f"webkd {args.verb}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -24,6 +24,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import Task
 
+from webkd.flows.checks import check_run
 from webkd.flows.stages import curate as curate_stages
 from webkd.pipeline.config import Config, load_config
 
@@ -155,7 +156,7 @@ def gallery_stage(cfg: Config, curated: dict[str, Any]) -> Path:
 def curate_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Curate the web pool of a config: ingest new images, embed new rows, index, decide with
     the teacher (and the overrides store) what to keep, render the gallery, publish a summary."""
-    cfg = load_config(config_path, overrides or [])
+    cfg = check_run(load_config(config_path, overrides or []))  # every user error before any work
     out = curation_stages(cfg)
     page = gallery_stage(cfg, out)
     summary = run_stage(summary_task, cfg)

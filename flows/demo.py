@@ -190,7 +190,7 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
 def describe_student(cfg) -> str:
     """A table label for the configured student recipe, e.g. 'KD^3 + logit KD, no instance selection'."""
     name = {"kd3": "KD^3", "kd": "vanilla KD", "ce": "CE"}.get(cfg.train.method, cfg.train.method)
-    if cfg.train.method == "kd3" and cfg.train.method_args.get("kd_weight"):
+    if cfg.train.method == "kd3" and cfg.train.args.get("kd_weight"):
         name += " + logit KD"
     sel = {"none": "no instance selection", "teacher": "teacher-only selection",
            "kd3": "KD^3 instance selection"}.get(cfg.selection.mode, f"selection {cfg.selection.mode}")

@@ -15,8 +15,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from webkd.flows.checks import check_run
 from webkd.flows.stages import distill as distill_stages
-
 from webkd.flows.stages import refresh as refresh_stages
 from webkd.flows.stages.distill import pct
 from webkd.pipeline.config import load_config
@@ -51,7 +51,7 @@ def distill_markdown(result: Any, verdict: dict[str, Any]) -> str:
 def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Curate (cached stages), distill the configured student, make it the champion, and
     publish the selection table, the gallery and the model card as artifacts."""
-    cfg = load_config(config_path, overrides or [])
+    cfg = check_run(load_config(config_path, overrides or []))  # every user error before any work
     curated = curation_stages(cfg)
     result = distill_task(cfg)
     verdict = with_retries(register_task, cfg)(cfg, result)

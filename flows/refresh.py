@@ -23,6 +23,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from webkd.flows.checks import check_run
 from webkd.flows.stages import refresh as refresh_stages
 from webkd.flows.stages.distill import pct
 from webkd.pipeline.config import load_config
@@ -62,7 +63,7 @@ def refresh_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
     """Take in new web data: curate what is new, and when anything changed train a warm-started
     challenger and promote it only if it beats the champion on the same validation split."""
     t0 = time.time()
-    cfg = load_config(config_path, overrides or [])
+    cfg = check_run(load_config(config_path, overrides or []))  # every user error before any work
     curated = curation_stages(cfg)
     plan = with_retries(plan_task, cfg)(cfg)
     verdict: dict[str, Any] = {}

@@ -1,25 +1,25 @@
 """The one typed Config: pydantic v2 schema, YAML loading, dotted CLI overrides, RunPaths.
 
 Every section forbids unknown keys, so a typo in a YAML file or an override fails at once with
-the offending key named. Library functions take one section (or plain arguments), never the
-whole Config.
+the offending key named (and the closest valid key suggested). Library functions take one
+section (or plain arguments), never the whole Config. Override parsing, the relative-path rule
+and weights sidecars live in pipeline/config_io.py; the checks that need the file system
+(paths that must exist) in pipeline/config_checks.py.
 """
 from __future__ import annotations
 
-import copy
+import difflib
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
+from webkd.pipeline.config_io import ConfigError, apply_overrides, resolve_paths
 
 
 class _Section(BaseModel):
@@ -86,6 +86,16 @@ class DataConfig(_Section):
         default_factory=dict,
         description="web query -> class name; a query not in classes and not mapped is off-class",
     )
+    @model_validator(mode="after")
+    def _label_map_names_classes(self) -> "DataConfig":
+        for query, name in self.label_map.items():
+            if self.classes and name is not None and name not in self.classes:
+                near = difflib.get_close_matches(name, self.classes, n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ValueError(f"label_map.{query}: {name!r} is not one of data.classes ({hint}classes: "
+                                 f"{self.classes}; null marks the query off-class)")
+        return self
+
     class_groups: list[list[str]] = Field(
         default_factory=list,
         description="classes that count as one when scoring validation (e.g. footwear for a 'shoes' query)",
@@ -171,7 +181,9 @@ class SelectionConfig(_Section):
 
 class TrainConfig(_Section):
     method: str = "kd3"
-    method_args: dict[str, Any] = Field(default_factory=dict)
+    method_args: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="arguments per method name, e.g. {kd3: {kd_weight: 1.0}}; only train.method's block is used")
     label_source: Literal["web", "refined"] = "web"
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -187,6 +199,24 @@ class TrainConfig(_Section):
         "auto", description="checkpoint selection: agreement with the teacher on validation rows, or accuracy on "
                             "their query labels; auto = agreement for teacher-based methods, query_acc otherwise")
     warm_start: str | None = Field(None, description="student checkpoint or export dir to start from")
+
+    @field_validator("method_args", mode="before")
+    @classmethod
+    def _keyed_by_method(cls, v: Any, info: ValidationInfo) -> Any:
+        m = info.data.get("method", "kd3")
+        if isinstance(v, dict):
+            for k, args in v.items():
+                if not isinstance(args, dict) and args is not None:
+                    raise ValueError(
+                        f"method_args is keyed by method name: write `method_args: {{{m}: {{{k}: {args}}}}}` "
+                        f"(on the command line train.method_args.{m}.{k}={args}), not `{{{k}: {args}}}`")
+            return {k: (args or {}) for k, args in v.items()}
+        return v
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The arguments of `method` (its block in method_args; arguments of other methods never leak)."""
+        return dict(self.method_args.get(self.method) or {})
 
 
 class RefineConfig(_Section):
@@ -265,108 +295,24 @@ class Config(_Section):
 # --------------------------------------------------------------------------------------------
 # loading and overrides
 # --------------------------------------------------------------------------------------------
-def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        else:
-            lines.append(f"'{key}': {e['msg']}")
-    return f"invalid config ({origin}): " + "; ".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.1` -> (["train", "lr"], 0.1). Values are parsed as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw (un-validated) config dict; list items by index."""
-    out = copy.deepcopy(raw)
-    for text in overrides:
-        parts, value = parse_override(text)
-        node: Any = out
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = _list_item(node, part, parts[: i + 1])
-            else:
-                if not isinstance(node, dict):
-                    raise ConfigError(f"override {text!r}: '{'.'.join(parts[:i])}' is not a section")
-                nxt = node.get(part)
-                if nxt is None:
-                    nxt = [] if parts[i + 1].isdigit() else {}
-                    node[part] = nxt
-                node = nxt
-        last = parts[-1]
-        if isinstance(node, list):
-            idx = int(last) if last.isdigit() else -1
-            if not 0 <= idx < len(node):
-                raise ConfigError(f"override {text!r}: no list item {last!r}")
-            node[idx] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise ConfigError(f"override {text!r}: '{'.'.join(parts[:-1])}' is not a section")
-    return out
-
-
-def _list_item(node: list, part: str, where: list[str]) -> Any:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"no list item '{'.'.join(where)}' (list has {len(node)} items)")
-    return node[int(part)]
-
-
-def _resolve_relative(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """A relative path in a YAML file (source, weights, checkpoint) is taken relative to that
-    file's folder when it exists there, else relative to the working directory."""
-    def fix(p: str) -> str:
-        if Path(p).is_absolute() or not (base / p).exists():
-            return p
-        return os.path.normpath(base / p)
-
-    def fix_source(s: str) -> str:
-        prefix, sep, rest = s.partition(":")
-        return f"{prefix}:{fix(rest)}" if sep and prefix in ("folder", "manifest", "wds") else s
-
-    out = copy.deepcopy(raw)
-    data = out.get("data")
-    if isinstance(data, dict):
-        if isinstance(data.get("sources"), list):
-            data["sources"] = [fix_source(s) if isinstance(s, str) else s for s in data["sources"]]
-        for k in ("val_source", "test_source"):
-            if isinstance(data.get(k), str):
-                data[k] = fix_source(data[k])
-    specs = list(out.get("teachers") or []) + [out.get("student")]
-    for spec in specs:
-        if isinstance(spec, dict):
-            for k in ("weights", "pretrained"):
-                if isinstance(spec.get(k), str):
-                    spec[k] = fix(spec[k])
-    return out
-
-
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
                  origin: str = "<dict>") -> Config:
-    raw = apply_overrides(raw or {}, list(overrides))
+    """Validate a raw config after overrides; relative paths of overrides resolve against the
+    working directory (those of a YAML file were resolved against its folder by load_config)."""
+    from webkd.pipeline.config_checks import apply_stored_preprocess, format_errors
+
+    raw = resolve_paths(apply_overrides(raw or {}, list(overrides)), Path.cwd())
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin)) from None
+        raise ConfigError(format_errors(err, origin)) from None
+    specs = list(cfg.teachers) + [cfg.student]
+    return apply_stored_preprocess(cfg, ["preprocess" in s.model_fields_set for s in specs])
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (relative paths resolved against its folder), then apply overrides."""
+    """Load a YAML config (its relative paths resolved against its folder), then apply overrides
+    (their relative paths resolved against the working directory): config_io.PATH_RULE."""
     if path is None:
         return build_config({}, overrides)
     path = Path(path)
@@ -375,10 +321,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    raw = _resolve_relative(raw, path.resolve().parent)
+    raw = resolve_paths(raw, path.resolve().parent)
     return build_config(raw, overrides, origin=str(path))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
+from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.config import RunPaths
 from webkd.pipeline.records import Record

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from tqdm import tqdm
+from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.config import IndexConfig, RunPaths
 from webkd.pipeline.records import OK, QuarantineRow, load_manifest, load_quarantine, save_manifest, save_quarantine

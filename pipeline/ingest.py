@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
+from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.config import IngestConfig, RunPaths
 from webkd.pipeline.records import (OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine, read_bytes,
@@ -444,5 +444,5 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
         _save_state(paths.ingest_state, state)               # last: a kill before it re-reads, never skips
     report.quarantined = dict(quarantined)
     report.total_records, report.total_quarantined = len(records), len(quarantine)
-    log.info("ingest round %d:\n%s", batch, report.summary())
+    log.info("ingest round %d: listed %d, kept %d, quarantined %d; %d manifest rows", batch, report.seen, report.kept, report.n_quarantined, report.total_records)  # the CLI prints the table
     return report

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.config import RefineConfig
 from webkd.pipeline.storage import atomic_write_table

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
+from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.config import RunPaths
 from webkd.pipeline.records import load_manifest

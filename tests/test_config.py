@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -40,7 +42,7 @@ def test_bad_value_is_named(tmp_path):
 
 def test_list_item_override(tmp_path):
     cfg = load_config(_write(tmp_path, {"teachers": [{"name": "a"}, {"name": "b"}]}), ["teachers.1.weights=w.pt"])
-    assert cfg.teachers[1].weights == "w.pt"
+    assert cfg.teachers[1].weights == os.path.join(os.getcwd(), "w.pt")  # overrides: relative to the cwd
     with pytest.raises(ConfigError, match="no list item"):
         load_config(_write(tmp_path, {"teachers": [{"name": "a"}]}), ["teachers.3.name=x"])
 

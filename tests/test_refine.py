@@ -135,7 +135,7 @@ def clothing_run(clothing, query_folder_factory, tmp_path):
            "index": {"near_dup_threshold": None},
            "selection": {"mode": "none"},
            "refine": {"epochs": 5},
-           "train": {"method": "rld", "epochs": 1, "batch_size": 16, "method_args": {"warmup": 0.0}},
+           "train": {"method": "rld", "epochs": 1, "batch_size": 16, "method_args": {"rld": {"warmup": 0.0}}},
            "export": {"onnx": False}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))

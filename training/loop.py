@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.config import RunPaths, SelectionConfig, TrainConfig
 from webkd.pipeline.storage import atomic_path, atomic_write_json

@@ -93,7 +93,7 @@ def build_student_and_method(cfg: Config, teachers: list, sample):
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes)
     defaults = method_defaults(student, teachers, sample).get(cfg.train.method, {})
-    method = build_method(cfg.train.method, **{**defaults, **cfg.train.method_args})
+    method = build_method(cfg.train.method, **{**defaults, **cfg.train.args})
     if cfg.train.warm_start:
         warm_start(student, method, cfg.train.warm_start)
     return student, method
