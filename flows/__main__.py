@@ -209,7 +209,7 @@ def _override_args(p: argparse.ArgumentParser) -> None:
 def _run_override(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from webkd.pipeline.config import RunPaths
+    from webkd.pipeline.paths import RunPaths
     from webkd.selection.overrides import OverridesError, import_overrides_file, load_entries, record_overrides
 
     paths = RunPaths(Path(args.run_dir))
@@ -262,11 +262,11 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from webkd.pipeline.config import RunPaths
+    from webkd.pipeline.paths import RunPaths
     from webkd.selection.gallery import GalleryError, render_gallery, summarize_run
 
     paths = RunPaths(Path(args.run_dir))
-    inputs = [paths.manifest, paths.overrides, *paths.selection_dir.glob("epoch_*.parquet")]
+    inputs = [paths.manifest, paths.overrides, *(p for _, p in paths.ledgers())]
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     try:
         print(summarize_run(paths.root).text())

@@ -51,7 +51,8 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.tasks import Task  # noqa: E402
 
 from webkd.flows import stages  # noqa: E402
-from webkd.pipeline.config import Config, RunPaths, load_config  # noqa: E402
+from webkd.pipeline.config import Config, load_config  # noqa: E402
+from webkd.pipeline.paths import RunPaths  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def selection_key(_ctx: Any, params: dict[str, Any]) -> str:
 def gallery_key(_ctx: Any, params: dict[str, Any]) -> str:
     cfg: Config = params["cfg"]
     p = cfg.paths
-    ledgers = sorted(p.selection_dir.glob("epoch_*.parquet"))
+    ledgers = [x for _, x in p.ledgers()]
     return digest("gallery", CACHE_VERSION, _root(cfg), cfg.data.classes,
                   [[x.name, file_signature(x)] for x in ledgers], manifest_digest(p, with_status=True),
                   file_signature(p.overrides), file_signature(p.quarantine))

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from webkd.pipeline import datasets
-from webkd.pipeline.config import Config, ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, build_config
+from webkd.pipeline.config import Config, ModelSpec, PreprocessSpec, SelectionConfig, TrainConfig, build_config
+from webkd.pipeline.paths import RunPaths
 
 log = logging.getLogger(__name__)
 

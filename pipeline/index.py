@@ -22,7 +22,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from webkd.pipeline.config import IndexConfig, RunPaths
+from webkd.pipeline.config import IndexConfig
+from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import OK, QuarantineRow, load_manifest, load_quarantine, save_manifest, save_quarantine
 from webkd.pipeline.storage import atomic_path, atomic_write_json, read_json
 

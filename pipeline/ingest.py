@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from webkd.pipeline.config import IngestConfig, RunPaths
+from webkd.pipeline.config import IngestConfig
+from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import (OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine, read_bytes,
                               save_manifest, save_quarantine)
 from webkd.pipeline.sources import Entry, iter_source

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from webkd.pipeline.config import RunPaths
+from webkd.pipeline.paths import RunPaths, ledgers_in
 from webkd.pipeline.records import REASONS as RECORD_REASONS
 from webkd.pipeline.records import load_quarantine
 from webkd.pipeline.storage import atomic_write_text
@@ -70,7 +70,6 @@ REASONS: dict[str, tuple[str, str]] = {
     "validation": ("val", "held-out validation row, never trained on"),
 }
 CHUNK_ROWS = 10_000
-_EPOCH_RE = re.compile(r"^epoch_(\d+)\.parquet$")
 _NAN = float("nan")
 # Ledger columns the page reads, with the value used when an (older) ledger lacks one.
 _LEDGER_DEFAULTS: dict[str, Any] = {
@@ -89,19 +88,10 @@ class GalleryError(ValueError):
 # ============================================================================================
 # reading a run
 # ============================================================================================
-def ledger_files(selection_dir: str | Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every `epoch_<k>.parquet`, oldest first."""
-    d = Path(selection_dir)
-    if not d.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in d.iterdir() if (m := _EPOCH_RE.match(p.name))]
-    return sorted(out)
-
-
 def _read_ledgers(selection_dir: Path) -> dict[str, np.ndarray]:
     """All ledgers concatenated (oldest epoch first), one numpy array per column."""
     parts: list[dict[str, np.ndarray]] = []
-    for epoch, path in ledger_files(selection_dir):
+    for epoch, path in ledgers_in(selection_dir):
         try:
             t = pq.read_table(path)
         except Exception as exc:
@@ -221,7 +211,7 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
         log.warning("overrides store unreadable: %s", exc)
 
     L = _read_ledgers(paths.selection_dir)
-    epochs = [e for e, _ in ledger_files(paths.selection_dir)]
+    epochs = [e for e, _ in paths.ledgers()]
     reasons = list(REASONS)
     history: dict[str, list[int]] = defaultdict(list)
     items: dict[str, np.ndarray] = {}

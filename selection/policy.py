@@ -17,7 +17,6 @@ step, not here: `weight` is 1.0 for kept rows and 0 for rejected ones.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from webkd.pipeline.config import SelectionConfig
+from webkd.pipeline.paths import ledgers_in
 from webkd.pipeline.storage import atomic_write_table
 from webkd.selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
 
@@ -52,7 +52,6 @@ LEDGER_SCHEMA = pa.schema([
 LABEL_FIELDS = [("refined_label", pa.int32()), ("label_pair_1", pa.int32()), ("label_pair_2", pa.int32()),
                 ("label_agree", pa.bool_())]
 LEDGER_SCHEMA_WITH_LABELS = pa.schema(list(LEDGER_SCHEMA) + [pa.field(n, t) for n, t in LABEL_FIELDS])
-_LEDGER_NAME = re.compile(r"^epoch_(\d+)\.parquet$")
 
 
 @dataclass
@@ -300,11 +299,4 @@ def read_ledger(path: str | Path) -> pa.Table:
 
 def read_ledgers(selection_dir: str | Path) -> list[tuple[int, pa.Table]]:
     """Every `epoch_<kkk>.parquet` in the folder as (epoch, table), sorted by epoch."""
-    d = Path(selection_dir)
-    found = []
-    if d.is_dir():
-        for p in d.iterdir():
-            m = _LEDGER_NAME.match(p.name)
-            if m:
-                found.append((int(m.group(1)), p))
-    return [(e, read_ledger(p)) for e, p in sorted(found)]
+    return [(e, read_ledger(p)) for e, p in ledgers_in(selection_dir)]

@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from webkd.pipeline.paths import RunPaths
+
 CLASSES = ["dress", "longsleeve", "pants", "shoes", "t-shirt"]
 
 
@@ -116,11 +118,11 @@ def scenario(tmp_path_factory, clothing, pacs_jpeg) -> Path:
     return write_config(root, "Flows Test")
 
 
-def ledger_counts(run: Path, epoch_glob: str = "epoch_*.parquet") -> tuple[Counter, Counter, Counter]:
+def ledger_counts(run: Path) -> tuple[Counter, Counter, Counter]:
     """Newest decision per id over the run's ledgers -> kept / rejected per pseudo-label class
     name, and rejection reasons per class (what the curation artifact must show)."""
     newest: dict[str, tuple[int, bool, int, str]] = {}
-    for p in sorted((run / "selection").glob(epoch_glob)):
+    for _, p in RunPaths(run).ledgers():
         t = pq.read_table(p).to_pydict()
         for i, e, k, pl, r in zip(t["id"], t["epoch"], t["kept"], t["pseudo_label"], t["reason"]):
             if i not in newest or e >= newest[i][0]:
@@ -157,7 +159,7 @@ def task_policies(flow_run_id) -> dict:
 
 
 def _ledger_split(run: Path) -> list[str]:
-    return pq.read_table(run / "selection" / "epoch_000.parquet", columns=["split"])["split"].to_pylist()
+    return pq.read_table(RunPaths(run).ledger(0), columns=["split"])["split"].to_pylist()
 
 
 def artifact(key: str):
@@ -258,7 +260,7 @@ def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario
     assert out["version"] == "v0001" and out["champion_before"] is None
 
     # ---- training state in the run directory, export copied from the version folder ------------
-    assert sorted(p.name for p in (run / "selection").glob("epoch_*.parquet")) == ["epoch_000.parquet", "epoch_001.parquet"]
+    assert [e for e, _ in RunPaths(run).ledgers()] == [0, 1]
     assert (run / "checkpoints" / "best.pt").exists() and json.loads((run / "metrics.json").read_text())["final"]
     reg = registry.load_registry(run / "registry.json")
     entry = reg.champion_entry

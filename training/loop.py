@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from webkd.pipeline.config import RunPaths, SelectionConfig, TrainConfig
+from webkd.pipeline.config import SelectionConfig, TrainConfig
+from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.storage import atomic_path, atomic_write_json
 from webkd.selection import policy
 from webkd.selection.overrides import apply_overrides

@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from webkd.pipeline.config import RunPaths
+from webkd.pipeline.paths import RunPaths, ledgers_in
 from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -428,9 +428,6 @@ def adopt_export(paths: RunPaths) -> str | None:
 # --------------------------------------------------------------------------------------------
 # ledgers that go with the champion
 # --------------------------------------------------------------------------------------------
-_LEDGER_RE = re.compile(r"^epoch_(\d+)\.parquet$")
-
-
 def publish_selection(src_dir: str | Path, dst_dir: str | Path, epochs: int) -> list[Path]:
     """Copy the ledgers `epoch_<k>.parquet` (k < epochs) of a promoted student into the run's
     `selection/` (atomically, one file at a time) and delete ledgers of epochs >= `epochs` there,
@@ -441,14 +438,12 @@ def publish_selection(src_dir: str | Path, dst_dir: str | Path, epochs: int) -> 
     dst.mkdir(parents=True, exist_ok=True)
     out = []
     if src.resolve() != dst.resolve():
-        for p in sorted(src.glob("epoch_*.parquet")):
-            m = _LEDGER_RE.match(p.name)
-            if m and int(m.group(1)) < epochs:
+        for epoch, p in ledgers_in(src):
+            if epoch < epochs:
                 with atomic_path(dst / p.name, suffix=".parquet") as tmp:
                     shutil.copyfile(p, tmp)
                 out.append(dst / p.name)
-    for p in dst.glob("epoch_*.parquet"):
-        m = _LEDGER_RE.match(p.name)
-        if m and int(m.group(1)) >= epochs:
+    for epoch, p in ledgers_in(dst):
+        if epoch >= epochs:
             p.unlink(missing_ok=True)
     return out
