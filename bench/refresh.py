@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from webkd.flows.curate import _prefect_defaults  # noqa: E402,F401  (Prefect settings before its import)
 from webkd.flows.distill import distill_flow  # noqa: E402
 from webkd.flows.refresh import refresh_flow  # noqa: E402
-from webkd.flows.stages import pct  # noqa: E402
+from webkd.pipeline.report import pct  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
 from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 from prefect import flow  # noqa: E402

@@ -140,7 +140,7 @@ verb("distill", "Prefect flow: curate (cached), then select, train and export a 
 def _run_refresh(args: argparse.Namespace) -> int:
     from webkd.flows.curate import run_flow
     from webkd.flows.refresh import refresh_flow
-    from webkd.flows.stages import pct
+    from webkd.pipeline.report import pct
 
     out = run_flow(refresh_flow, args.config, args.overrides)
     print(f"new records {out['new_records']}, embedded now {out['computed']}, pool {out['records']}")

@@ -53,6 +53,7 @@ from prefect.tasks import Task  # noqa: E402
 from webkd.flows import stages  # noqa: E402
 from webkd.pipeline.config import Config, load_config  # noqa: E402
 from webkd.pipeline.paths import RunPaths  # noqa: E402
+from webkd.pipeline.storage import sha256_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,7 @@ def file_signature(path: str | Path | None) -> Any:
         return ["dir", st.st_mtime_ns]
     if st.st_size > SMALL_FILE:
         return [st.st_size, st.st_mtime_ns]
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(p)
 
 
 def listing_digest(cfg: Config) -> str:

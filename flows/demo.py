@@ -196,7 +196,7 @@ def describe_student(cfg) -> str:
 
 
 def format_demo(result: dict[str, Any]) -> str:
-    from webkd.flows.stages import pct
+    from webkd.pipeline.report import pct
 
     t = result["teacher"]
     lines = [f"fashion-web demo: {result['pool']} web images (clothing photos + PACS off-class), "

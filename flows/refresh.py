@@ -24,8 +24,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from webkd.flows import stages
-from webkd.flows.stages import pct
 from webkd.pipeline.config import load_config
+from webkd.pipeline.report import pct
 
 
 @task(name="refresh-plan", cache_policy=NO_CACHE)

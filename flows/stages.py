@@ -18,6 +18,7 @@ from webkd.pipeline.features import build_pixel_cache, extract_features, load_fe
 from webkd.pipeline.index import index_run, index_vectors, load_index, load_index_center, search
 from webkd.pipeline.ingest import IngestReport, run_ingest
 from webkd.pipeline.records import Record, class_index, load_manifest
+from webkd.pipeline.report import pct
 from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -225,11 +226,6 @@ def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
 # --------------------------------------------------------------------------------------------
 # distillation
 # --------------------------------------------------------------------------------------------
-def pct(v: float | None, digits: int = 2) -> str:
-    """A fraction as a percentage for reports; '-' for a missing or NaN value."""
-    return "-" if v is None or v != v else f"{100 * v:.{digits}f}%"
-
-
 @dataclass
 class DistillResult:
     run_dir: Path
