@@ -48,6 +48,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from webkd.pipeline.paths import RunPaths, ledgers_in
+from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LEDGER_REASONS, LOW_CONFIDENCE,
+                                    NEAR_DUPLICATE, OFF_CLASS, OVERRIDE, SELECTED, VALIDATION)
 from webkd.pipeline.records import REASONS as RECORD_REASONS
 from webkd.pipeline.records import load_quarantine
 from webkd.pipeline.storage import atomic_write_text
@@ -56,19 +58,11 @@ from webkd.selection.thumbnails import ThumbIndex, build_thumbnails
 
 log = logging.getLogger(__name__)
 
-# Ledger reason codes (ARCHITECTURE.md), in display order, with a line of help and a short tag
-# for the compact per-epoch history.
-REASONS: dict[str, tuple[str, str]] = {
-    "selected": ("sel", "kept: teacher+student confidence above the class threshold"),
-    "fallback": ("fb", "kept: the selection came out empty, previous/all kept instead"),
-    "override": ("ovr", "forced by a human override (accept keeps, reject rejects)"),
-    "below_class_threshold": ("thr", "confidence below its class threshold"),
-    "low_confidence": ("conf", "confidence below the global cut"),
-    "knn_disagree": ("knn", "too few k-NN neighbours share its pseudo-label"),
-    "off_class": ("off", "web query maps to no teacher class / outside the teacher top-2"),
-    "near_duplicate": ("dup", "near duplicate of a kept representative"),
-    "validation": ("val", "held-out validation row, never trained on"),
-}
+# Ledger reason codes (pipeline.records.LEDGER_REASONS), in display order, each with a short tag
+# for the compact per-epoch history and its line of help.
+_TAGS = {SELECTED: "sel", FALLBACK: "fb", OVERRIDE: "ovr", BELOW_CLASS_THRESHOLD: "thr", LOW_CONFIDENCE: "conf",
+         KNN_DISAGREE: "knn", OFF_CLASS: "off", NEAR_DUPLICATE: "dup", VALIDATION: "val"}
+REASONS: dict[str, tuple[str, str]] = {r: (_TAGS[r], text) for r, text in LEDGER_REASONS.items()}
 CHUNK_ROWS = 10_000
 _NAN = float("nan")
 # Ledger columns the page reads, with the value used when an (older) ledger lacks one.
@@ -199,7 +193,7 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
                                                         c["status"], c["dup_of"])):
             rows[i], uri[i], caption[i], url[i] = r, u, cap, ur
             status[st] += 1
-            if st == "near_duplicate" and d:
+            if st == NEAR_DUPLICATE and d:
                 dup_of[i] = d
     quarantine = Counter(q.reason for q in load_quarantine(paths.quarantine))
 

@@ -26,14 +26,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from webkd.pipeline.records import OVERRIDE, VALIDATION
 from webkd.pipeline.storage import atomic_write_json, locked
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 ACTIONS = ("accept", "reject")
-OVERRIDE = "override"          # the ledger reason of a forced keep or forced reject
-PROTECTED = ("validation",)    # reasons an override never changes (val rows are never trained on)
+PROTECTED = (VALIDATION,)      # reasons an override never changes (val rows are never trained on)
 
 
 class OverridesError(ValueError):

@@ -27,14 +27,13 @@ import pyarrow.parquet as pq
 
 from webkd.pipeline.config import SelectionConfig
 from webkd.pipeline.paths import ledgers_in
+from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LOW_CONFIDENCE, OFF_CLASS, OK,
+                                    SELECTED, VALIDATION)
 from webkd.pipeline.storage import atomic_write_table
 from webkd.selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
 
 log = logging.getLogger(__name__)
 
-KEEP_REASONS = ("selected", "fallback", "override")
-REJECT_REASONS = ("low_confidence", "below_class_threshold", "off_class", "knn_disagree", "override",
-                  "near_duplicate", "validation")
 SPLITS = ("train", "val")
 
 LEDGER_SCHEMA = pa.schema([
@@ -60,7 +59,7 @@ class Selection:
 
     keep: np.ndarray            # bool
     weight: np.ndarray          # float32: 1.0 kept, 0 rejected
-    reason: np.ndarray          # str (object): KEEP_REASONS or REJECT_REASONS
+    reason: np.ndarray          # str (object): pipeline.records KEEP_REASONS or REJECT_REASONS
     pseudo_label: np.ndarray    # int64: argmax of the combined prediction
     confidence: np.ndarray      # float64: max softmax of the combined prediction
     threshold: np.ndarray       # float64: tau of the row's pseudo-label
@@ -110,7 +109,7 @@ def exclusion_reasons(n: int, split: Sequence[str] | np.ndarray | None = None,
         st = np.asarray(status, dtype=object)
         if len(st) != n:
             raise ValueError(f"status has {len(st)} rows, logits {n}")
-        bad = st != "ok"
+        bad = st != OK
         out[bad] = st[bad]
     if split is not None:
         sp = np.asarray(split, dtype=object)
@@ -119,7 +118,7 @@ def exclusion_reasons(n: int, split: Sequence[str] | np.ndarray | None = None,
         unknown = set(sp.tolist()) - set(SPLITS)
         if unknown:
             raise ValueError(f"unknown split values {sorted(map(str, unknown))}; expected {SPLITS}")
-        out[sp == "val"] = "validation"
+        out[sp == "val"] = VALIDATION
     return out
 
 
@@ -192,20 +191,20 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
         off = (web_class < 0) | ((web_class != t1) & (web_class != t2))
 
     if cfg.mode == "none":
-        reason = np.where(cand, "selected", excl).astype(object)
+        reason = np.where(cand, SELECTED, excl).astype(object)
     else:
         reason = np.select(
             [~cand, conf <= cfg.tau_min, conf <= thr, off, knn_bad],
-            [excl, "low_confidence", "below_class_threshold", "off_class", "knn_disagree"],
-            "selected").astype(object)
-    keep = reason == "selected"
+            [excl, LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE],
+            SELECTED).astype(object)
+    keep = reason == SELECTED
 
     if cand.any() and not keep.any():
         if cfg.fallback == "previous" and previous_keep is not None and (previous_keep & cand).any():
             keep, source = previous_keep & cand, "the previous selection"
         else:
             keep, source = cand.copy(), "every candidate"
-        reason[keep] = "fallback"
+        reason[keep] = FALLBACK
         log.warning("selection kept nothing (alpha %.4f); falling back to %s (%d rows)", alpha, source,
                     int(keep.sum()))
 
@@ -247,9 +246,9 @@ def ledger_table(selection: Selection, ids: Sequence[str], rows: Sequence[int] |
         if len(col) != n:
             raise ValueError(f"{name} has {len(col)} entries, the selection {n}")
     val = split_arr == "val"
-    bad = val & (selection.keep | (selection.reason != "validation"))
+    bad = val & (selection.keep | (selection.reason != VALIDATION))
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} validation rows are kept or lack reason 'validation' "
+        raise ValueError(f"{int(bad.sum())} validation rows are kept or lack reason {VALIDATION!r} "
                          "(pass split= to select())")
     cols = {
         "id": [str(i) for i in ids], "row": np.asarray(rows, dtype=np.int64),

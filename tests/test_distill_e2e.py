@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from webkd.pipeline.paths import RunPaths, ledger_name
+from webkd.pipeline.records import KEEP_REASONS, LEDGER_REASONS, REJECT_REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["dress", "longsleeve", "pants", "shoes", "t-shirt"]
@@ -107,8 +108,7 @@ def test_distill_end_to_end_and_kill_resume(scenario):
     manifest = pq.read_table(full / "manifest.parquet").to_pydict()
     for name, t in ledgers.items():
         assert t["id"] == manifest["id"]
-        assert set(t["reason"]) <= {"selected", "fallback", "below_class_threshold", "low_confidence",
-                                    "knn_disagree", "near_duplicate", "validation", "off_class", "override"}
+        assert set(t["reason"]) <= set(KEEP_REASONS + REJECT_REASONS) == set(LEDGER_REASONS)
         assert not any(k and s == "val" for k, s in zip(t["kept"], t["split"]))
     assert all(np.isnan(v) or v == -1 for v in ledgers[ledger_name(0)]["student_conf"]) or \
         set(ledgers[ledger_name(0)]["student_pred"]) == {-1}        # teacher alone before training

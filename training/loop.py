@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from webkd.pipeline.config import SelectionConfig, TrainConfig
 from webkd.pipeline.paths import RunPaths
+from webkd.pipeline.records import BELOW_CLASS_THRESHOLD, KNN_DISAGREE, LOW_CONFIDENCE, OFF_CLASS
 from webkd.pipeline.storage import atomic_path, atomic_write_json
 from webkd.selection import policy
 from webkd.selection.overrides import apply_overrides
@@ -32,7 +33,7 @@ from webkd.training.methods import Method
 log = logging.getLogger(__name__)
 
 # rejections a soft selection (selection.reject_weight > 0) still trains on, down-weighted
-SOFT_REJECTIONS = ["below_class_threshold", "low_confidence", "knn_disagree", "off_class"]
+SOFT_REJECTIONS = [BELOW_CLASS_THRESHOLD, LOW_CONFIDENCE, KNN_DISAGREE, OFF_CLASS]
 
 
 @dataclass
