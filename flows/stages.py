@@ -269,26 +269,16 @@ def load_overrides_for(cfg: Config) -> dict[str, str]:
 
 
 def _lineage(cfg: Config, records: list[Record], final_epoch: int, out: RunPaths | None = None) -> dict[str, Any]:
-    from webkd.pipeline.records import load_quarantine
-    from webkd.selection.policy import read_ledger
+    """The model card's data lineage: the run's counts (selection.counts) at the final epoch."""
+    from webkd.selection.counts import count_run
 
-    table = read_ledger((out or cfg.paths).ledger(final_epoch)).to_pydict()
-    kept = np.array(table["kept"])
-    reason = np.array(table["reason"], dtype=object)
-    pseudo = np.array(table["pseudo_label"])
-    train = np.array(table["split"]) == "train"
-    per_class = []
-    for k, name in enumerate(cfg.data.classes):
-        m = train & (pseudo == k)
-        rej = reason[m & ~kept]
-        top = max(set(rej.tolist()), key=rej.tolist().count) if len(rej) else ""
-        per_class.append({"class": name, "kept": int((m & kept).sum()), "rejected": int((m & ~kept).sum()),
-                          "top_reason": top})
-    return {"pool": len(records), "quarantined": len(load_quarantine(cfg.paths.quarantine)),
-            "near_duplicates": int(sum(r.status == "near_duplicate" for r in records)),
-            "validation": int((np.array(table["split"]) == "val").sum()), "sources": list(cfg.data.sources),
-            "epoch": final_epoch, "kept": int((kept & train).sum()), "rejected": int((~kept & train).sum()),
-            "per_class": per_class}
+    c = count_run(cfg.paths, (out or cfg.paths).selection_dir, last_epoch=final_epoch)
+    names = list(cfg.data.classes)
+    per_class = [{"class": names[t.pseudo_label] if 0 <= t.pseudo_label < len(names) else f"class {t.pseudo_label}",
+                  "kept": t.kept, "rejected": t.rejected, "top_reason": t.top_reason} for t in c.per_class]
+    return {"pool": c.records, "quarantined": c.quarantined, "near_duplicates": c.near_duplicates,
+            "validation": c.validation, "validation_scored": c.validation_scored, "sources": list(cfg.data.sources),
+            "epoch": final_epoch, "kept": c.kept, "rejected": c.rejected, "per_class": per_class}
 
 
 def build_student_and_method(cfg: Config, teachers: list, sample):
@@ -546,19 +536,13 @@ class ValidationSplit:
 
 
 def validation_split(cfg: Config) -> ValidationSplit:
-    from webkd.training.loop import val_metric_name
+    from webkd.training.loop import val_metric_name, validation_targets
     from webkd.training.methods import METHODS
 
     pool = build_pool(cfg, with_neighbors=False)
     metric = val_metric_name(cfg.train.val_metric, METHODS[cfg.train.method], pool)
-    if metric == "val_agreement":
-        rows = np.flatnonzero(pool.split == "val")
-        targets = np.asarray(pool.teacher_logits, np.float32)[rows].argmax(1)
-        groups = None
-    else:
-        rows = np.flatnonzero((pool.split == "val") & (pool.val_labels >= 0))
-        targets, groups = pool.val_labels[rows], pool.class_group
-    return ValidationSplit(pool.pixels, rows, np.asarray(targets, np.int64), groups, [pool.ids[i] for i in rows], metric)
+    rows, targets, groups = validation_targets(pool, metric)      # the rows and targets fit() scores
+    return ValidationSplit(pool.pixels, rows, targets, groups, [pool.ids[i] for i in rows], metric)
 
 
 def _compare(cfg: Config, export_dir: Path, champion: str | None) -> dict[str, Any]:
