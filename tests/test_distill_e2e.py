@@ -133,6 +133,9 @@ def test_distill_end_to_end_and_kill_resume(scenario):
     card = (export / "model_card.md").read_text()
     assert "Data lineage" in card and "kd3" in card and "webkd distill" in card
     assert f"{meta['parameters']:,}" in card
+    from test_flows import assert_reports_agree
+
+    assert_reports_agree(full, out)     # inspect, model card, metrics.json, the CLI line: the same counts
 
     # ---- kill -9 mid-run, resume, same result ------------------------------------------------
     killed = scenario / "run_killed"
