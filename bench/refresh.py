@@ -40,7 +40,7 @@ from webkd.flows.prefect_env import local_defaults  # noqa: E402
 local_defaults()  # Prefect settings, before Prefect is imported
 from webkd.flows.distill import distill_flow  # noqa: E402
 from webkd.flows.refresh import refresh_flow  # noqa: E402
-from webkd.flows.stages.distill import pct  # noqa: E402
+from webkd.pipeline.report import pct  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
 from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 from prefect import flow  # noqa: E402

@@ -155,7 +155,7 @@ verb("distill", "Prefect flow: curate (cached), then select, train and export a 
 def _run_refresh(args: argparse.Namespace) -> int:
     from webkd.flows.curate import run_flow
     from webkd.flows.refresh import refresh_flow
-    from webkd.flows.stages.distill import pct
+    from webkd.pipeline.report import pct
 
     _load(args)
     out = run_flow(refresh_flow, args.config, args.overrides)
@@ -226,7 +226,7 @@ def _override_args(p: argparse.ArgumentParser) -> None:
 def _run_override(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from webkd.pipeline.config import RunPaths
+    from webkd.pipeline.paths import RunPaths
     from webkd.selection.overrides import OverridesError, import_overrides_file, load_entries, record_overrides
 
     paths = RunPaths(Path(args.run_dir))
@@ -279,11 +279,11 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from webkd.pipeline.config import RunPaths
+    from webkd.pipeline.paths import RunPaths
     from webkd.selection.gallery import GalleryError, render_gallery, summarize_run
 
     paths = RunPaths(Path(args.run_dir))
-    inputs = [paths.manifest, paths.overrides, *paths.selection_dir.glob("epoch_*.parquet")]
+    inputs = [paths.manifest, paths.overrides, *(p for _, p in paths.ledgers())]
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     try:
         print(summarize_run(paths.root).text())

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from webkd.pipeline import datasets
-from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig
+from webkd.pipeline.config import ModelSpec, PreprocessSpec, SelectionConfig, TrainConfig
+from webkd.pipeline.paths import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def describe_student(cfg) -> str:
 
 
 def format_demo(result: dict[str, Any]) -> str:
-    from webkd.flows.stages.distill import pct
+    from webkd.pipeline.report import pct
 
     t = result["teacher"]
     lines = [f"fashion-web demo: {result['pool']} web images (clothing photos + PACS off-class), "

@@ -25,8 +25,8 @@ from prefect.cache_policies import NO_CACHE
 
 from webkd.flows.checks import check_run
 from webkd.flows.stages import refresh as refresh_stages
-from webkd.flows.stages.distill import pct
 from webkd.pipeline.config import load_config
+from webkd.pipeline.report import pct
 
 
 @task(name="refresh-plan", cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""The one typed Config: pydantic v2 schema, YAML loading, dotted CLI overrides, RunPaths.
+"""The one typed Config: pydantic v2 schema, YAML loading, dotted CLI overrides (RunPaths: pipeline/paths.py).
 
 Every section forbids unknown keys, so a typo in a YAML file or an override fails at once with
 the offending key named (and the closest valid key suggested). Library functions take one
@@ -11,15 +11,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-
 from webkd.pipeline.config_io import ConfigError, apply_overrides, resolve_paths
+from webkd.pipeline.paths import RunPaths  # noqa: F401  (Config.paths; its home is pipeline/paths.py)
 
 
 class _Section(BaseModel):
@@ -339,116 +338,3 @@ def save_resolved_config(cfg: Config) -> Path:
     p = cfg.paths.config
     atomic_write_text(p, dump_config(cfg))
     return p
-
-
-# --------------------------------------------------------------------------------------------
-# run directory layout: every name defined once
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.parquet"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.root / "quarantine.parquet"
-
-    @property
-    def ingest_state(self) -> Path:
-        """Source listings already seen (uri -> size, mtime, id) for incremental ingest."""
-        return self.root / "ingest_state.parquet"
-
-    @property
-    def features_dir(self) -> Path:
-        return self.root / "features"
-
-    def features(self, key: str) -> Path:
-        return self.features_dir / f"{key}.npy"
-
-    def logits(self, key: str) -> Path:
-        return self.features_dir / f"{key}.logits.npy"
-
-    def features_meta(self, key: str) -> Path:
-        return self.features_dir / f"{key}.json"
-
-    def pixels(self, size: int, fit: str) -> Path:
-        return self.root / "pixels" / f"rgb{size}_{fit}.npy"
-
-    @property
-    def index_dir(self) -> Path:
-        return self.root / "index"
-
-    def index(self, key: str) -> Path:
-        return self.index_dir / f"{key}.faiss"
-
-    @property
-    def selection_dir(self) -> Path:
-        return self.root / "selection"
-
-    def ledger(self, epoch: int) -> Path:
-        return self.selection_dir / f"epoch_{epoch:03d}.parquet"
-
-    @property
-    def labels(self) -> Path:
-        """Refined labels (PLL two-hot): id, refined_label, pair_1, pair_2, agree."""
-        return self.root / "labels.parquet"
-
-    @property
-    def splits(self) -> Path:
-        return self.root / "splits.parquet"
-
-    @property
-    def gallery_dir(self) -> Path:
-        return self.root / "gallery"
-
-    @property
-    def gallery(self) -> Path:
-        return self.gallery_dir / "index.html"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints_dir / "last.pt"
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.checkpoints_dir / "best.pt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def export_dir(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def overrides(self) -> Path:
-        return self.root / "overrides.json"
-
-    @property
-    def registry(self) -> Path:
-        return self.root / "registry.json"
-
-    @property
-    def students_dir(self) -> Path:
-        return self.root / "students"
-
-    @property
-    def cache_token(self) -> Path:
-        """Random id of this run directory's incarnation (flows/curate.py): Prefect cache keys
-        include it, so a run directory deleted and built again never gets the old one's answers."""
-        return self.root / "flow_cache_token.txt"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 from webkd.pipeline.progress import tqdm
 
-from webkd.pipeline.config import RunPaths
+from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import Record
 from webkd.pipeline.storage import atomic_path, atomic_save_npy, atomic_write_json, read_json
 

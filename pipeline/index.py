@@ -22,13 +22,14 @@ import faiss
 import numpy as np
 from webkd.pipeline.progress import tqdm
 
-from webkd.pipeline.config import IndexConfig, RunPaths
-from webkd.pipeline.records import OK, QuarantineRow, load_manifest, load_quarantine, save_manifest, save_quarantine
+from webkd.pipeline.config import IndexConfig
+from webkd.pipeline.paths import RunPaths
+from webkd.pipeline.records import (NEAR_DUPLICATE, OK, QuarantineRow, load_manifest, load_quarantine, save_manifest,
+                                    save_quarantine)
 from webkd.pipeline.storage import atomic_path, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-NEAR_DUPLICATE = "near_duplicate"
 MIN_POINTS_PER_LIST = 39          # faiss k-means warns below 39 training points per centroid
 PQ_MIN_TRAIN = 256                # 8-bit PQ needs at least 2^8 training vectors
 _PROGRESS_MIN_BLOCKS = 4          # show a progress bar when a search has at least this many blocks

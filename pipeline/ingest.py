@@ -26,9 +26,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from webkd.pipeline.progress import tqdm
 
-from webkd.pipeline.config import IngestConfig, RunPaths
-from webkd.pipeline.records import (OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine, read_bytes,
-                              save_manifest, save_quarantine)
+from webkd.pipeline.config import IngestConfig
+from webkd.pipeline.paths import RunPaths
+from webkd.pipeline.records import (DUPLICATE, OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine,
+                                    read_bytes, save_manifest, save_quarantine)
 from webkd.pipeline.sources import Entry, iter_source
 from webkd.pipeline.storage import atomic_write_table
 
@@ -423,12 +424,12 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
                 rep.container, rep.offset, rep.length = e.container, e.offset, e.size
                 report.refreshed += 1
                 continue
-            quarantine.append(QuarantineRow(uri=e.uri, source=e.source, reason="duplicate",
+            quarantine.append(QuarantineRow(uri=e.uri, source=e.source, reason=DUPLICATE,
                                             detail=f"same bytes as {rep.uri}", id=out.id,
                                             web_label=e.web_label, dup_of=rep.id, batch=batch))
-            quarantined["duplicate"] += 1
+            quarantined[DUPLICATE] += 1
             report.duplicates += 1
-            state[e.key]["outcome"] = "duplicate"
+            state[e.key]["outcome"] = DUPLICATE
             continue
         by_id[out.id] = len(records)
         records.append(Record(

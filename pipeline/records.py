@@ -16,10 +16,16 @@ import pyarrow.parquet as pq
 
 from webkd.pipeline.storage import atomic_write_table
 
+# --------------------------------------------------------------------------------------------
+# reason codes: the one home of every code a manifest status, a quarantine row or a ledger row
+# carries (ARCHITECTURE.md lists them); every module compares against these names.
+# --------------------------------------------------------------------------------------------
 OK = "ok"
+DUPLICATE = "duplicate"              # quarantine: same bytes as an earlier record
+NEAR_DUPLICATE = "near_duplicate"    # manifest status + quarantine (index stage) + ledger reason
 
-# Reason codes. Quarantine rows carry one of these; a manifest row's status is OK or one of
-# the post-ingest codes (near_duplicate).
+# Quarantine reasons (`Rejected` at ingest, `duplicate`, and the index stage's `near_duplicate`);
+# a manifest row's status is OK or NEAR_DUPLICATE.
 REASONS = {
     "not_found": "file listed but missing",
     "unreadable": "file exists but cannot be read (permissions, I/O error)",
@@ -32,8 +38,35 @@ REASONS = {
     "unsupported_mode": "pixel mode that cannot be converted to RGB faithfully",
     "unsafe_path": "path escapes its root (.., absolute, link outside)",
     "bad_row": "manifest row without a usable path",
-    "duplicate": "same bytes as an earlier record (labels merged into it)",
-    "near_duplicate": "embedding cosine above the threshold to a kept representative",
+    DUPLICATE: "same bytes as an earlier record (labels merged into it)",
+    NEAR_DUPLICATE: "embedding cosine above the threshold to a kept representative",
+}
+# Reasons of a quarantine row written at ingest (everything but the index stage's near_duplicate).
+INGEST_REASONS = tuple(r for r in REASONS if r != NEAR_DUPLICATE)
+
+# Ledger reasons (selection/policy.py, selection/overrides.py): why a row is kept or not.
+SELECTED = "selected"
+FALLBACK = "fallback"
+OVERRIDE = "override"                # forced keep or forced reject (the overrides store)
+LOW_CONFIDENCE = "low_confidence"
+BELOW_CLASS_THRESHOLD = "below_class_threshold"
+OFF_CLASS = "off_class"
+KNN_DISAGREE = "knn_disagree"
+VALIDATION = "validation"            # held-out validation row: never trained on, never "rejected"
+KEEP_REASONS = (SELECTED, FALLBACK, OVERRIDE)
+REJECT_REASONS = (LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE, OVERRIDE, NEAR_DUPLICATE,
+                  VALIDATION)
+# every ledger reason with a line of help, in display order (the gallery, `webkd inspect`)
+LEDGER_REASONS = {
+    SELECTED: "kept: teacher+student confidence above the class threshold",
+    FALLBACK: "kept: the selection came out empty, previous/all kept instead",
+    OVERRIDE: "forced by a human override (accept keeps, reject rejects)",
+    BELOW_CLASS_THRESHOLD: "confidence below its class threshold",
+    LOW_CONFIDENCE: "confidence below the global cut",
+    KNN_DISAGREE: "too few k-NN neighbours share its pseudo-label",
+    OFF_CLASS: "web query maps to no teacher class / outside the teacher top-2",
+    NEAR_DUPLICATE: "near duplicate of a kept representative",
+    VALIDATION: "held-out validation row, never trained on",
 }
 
 

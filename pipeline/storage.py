@@ -1,11 +1,14 @@
-"""Atomic writes (temp file in the same folder + rename) for every artifact in a run directory.
+"""Atomic writes (temp file in the same folder + rename) for every artifact in a run directory,
+the lock for read-modify-write of shared files, and the sha256 of a file.
 
 A killed run never leaves a half-written manifest, feature cache, ledger or checkpoint: readers
-see either the old file or the new one.
+see either the old file or the new one. Two writers that read, merge and write back the same
+file (the overrides store, the registry) hold `locked(path)`, so neither loses the other's change.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from filelock import FileLock
 
 
 @contextlib.contextmanager
@@ -64,3 +68,23 @@ def atomic_write_table(path: str | Path, table: Any) -> None:
 
     with atomic_path(path, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, timeout: float = -1) -> Iterator[None]:
+    """Hold the inter-process lock of `path` (the file `<path>.lock` beside it) for a
+    read-modify-write. `filelock` works on every OS (fcntl on POSIX, msvcrt on Windows) and is
+    re-entrant within a process; timeout < 0 waits for as long as it takes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(path.name + ".lock")), timeout=timeout):
+        yield
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (weights files, cache-key signatures)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -47,30 +47,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from webkd.pipeline.config import RunPaths
+from webkd.pipeline.paths import RunPaths, ledgers_in
+from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LEDGER_REASONS, LOW_CONFIDENCE,
+                                    NEAR_DUPLICATE, OFF_CLASS, OVERRIDE, SELECTED, VALIDATION)
 from webkd.pipeline.records import REASONS as RECORD_REASONS
 from webkd.pipeline.records import load_quarantine
 from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
+from webkd.selection.counts import count_run
 from webkd.selection.overrides import load_overrides
 from webkd.selection.thumbnails import ThumbIndex, build_thumbnails
 
 log = logging.getLogger(__name__)
 
-# Ledger reason codes (ARCHITECTURE.md), in display order, with a line of help and a short tag
-# for the compact per-epoch history.
-REASONS: dict[str, tuple[str, str]] = {
-    "selected": ("sel", "kept: teacher+student confidence above the class threshold"),
-    "fallback": ("fb", "kept: the selection came out empty, previous/all kept instead"),
-    "override": ("ovr", "forced by a human override (accept keeps, reject rejects)"),
-    "below_class_threshold": ("thr", "confidence below its class threshold"),
-    "low_confidence": ("conf", "confidence below the global cut"),
-    "knn_disagree": ("knn", "too few k-NN neighbours share its pseudo-label"),
-    "off_class": ("off", "web query maps to no teacher class / outside the teacher top-2"),
-    "near_duplicate": ("dup", "near duplicate of a kept representative"),
-    "validation": ("val", "held-out validation row, never trained on"),
-}
+# Ledger reason codes (pipeline.records.LEDGER_REASONS), in display order, each with a short tag
+# for the compact per-epoch history and its line of help.
+_TAGS = {SELECTED: "sel", FALLBACK: "fb", OVERRIDE: "ovr", BELOW_CLASS_THRESHOLD: "thr", LOW_CONFIDENCE: "conf",
+         KNN_DISAGREE: "knn", OFF_CLASS: "off", NEAR_DUPLICATE: "dup", VALIDATION: "val"}
+REASONS: dict[str, tuple[str, str]] = {r: (_TAGS[r], text) for r, text in LEDGER_REASONS.items()}
 CHUNK_ROWS = 10_000
-_EPOCH_RE = re.compile(r"^epoch_(\d+)\.parquet$")
 _NAN = float("nan")
 # Ledger columns the page reads, with the value used when an (older) ledger lacks one.
 _LEDGER_DEFAULTS: dict[str, Any] = {
@@ -89,19 +83,10 @@ class GalleryError(ValueError):
 # ============================================================================================
 # reading a run
 # ============================================================================================
-def ledger_files(selection_dir: str | Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every `epoch_<k>.parquet`, oldest first."""
-    d = Path(selection_dir)
-    if not d.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in d.iterdir() if (m := _EPOCH_RE.match(p.name))]
-    return sorted(out)
-
-
 def _read_ledgers(selection_dir: Path) -> dict[str, np.ndarray]:
     """All ledgers concatenated (oldest epoch first), one numpy array per column."""
     parts: list[dict[str, np.ndarray]] = []
-    for epoch, path in ledger_files(selection_dir):
+    for epoch, path in ledgers_in(selection_dir):
         try:
             t = pq.read_table(path)
         except Exception as exc:
@@ -209,7 +194,7 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
                                                         c["status"], c["dup_of"])):
             rows[i], uri[i], caption[i], url[i] = r, u, cap, ur
             status[st] += 1
-            if st == "near_duplicate" and d:
+            if st == NEAR_DUPLICATE and d:
                 dup_of[i] = d
     quarantine = Counter(q.reason for q in load_quarantine(paths.quarantine))
 
@@ -221,7 +206,7 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
         log.warning("overrides store unreadable: %s", exc)
 
     L = _read_ledgers(paths.selection_dir)
-    epochs = [e for e, _ in ledger_files(paths.selection_dir)]
+    epochs = [e for e, _ in paths.ledgers()]
     reasons = list(REASONS)
     history: dict[str, list[int]] = defaultdict(list)
     items: dict[str, np.ndarray] = {}
@@ -271,16 +256,21 @@ def _class_counts(keys: Sequence, names: dict, kept: np.ndarray, reasons: Sequen
 
 @dataclass
 class RunSummary:
-    """Counts of a run: records, quarantine, newest decisions per class, reasons, overrides."""
+    """Counts of a run: records, quarantine, newest decisions per class, reasons, overrides.
+    The totals are `selection.counts.count_run`'s (the model card and the artifacts read the
+    same); the class tables and reasons cover train rows (validation rows are not rejections)."""
 
     root: Path
     records: int
     status: dict[str, int]
-    quarantine: dict[str, int]
+    quarantine: dict[str, int]                # quarantined at ingest, by reason
     epochs: list[int]
-    images: int
+    images: int                               # rows with a decision = kept + rejected + validation
     kept: int
     rejected: int
+    validation: int
+    validation_scored: int
+    near_duplicates: int
     by_pseudo: list[ClassCount]
     by_query: list[ClassCount]
     reasons: list[tuple[str, int]]            # rejection reasons, most common first
@@ -296,12 +286,13 @@ class RunSummary:
         st = ", ".join(f"{p(k)} {v}" for k, v in sorted(self.status.items()))
         out.append(f"records: {self.records}" + (f" ({st})" if st else ""))
         q = ", ".join(f"{p(k)} {v}" for k, v in sorted(self.quarantine.items(), key=lambda kv: -kv[1]))
-        out.append(f"quarantine: {sum(self.quarantine.values())}" + (f" ({q})" if q else ""))
+        out.append(f"quarantined at ingest: {sum(self.quarantine.values())}" + (f" ({q})" if q else ""))
         if not self.epochs:
             out.append("ledgers: none yet (run selection / distill first)")
         else:
             out.append(f"ledgers: {len(self.epochs)} (epochs {self.epochs[0]}..{self.epochs[-1]}); "
-                       f"newest decision of {self.images} images: kept {self.kept}, rejected {self.rejected}")
+                       f"newest decision of {self.images} images: kept {self.kept}, rejected {self.rejected}, "
+                       f"validation {self.validation} ({self.validation_scored} scored)")
             for title, rows in (("by pseudo-label", self.by_pseudo), ("by web query", self.by_query)):
                 out.append(f"  {title:<28} {'kept':>7} {'rejected':>9}  top reasons")
                 for c in rows:
@@ -311,7 +302,7 @@ class RunSummary:
                     out.append(f"  {name:<28} {c.kept:>7} {c.rejected:>9}  {why}")
             top = ", ".join(f"{p(r)} {n}" for r, n in self.reasons[:6])
             out.append(f"top rejection reasons: {top or '-'}")
-        out.append(f"near-duplicate groups: {self.groups} ({self.group_members} members)")
+        out.append(f"near-duplicates: {self.near_duplicates} in {self.groups} groups ({self.group_members} members)")
         ov = ", ".join(f"{a} {n}" for a, n in sorted(self.overrides.items()))
         out.append(f"overrides: {sum(self.overrides.values())}" + (f" ({ov})" if ov else ""))
         if self.overrides_error:
@@ -324,7 +315,8 @@ class RunSummary:
                      "reasons": c.reasons} for c in rows]
         return {"records": self.records, "status": self.status, "quarantine": self.quarantine,
                 "epochs": self.epochs, "images": self.images, "kept": self.kept,
-                "rejected": self.rejected, "by_pseudo": cc(self.by_pseudo), "by_query": cc(self.by_query),
+                "rejected": self.rejected, "validation": self.validation,
+                "validation_scored": self.validation_scored, "near_duplicates": self.near_duplicates, "by_pseudo": cc(self.by_pseudo), "by_query": cc(self.by_query),
                 "reasons": self.reasons, "groups": self.groups, "group_members": self.group_members,
                 "overrides": self.overrides}
 
@@ -336,17 +328,20 @@ def _printable(s: str) -> str:
 
 def summarize(data: RunData) -> RunSummary:
     it = data.items
-    kept = it.get("kept", np.zeros(0, dtype=bool))
-    reasons = [data.reasons[k] for k in it.get("reason_idx", np.zeros(0, dtype=np.int64)).tolist()]
-    pl = it.get("pseudo_label", np.zeros(0, dtype=np.int64)).tolist()
-    wl = ["(none)" if w is None else str(w) for w in it.get("web_label", [])]
+    train = np.asarray(it.get("split", np.zeros(0, dtype=object)), dtype=object) != "val"
+    kept = it.get("kept", np.zeros(0, dtype=bool))[train]
+    reasons = [data.reasons[k] for k in it.get("reason_idx", np.zeros(0, dtype=np.int64))[train].tolist()]
+    pl = it.get("pseudo_label", np.zeros(0, dtype=np.int64))[train].tolist()
+    wl = ["(none)" if w is None else str(w) for w in np.asarray(it.get("web_label", []), dtype=object)[train]]
     by_pseudo = _class_counts(pl, {k: data.class_name(k) for k in set(pl)}, kept, reasons)
     by_query = _class_counts(wl, {w: w for w in set(wl)}, kept, reasons)
     rej = Counter(r for r, k in zip(reasons, kept.tolist()) if not k)
+    c = count_run(data.root)
     return RunSummary(
-        root=data.root, records=sum(data.status.values()), status=dict(data.status),
-        quarantine=dict(data.quarantine), epochs=data.epochs, images=data.n,
-        kept=int(kept.sum()), rejected=int(data.n - kept.sum()), by_pseudo=by_pseudo,
+        root=data.root, records=c.records, status=dict(data.status),
+        quarantine=c.quarantine, epochs=c.epochs, images=c.images, kept=c.kept, rejected=c.rejected,
+        validation=c.validation, validation_scored=c.validation_scored, near_duplicates=c.near_duplicates,
+        by_pseudo=by_pseudo,
         by_query=by_query, reasons=rej.most_common(), groups=len(set(data.dup_of.values())),
         group_members=len(data.dup_of), overrides=dict(Counter(data.overrides.values())),
         overrides_error=data.overrides_error)
@@ -434,7 +429,7 @@ def gallery_inputs(run_dir: str | Path, classes: list[str] | None = None, **rend
     overrides (by content), the class names, the render settings and the page assets."""
     paths = RunPaths(Path(run_dir))
     h = hashlib.sha256(json.dumps([classes, sorted({**RENDER_DEFAULTS, **render_args}.items())]).encode())
-    files = [*sorted(paths.selection_dir.glob("epoch_*.parquet")), paths.manifest, paths.quarantine,
+    files = [*(p for _, p in paths.ledgers()), paths.manifest, paths.quarantine,
              paths.overrides, paths.config]
     for f in files:
         h.update(f.name.encode())

@@ -10,31 +10,30 @@ exports, which has the same shape; there `entries` only need `action`). The trai
 calls `apply_overrides` after every selection, so every ledger written after an override
 shows it with reason `override`. Entries persist across refreshes until removed.
 
-Writes are read-merge-replace under an advisory lock and land atomically
+Writes are read-merge-replace under `pipeline.storage.locked` (filelock) and land atomically
 (`pipeline.storage`), so a killed write leaves the old store, and two writers do not lose
 each other's entries.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from webkd.pipeline.storage import atomic_write_json
+from webkd.pipeline.records import OVERRIDE, VALIDATION
+from webkd.pipeline.storage import atomic_write_json, locked
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 ACTIONS = ("accept", "reject")
-OVERRIDE = "override"          # the ledger reason of a forced keep or forced reject
-PROTECTED = ("validation",)    # reasons an override never changes (val rows are never trained on)
+PROTECTED = (VALIDATION,)      # reasons an override never changes (val rows are never trained on)
 
 
 class OverridesError(ValueError):
@@ -146,26 +145,9 @@ def load_overrides(path: str | Path) -> dict[str, str]:
     return {i: e["action"] for i, e in load_entries(path).items()}
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An advisory lock beside the store for the read-merge-write (no-op where fcntl is missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: atomic replace still holds, concurrent merges may race
-        yield
-        return
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _merge(path: Path, updates: Mapping[str, dict[str, str]], remove: Iterable[str]) -> OverrideChanges:
     """Read the store, apply `updates` (id -> entry) then `remove`, write it back atomically."""
-    with _locked(path):
+    with locked(path):
         entries = load_entries(path)
         ch = OverrideChanges()
         for i, e in updates.items():

@@ -17,7 +17,6 @@ step, not here: `weight` is 1.0 for kept rows and 0 for rejected ones.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,14 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from webkd.pipeline.config import SelectionConfig
+from webkd.pipeline.paths import ledgers_in
+from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LOW_CONFIDENCE, OFF_CLASS, OK,
+                                    SELECTED, VALIDATION)
 from webkd.pipeline.storage import atomic_write_table
 from webkd.selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
 
 log = logging.getLogger(__name__)
 
-KEEP_REASONS = ("selected", "fallback", "override")
-REJECT_REASONS = ("low_confidence", "below_class_threshold", "off_class", "knn_disagree", "override",
-                  "near_duplicate", "validation")
 SPLITS = ("train", "val")
 
 LEDGER_SCHEMA = pa.schema([
@@ -52,7 +51,6 @@ LEDGER_SCHEMA = pa.schema([
 LABEL_FIELDS = [("refined_label", pa.int32()), ("label_pair_1", pa.int32()), ("label_pair_2", pa.int32()),
                 ("label_agree", pa.bool_())]
 LEDGER_SCHEMA_WITH_LABELS = pa.schema(list(LEDGER_SCHEMA) + [pa.field(n, t) for n, t in LABEL_FIELDS])
-_LEDGER_NAME = re.compile(r"^epoch_(\d+)\.parquet$")
 
 
 @dataclass
@@ -61,7 +59,7 @@ class Selection:
 
     keep: np.ndarray            # bool
     weight: np.ndarray          # float32: 1.0 kept, 0 rejected
-    reason: np.ndarray          # str (object): KEEP_REASONS or REJECT_REASONS
+    reason: np.ndarray          # str (object): pipeline.records KEEP_REASONS or REJECT_REASONS
     pseudo_label: np.ndarray    # int64: argmax of the combined prediction
     confidence: np.ndarray      # float64: max softmax of the combined prediction
     threshold: np.ndarray       # float64: tau of the row's pseudo-label
@@ -111,7 +109,7 @@ def exclusion_reasons(n: int, split: Sequence[str] | np.ndarray | None = None,
         st = np.asarray(status, dtype=object)
         if len(st) != n:
             raise ValueError(f"status has {len(st)} rows, logits {n}")
-        bad = st != "ok"
+        bad = st != OK
         out[bad] = st[bad]
     if split is not None:
         sp = np.asarray(split, dtype=object)
@@ -120,7 +118,7 @@ def exclusion_reasons(n: int, split: Sequence[str] | np.ndarray | None = None,
         unknown = set(sp.tolist()) - set(SPLITS)
         if unknown:
             raise ValueError(f"unknown split values {sorted(map(str, unknown))}; expected {SPLITS}")
-        out[sp == "val"] = "validation"
+        out[sp == "val"] = VALIDATION
     return out
 
 
@@ -193,20 +191,20 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
         off = (web_class < 0) | ((web_class != t1) & (web_class != t2))
 
     if cfg.mode == "none":
-        reason = np.where(cand, "selected", excl).astype(object)
+        reason = np.where(cand, SELECTED, excl).astype(object)
     else:
         reason = np.select(
             [~cand, conf <= cfg.tau_min, conf <= thr, off, knn_bad],
-            [excl, "low_confidence", "below_class_threshold", "off_class", "knn_disagree"],
-            "selected").astype(object)
-    keep = reason == "selected"
+            [excl, LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE],
+            SELECTED).astype(object)
+    keep = reason == SELECTED
 
     if cand.any() and not keep.any():
         if cfg.fallback == "previous" and previous_keep is not None and (previous_keep & cand).any():
             keep, source = previous_keep & cand, "the previous selection"
         else:
             keep, source = cand.copy(), "every candidate"
-        reason[keep] = "fallback"
+        reason[keep] = FALLBACK
         log.warning("selection kept nothing (alpha %.4f); falling back to %s (%d rows)", alpha, source,
                     int(keep.sum()))
 
@@ -248,9 +246,9 @@ def ledger_table(selection: Selection, ids: Sequence[str], rows: Sequence[int] |
         if len(col) != n:
             raise ValueError(f"{name} has {len(col)} entries, the selection {n}")
     val = split_arr == "val"
-    bad = val & (selection.keep | (selection.reason != "validation"))
+    bad = val & (selection.keep | (selection.reason != VALIDATION))
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} validation rows are kept or lack reason 'validation' "
+        raise ValueError(f"{int(bad.sum())} validation rows are kept or lack reason {VALIDATION!r} "
                          "(pass split= to select())")
     cols = {
         "id": [str(i) for i in ids], "row": np.asarray(rows, dtype=np.int64),
@@ -319,11 +317,4 @@ def read_ledger(path: str | Path) -> pa.Table:
 
 def read_ledgers(selection_dir: str | Path) -> list[tuple[int, pa.Table]]:
     """Every `epoch_<kkk>.parquet` in the folder as (epoch, table), sorted by epoch."""
-    d = Path(selection_dir)
-    found = []
-    if d.is_dir():
-        for p in d.iterdir():
-            m = _LEDGER_NAME.match(p.name)
-            if m:
-                found.append((int(m.group(1)), p))
-    return [(e, read_ledger(p)) for e, p in sorted(found)]
+    return [(e, read_ledger(p)) for e, p in ledgers_in(selection_dir)]

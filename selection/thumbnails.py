@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from webkd.pipeline.progress import tqdm
 
-from webkd.pipeline.config import RunPaths
+from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import load_manifest
 from webkd.pipeline.storage import atomic_path, atomic_write_text, read_json
 

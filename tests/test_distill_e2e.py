@@ -17,6 +17,9 @@ import pytest
 import torch
 import yaml
 
+from webkd.pipeline.paths import RunPaths, ledger_name
+from webkd.pipeline.records import KEEP_REASONS, LEDGER_REASONS, REJECT_REASONS
+
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["dress", "longsleeve", "pants", "shoes", "t-shirt"]
 
@@ -79,7 +82,7 @@ def _checkpoint_epoch(run: Path) -> int:
 
 
 def _ledgers(run: Path) -> dict[str, dict]:
-    return {p.name: pq.read_table(p).to_pydict() for p in sorted((run / "selection").glob("epoch_*.parquet"))}
+    return {p.name: pq.read_table(p).to_pydict() for _, p in RunPaths(run).ledgers()}
 
 
 def _assert_same_ledgers(a: dict[str, dict], b: dict[str, dict]) -> None:
@@ -101,16 +104,15 @@ def test_distill_end_to_end_and_kill_resume(scenario):
 
     # ---- ledger: one file per epoch, every manifest row, the documented reasons --------------
     ledgers = _ledgers(full)
-    assert sorted(ledgers) == [f"epoch_{e:03d}.parquet" for e in range(4)]
+    assert sorted(ledgers) == [ledger_name(e) for e in range(4)]
     manifest = pq.read_table(full / "manifest.parquet").to_pydict()
     for name, t in ledgers.items():
         assert t["id"] == manifest["id"]
-        assert set(t["reason"]) <= {"selected", "fallback", "below_class_threshold", "low_confidence",
-                                    "knn_disagree", "near_duplicate", "validation", "off_class", "override"}
+        assert set(t["reason"]) <= set(KEEP_REASONS + REJECT_REASONS) == set(LEDGER_REASONS)
         assert not any(k and s == "val" for k, s in zip(t["kept"], t["split"]))
-    assert all(np.isnan(v) or v == -1 for v in ledgers["epoch_000.parquet"]["student_conf"]) or \
-        set(ledgers["epoch_000.parquet"]["student_pred"]) == {-1}        # teacher alone before training
-    assert set(ledgers["epoch_002.parquet"]["student_pred"]) != {-1}      # student in the loop later
+    assert all(np.isnan(v) or v == -1 for v in ledgers[ledger_name(0)]["student_conf"]) or \
+        set(ledgers[ledger_name(0)]["student_pred"]) == {-1}        # teacher alone before training
+    assert set(ledgers[ledger_name(2)]["student_pred"]) != {-1}      # student in the loop later
 
     # ---- export: weights, metadata, ONNX parity, model card ----------------------------------
     export = full / "export"
@@ -131,6 +133,9 @@ def test_distill_end_to_end_and_kill_resume(scenario):
     card = (export / "model_card.md").read_text()
     assert "Data lineage" in card and "kd3" in card and "webkd distill" in card
     assert f"{meta['parameters']:,}" in card
+    from test_flows import assert_reports_agree
+
+    assert_reports_agree(full, out)     # inspect, model card, metrics.json, the CLI line: the same counts
 
     # ---- kill -9 mid-run, resume, same result ------------------------------------------------
     killed = scenario / "run_killed"

@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from webkd.pipeline.paths import RunPaths
+
 CLASSES = ["dress", "longsleeve", "pants", "shoes", "t-shirt"]
 
 
@@ -117,21 +119,75 @@ def scenario(tmp_path_factory, clothing, pacs_jpeg) -> Path:
     return write_config(root, "Flows Test")
 
 
-def ledger_counts(run: Path, epoch_glob: str = "epoch_*.parquet") -> tuple[Counter, Counter, Counter]:
+def ledger_counts(run: Path) -> tuple[Counter, Counter, Counter]:
     """Newest decision per id over the run's ledgers -> kept / rejected per pseudo-label class
     name, and rejection reasons per class (what the curation artifact must show)."""
     newest: dict[str, tuple[int, bool, int, str]] = {}
-    for p in sorted((run / "selection").glob(epoch_glob)):
+    for _, p in RunPaths(run).ledgers():
         t = pq.read_table(p).to_pydict()
         for i, e, k, pl, r in zip(t["id"], t["epoch"], t["kept"], t["pseudo_label"], t["reason"]):
             if i not in newest or e >= newest[i][0]:
                 newest[i] = (e, k, pl, r)
     kept, rejected, reasons = Counter(), Counter(), Counter()
     for _, k, pl, r in newest.values():
+        if r == "validation":                 # held out: neither kept nor rejected
+            continue
         (kept if k else rejected)[CLASSES[pl]] += 1
         if not k:
             reasons[(CLASSES[pl], r)] += 1
     return kept, rejected, reasons
+
+
+def assert_reports_agree(run: Path, cli_summary: str | None = None) -> None:
+    """Every report of one run shows the same counts (selection.counts): `webkd inspect`'s
+    summary, the model card's lineage, metrics.json and, when there is one, the registry."""
+    import re
+
+    from webkd.pipeline.paths import RunPaths
+    from webkd.pipeline.report import pct
+    from webkd.selection.counts import count_run
+    from webkd.selection.gallery import summarize_run
+    from webkd.training import registry
+
+    paths = RunPaths(run)
+    c = count_run(paths)
+    ledger = pq.read_table(paths.ledgers()[-1][1]).to_pydict()
+    status = dict(zip(*pq.read_table(paths.manifest, columns=["id", "status"]).to_pydict().values()))
+    val = [s == "val" for s in ledger["split"]]
+    assert c.validation == sum(val) > 0 and c.kept == sum(k for k, v in zip(ledger["kept"], val) if not v)
+    assert c.kept + c.rejected + c.validation == c.images == len(ledger["id"])
+    assert c.validation_scored == sum(v and status[i] == "ok" for i, v in zip(ledger["id"], val))
+    quarantine = pq.read_table(paths.quarantine, columns=["reason"])["reason"].to_pylist()
+    assert c.quarantined == sum(r != "near_duplicate" for r in quarantine)
+    assert c.near_duplicates == sum(s == "near_duplicate" for s in status.values())
+
+    s = summarize_run(run)                                            # webkd inspect / gallery
+    assert (s.kept, s.rejected, s.validation, s.validation_scored, s.near_duplicates, s.images) == \
+        (c.kept, c.rejected, c.validation, c.validation_scored, c.near_duplicates, c.images)
+    assert sum(s.quarantine.values()) == c.quarantined and "validation" not in dict(s.reasons)
+    assert sum(x.rejected for x in s.by_pseudo) == c.rejected
+    text = s.text()
+    assert f"kept {c.kept}, rejected {c.rejected}, validation {c.validation} ({c.validation_scored} scored)" in text
+
+    card = (paths.export_dir / "model_card.md").read_text()          # model card lineage
+    assert f"{c.records} records ({c.near_duplicates} near duplicates, {c.validation} held out for validation, " \
+        f"{c.validation_scored} of them scored); {c.quarantined} quarantined at ingest" in card
+    assert re.search(rf"kept {c.kept}, rejected {c.rejected}, validation {c.validation} ", card)
+    per_class = table_rows(card, "class (pseudo-label)")
+    for t in c.per_class:
+        assert per_class[CLASSES[t.pseudo_label]][:2] == [str(t.kept), str(t.rejected)]
+
+    metrics = json.loads(paths.metrics.read_text())                   # metrics.json
+    best = metrics["history"][metrics["best_epoch"]]
+    assert best["val_rows"] == c.validation_scored
+    assert metrics["final"]["val_agreement"] == best["val_agreement"]
+    if cli_summary is not None:
+        assert pct(best["val_agreement"]) in cli_summary
+    if paths.registry.exists():                                        # registry and its CLI line
+        v = registry.load_registry(paths.registry).champion_entry["validation"]
+        assert v["rows"] == c.validation_scored
+        if v["metric"] == "val_agreement":
+            assert pct(v["score"]) == pct(best["val_agreement"])
 
 
 def table_rows(markdown: str, header: str) -> dict[str, list[str]]:
@@ -158,7 +214,7 @@ def task_policies(flow_run_id) -> dict:
 
 
 def _ledger_split(run: Path) -> list[str]:
-    return pq.read_table(run / "selection" / "epoch_000.parquet", columns=["split"])["split"].to_pylist()
+    return pq.read_table(RunPaths(run).ledger(0), columns=["split"])["split"].to_pylist()
 
 
 def artifact(key: str):
@@ -259,7 +315,7 @@ def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario
     assert out["version"] == "v0001" and out["champion_before"] is None
 
     # ---- training state in the run directory, export copied from the version folder ------------
-    assert sorted(p.name for p in (run / "selection").glob("epoch_*.parquet")) == ["epoch_000.parquet", "epoch_001.parquet"]
+    assert [e for e, _ in RunPaths(run).ledgers()] == [0, 1]
     assert (run / "checkpoints" / "best.pt").exists() and json.loads((run / "metrics.json").read_text())["final"]
     reg = registry.load_registry(run / "registry.json")
     entry = reg.champion_entry
@@ -278,10 +334,14 @@ def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario
     v = refresh_stages.validation_split(cfg)
     score = registry.evaluate_export(run / "export", v.pixels, v.rows, v.targets, v.class_group)
     assert entry["validation"]["metric"] == v.metric == "val_agreement"
-    assert entry["validation"]["rows"] == len(v.rows) == sum(s == "val" for s in _ledger_split(run)) > 0
+    status = pq.read_table(run / "manifest.parquet", columns=["status"])["status"].to_pylist()
+    scored = sum(s == "val" and st == "ok" for s, st in zip(_ledger_split(run), status))
+    assert entry["validation"]["rows"] == len(v.rows) == scored > 0
     assert entry["validation"]["ids_sha256"] == registry.ids_sha256(v.ids)
     assert entry["validation"]["score"] == pytest.approx(score)
     assert entry["metrics"]["val_agreement"] == pytest.approx(score)      # the loop's own number
+
+    assert_reports_agree(run, out["summary"])
 
     # ---- artifacts --------------------------------------------------------------------------
     assert artifact("flows-distill-model-card").data.endswith(f"]({(run / 'export' / 'model_card.md').resolve().as_uri()})")

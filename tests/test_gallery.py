@@ -243,11 +243,12 @@ def test_browser_filters_counts_and_override_round_trip(tmp_path, shirts, browse
     assert int(text(page, "#n-rejected")) == (wlab == q).sum()
     page.click("#b-reset")
 
-    # summary table: kept / rejected per pseudo-label class
+    # summary table: kept / rejected per pseudo-label class (train rows: validation is not a rejection)
+    train = np.asarray(last["split"]) != "val"
     rows = page.eval_on_selector_all("table.sum:first-of-type tr", "rs => rs.slice(1).map(r => Array.from(r.cells).map(c => c.textContent))")
     for name, nk, nr, _ in rows:
         c = run["classes"].index(name)
-        assert (int(nk), int(nr)) == ((kept & (pl == c)).sum(), (~kept & (pl == c)).sum())
+        assert (int(nk), int(nr)) == ((kept & (pl == c)).sum(), (~kept & train & (pl == c)).sum())
 
     # a tile shows the decision history over every epoch
     first = page.locator(".tile").first
@@ -471,13 +472,18 @@ def test_inspect_and_override_cli(tmp_path, shirts, capsys):
     last = run["ledgers"][-1]
     s = summarize_run(paths.root)
     assert s.images == 60 and s.kept == int(np.sum(last["kept"]))
+    val = np.asarray(last["split"]) == "val"
+    assert s.validation == int(val.sum()) > 0 and s.rejected == int((~np.asarray(last["kept"]) & ~val).sum())
+    assert s.kept + s.rejected + s.validation == s.images
+    assert "validation" not in dict(s.reasons)                   # validation rows are not rejections
     assert s.quarantine == {"truncated": 2, "not_an_image": 1}
     assert s.groups == len(set(run["dups"].values())) and s.group_members == len(run["dups"])
 
     assert main(["inspect", str(paths.root)]) == 0
     out = capsys.readouterr().out
     assert "records: 60 (near_duplicate 3, ok 57)" in out and f"kept {s.kept}" in out
-    assert "quarantine: 3 (truncated 2, not_an_image 1)" in out
+    assert "quarantined at ingest: 3 (truncated 2, not_an_image 1)" in out
+    assert f"rejected {s.rejected}, validation {s.validation}" in out
     top = ", ".join(f"{r} {n}" for r, n in s.reasons[:6])
     assert f"top rejection reasons: {top}" in out
     assert f"gallery: {paths.gallery}" in out and paths.gallery.exists()

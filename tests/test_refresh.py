@@ -66,7 +66,7 @@ def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefec
     assert r0["champion_now"] == "v0001" and r0["computed"] == {"t": n0}
     assert (paths.students_dir / "v0001" / "checkpoints" / "best.pt").exists()
     assert not paths.checkpoints_dir.exists(), "a challenger never trains in the run directory itself"
-    assert sorted(p.name for p in paths.selection_dir.glob("epoch_*.parquet")) == ["epoch_000.parquet", "epoch_001.parquet"]
+    assert [e for e, _ in paths.ledgers()] == [0, 1]
     assert registry.weights_sha256(paths.export_dir) == registry.weights_sha256(paths.students_dir / "v0001" / "export")
 
     # ---- a human override and ~10% new images arrive --------------------------------------------
@@ -107,12 +107,12 @@ def test_refresh_trains_challenger_on_new_data_and_skips_when_nothing_new(prefec
     assert r1["promoted"] == (chal > champ)
     if r1["promoted"]:
         assert reg.champion == "v0002" and registry.weights_sha256(paths.export_dir) == entry["weights_sha256"]
-        assert _ledger(paths.ledger(0))["id"] == _ledger(paths.students_dir / "v0002" / "selection" / "epoch_000.parquet")["id"]
+        assert _ledger(paths.ledger(0))["id"] == _ledger(registry.student_dir(paths, "v0002").ledger(0))["id"]
     else:
         assert reg.champion == "v0001" and registry.weights_sha256(paths.export_dir) == champion_sha
         assert entry["status"] == "rejected" and "kept champion" in entry["decision"]
     # the override held in the teacher selection and in every epoch of the challenger's training
-    for ledger in [paths.ledger(0), *sorted((paths.students_dir / "v0002" / "selection").glob("epoch_*.parquet"))]:
+    for ledger in [paths.ledger(0), *(p for _, p in registry.student_dir(paths, "v0002").ledgers())]:
         t = _ledger(ledger)
         j = t["id"].index(victim)
         assert (t["kept"][j], t["reason"][j]) == (False, "override"), ledger.name

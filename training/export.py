@@ -140,7 +140,10 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 def write_model_card(export_dir: str | Path, meta: dict[str, Any], metrics: dict[str, Any],
                      lineage: dict[str, Any], command: str) -> Path:
-    """Markdown model card: what it is, metrics, size, data lineage, how it was made."""
+    """Markdown model card: what it is, metrics, size, data lineage, how it was made.
+
+    `lineage` holds the run's counts as `selection.counts.count_run` defines them (pool,
+    quarantined, near_duplicates, validation, validation_scored, kept, rejected, per_class)."""
     export_dir = Path(export_dir)
     classes = meta.get("classes", [])
     lines = [
@@ -169,11 +172,12 @@ def write_model_card(export_dir: str | Path, meta: dict[str, Any], metrics: dict
         "",
         "## Data lineage",
         "",
-        f"- pool: {lineage.get('pool', '?')} records ({lineage.get('quarantined', 0)} quarantined at ingest, "
-        f"{lineage.get('near_duplicates', 0)} near duplicates, {lineage.get('validation', 0)} held out for validation)",
+        f"- pool: {lineage.get('pool', '?')} records ({lineage.get('near_duplicates', 0)} near duplicates, "
+        f"{lineage.get('validation', 0)} held out for validation, {lineage.get('validation_scored', '?')} of them "
+        f"scored); {lineage.get('quarantined', 0)} quarantined at ingest",
         f"- sources: {', '.join(lineage.get('sources', [])) or '-'}",
         f"- selection at the final epoch ({lineage.get('epoch', '?')}): kept {lineage.get('kept', '?')}, "
-        f"rejected {lineage.get('rejected', '?')}",
+        f"rejected {lineage.get('rejected', '?')}, validation {lineage.get('validation', '?')} (never trained on)",
         "",
     ]
     per_class = lineage.get("per_class") or []

@@ -22,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from webkd.pipeline.progress import tqdm
 
-from webkd.pipeline.config import RunPaths, SelectionConfig, TrainConfig
+from webkd.pipeline.config import SelectionConfig, TrainConfig
+from webkd.pipeline.paths import RunPaths
+from webkd.pipeline.records import BELOW_CLASS_THRESHOLD, KNN_DISAGREE, LOW_CONFIDENCE, OFF_CLASS
 from webkd.pipeline.storage import atomic_path, atomic_write_json
 from webkd.selection import policy
 from webkd.selection.overrides import apply_overrides
@@ -32,7 +34,20 @@ from webkd.training.pool import Pool
 log = logging.getLogger(__name__)
 
 # rejections a soft selection (selection.reject_weight > 0) still trains on, down-weighted
-SOFT_REJECTIONS = ["below_class_threshold", "low_confidence", "knn_disagree", "off_class"]
+SOFT_REJECTIONS = [BELOW_CLASS_THRESHOLD, LOW_CONFIDENCE, KNN_DISAGREE, OFF_CLASS]
+
+
+def validation_targets(pool: Pool, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(rows, targets, class_group) that `metric` scores, as `fit` scores them: `val_agreement`,
+    the teacher's top-1 on every scored validation row (no groups); `val_acc`, the query labels
+    of the labelled ones (classes in one group count as equal)."""
+    rows = pool.validation_rows
+    if metric == "val_agreement":
+        if pool.teacher_logits is None:
+            raise ValueError("val_agreement needs the pool's cached teacher logits")
+        return rows, np.asarray(pool.teacher_logits, np.float32)[rows].argmax(1).astype(np.int64), None
+    rows = rows[pool.val_labels[rows] >= 0]
+    return rows, pool.val_labels[rows].astype(np.int64), pool.class_group
 
 
 @dataclass
@@ -257,7 +272,7 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
         else:
             log.warning("ignoring %s: it belongs to another run configuration", last)
 
-    val_rows = np.flatnonzero((pool.split == "val") & (pool.status == "ok"))
+    val_rows = pool.validation_rows
     metric = val_metric_name(train_cfg.val_metric, method, pool)
     for epoch in range(start, train_cfg.epochs):
         progress = epoch / train_cfg.epochs
@@ -285,7 +300,7 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
         scores = validation_scores(val_logits, val_rows, pool)
         score = scores[metric]
         record = {"epoch": epoch, "kept": int(len(rows)), "candidates": int(pool.candidates.sum()),
-                  **scores, "val_metric": metric, "lr": opt.param_groups[0]["lr"], **stats}
+                  "val_rows": int(len(val_rows)), **scores, "val_metric": metric, "lr": opt.param_groups[0]["lr"], **stats}
         history.append(record)
         if (not math.isnan(score) and score > best_val) or best_epoch < 0:
             best_val, best_epoch = (score if not math.isnan(score) else best_val), epoch

@@ -13,9 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from webkd.pipeline.config import DataConfig, RunPaths
+from webkd.pipeline.config import DataConfig
 from webkd.pipeline.features import build_pixel_cache, load_features
+from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import class_index, load_manifest
+from webkd.selection.counts import scored_validation
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,12 @@ class Pool:
     def candidates(self) -> np.ndarray:
         """Rows that may be trained on: train split, status ok."""
         return (self.split == "train") & (self.status == "ok")
+
+    @property
+    def validation_rows(self) -> np.ndarray:
+        """(n,) manifest rows every validation score is computed on (`selection.counts.scored_validation`:
+        split val, status ok), in the loop's checkpoint choice and in the registry's comparison."""
+        return np.flatnonzero(scored_validation(self.split, self.status))
 
 
 @dataclass(frozen=True)

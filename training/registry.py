@@ -26,7 +26,6 @@ File format (`version` 1)::
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -38,12 +37,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from webkd.pipeline.config import RunPaths
-from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
+from webkd.pipeline.paths import RunPaths, ledgers_in
+from webkd.pipeline.report import pct
+from webkd.pipeline.storage import atomic_write_json, atomic_write_text, locked, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -136,24 +136,6 @@ def load_registry(path: str | Path) -> Registry:
 
 def save_registry(path: str | Path, reg: Registry) -> None:
     atomic_write_json(path, reg.to_json())
-
-
-@contextlib.contextmanager
-def locked(path: str | Path) -> Iterator[None]:
-    """An advisory lock beside the registry for read-modify-write (two refreshes at once)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic replace still holds, concurrent writers may race
-        yield
-        return
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _number(version: str) -> int:
@@ -283,13 +265,7 @@ def export_classes(export_dir: str | Path) -> list[str] | None:
 def weights_sha256(export_dir: str | Path) -> str | None:
     """sha256 of an export's `student.safetensors` (None when absent): which student it is."""
     f = Path(export_dir) / "student.safetensors"
-    if not f.exists():
-        return None
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(f) if f.exists() else None
 
 
 def _copy_export(src: Path, dst_parent: Path, version: str, marker: bool = True) -> Path:
@@ -327,10 +303,6 @@ def _card_note(card: Path, entry: Mapping[str, Any]) -> None:
     if not card.exists():
         return
     v = entry.get("validation") or {}
-
-    def pct(x: Any) -> str:
-        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * float(x):.2f}%"
-
     lines = ["", "## Registry", "",
              f"- version: {entry['version']} ({entry['kind']}), warm-started from: {entry.get('parent') or '-'}",
              f"- validation split: {v.get('rows', '-')} rows (ids sha256 {str(v.get('ids_sha256', '-'))[:12]})",
@@ -428,9 +400,6 @@ def adopt_export(paths: RunPaths) -> str | None:
 # --------------------------------------------------------------------------------------------
 # ledgers that go with the champion
 # --------------------------------------------------------------------------------------------
-_LEDGER_RE = re.compile(r"^epoch_(\d+)\.parquet$")
-
-
 def publish_selection(src_dir: str | Path, dst_dir: str | Path, epochs: int) -> list[Path]:
     """Copy the ledgers `epoch_<k>.parquet` (k < epochs) of a promoted student into the run's
     `selection/` (atomically, one file at a time) and delete ledgers of epochs >= `epochs` there,
@@ -441,14 +410,12 @@ def publish_selection(src_dir: str | Path, dst_dir: str | Path, epochs: int) -> 
     dst.mkdir(parents=True, exist_ok=True)
     out = []
     if src.resolve() != dst.resolve():
-        for p in sorted(src.glob("epoch_*.parquet")):
-            m = _LEDGER_RE.match(p.name)
-            if m and int(m.group(1)) < epochs:
+        for epoch, p in ledgers_in(src):
+            if epoch < epochs:
                 with atomic_path(dst / p.name, suffix=".parquet") as tmp:
                     shutil.copyfile(p, tmp)
                 out.append(dst / p.name)
-    for p in dst.glob("epoch_*.parquet"):
-        m = _LEDGER_RE.match(p.name)
-        if m and int(m.group(1)) >= epochs:
+    for epoch, p in ledgers_in(dst):
+        if epoch >= epochs:
             p.unlink(missing_ok=True)
     return out

@@ -14,7 +14,7 @@ from webkd.pipeline.config import Config, save_resolved_config
 from webkd.pipeline.features import build_pixel_cache, extract_features, load_features, resolve_device
 from webkd.pipeline.index import index_run
 from webkd.pipeline.ingest import IngestReport, run_ingest
-from webkd.pipeline.records import class_index, load_manifest
+from webkd.pipeline.records import OVERRIDE, class_index, load_manifest
 from webkd.training.pool import NeighborSearch, Pool, build_pool, splits_of
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def teacher_selection(cfg: Config) -> dict[str, Any]:
     if not unchanged:  # the same decision again is not rewritten
         write_ledger(path, table)
     return {"ledger": str(path), "rows": len(p), "kept": int(sel.keep.sum()),
-            "overridden": int((sel.reason == "override").sum()), "up_to_date": unchanged}
+            "overridden": int((sel.reason == OVERRIDE).sum()), "up_to_date": unchanged}
 
 
 def gallery_current(cfg: Config) -> bool:

@@ -19,15 +19,11 @@ from webkd.pipeline.config import Config, IngestConfig, RunPaths, dump_config, s
 from webkd.pipeline.features import build_pixel_cache, resolve_device
 from webkd.pipeline.ingest import run_ingest
 from webkd.pipeline.records import class_index, load_manifest
+from webkd.pipeline.report import pct
 from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
 from webkd.training.pool import Pool, sample_batch
 
 log = logging.getLogger(__name__)
-
-
-def pct(v: float | None, digits: int = 2) -> str:
-    """A fraction as a percentage for reports; '-' for a missing or NaN value."""
-    return "-" if v is None or v != v else f"{100 * v:.{digits}f}%"
 
 
 @dataclass
@@ -152,16 +148,16 @@ def evaluate(cfg: Config, p: Pool, trained: Trained, teachers: list, device) -> 
     test set, read once here, after the checkpoint is chosen."""
     import torch
 
-    from webkd.training.loop import accuracy, predict_logits
+    from webkd.training.loop import accuracy, predict_logits, validation_targets
 
     teacher_models = [m for _, m, _ in teachers]
     metrics: dict[str, Any] = {"val_acc": trained.best_val.get("val_acc", float("nan")),
                                "val_agreement": trained.best_val.get("val_agreement", float("nan")),
                                "val_metric": trained.fit.history[-1]["val_metric"] if trained.fit.history else None,
                                "best_epoch": trained.fit.best_epoch}
-    val_rows = np.flatnonzero((p.split == "val") & (p.val_labels >= 0))
+    val_rows, val_targets, groups = validation_targets(p, "val_acc")   # the rows fit() scores val_acc on
     if p.teacher_logits is not None and len(val_rows):
-        metrics["teacher_val_acc"] = accuracy(p.teacher_logits[val_rows], p.val_labels[val_rows], p.class_group)
+        metrics["teacher_val_acc"] = accuracy(p.teacher_logits[val_rows], val_targets, groups)
     test = test_set(cfg)
     if test is not None:
         tpix, tlab = test
@@ -177,27 +173,17 @@ def evaluate(cfg: Config, p: Pool, trained: Trained, teachers: list, device) -> 
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
-def _lineage(cfg: Config, p: Pool, final_epoch: int, out: RunPaths | None = None) -> dict[str, Any]:
-    from webkd.pipeline.records import load_quarantine
-    from webkd.selection.policy import read_ledger
+def _lineage(cfg: Config, final_epoch: int, out: RunPaths | None = None) -> dict[str, Any]:
+    """The model card's data lineage: the run's counts (selection.counts) at the final epoch."""
+    from webkd.selection.counts import count_run
 
-    table = read_ledger((out or cfg.paths).ledger(final_epoch)).to_pydict()
-    kept = np.array(table["kept"])
-    reason = np.array(table["reason"], dtype=object)
-    pseudo = np.array(table["pseudo_label"])
-    train = np.array(table["split"]) == "train"
-    per_class = []
-    for k, name in enumerate(cfg.data.classes):
-        m = train & (pseudo == k)
-        rej = reason[m & ~kept]
-        top = max(set(rej.tolist()), key=rej.tolist().count) if len(rej) else ""
-        per_class.append({"class": name, "kept": int((m & kept).sum()), "rejected": int((m & ~kept).sum()),
-                          "top_reason": top})
-    return {"pool": len(p), "quarantined": len(load_quarantine(cfg.paths.quarantine)),
-            "near_duplicates": int((p.status == "near_duplicate").sum()),
-            "validation": int((np.array(table["split"]) == "val").sum()), "sources": list(cfg.data.sources),
-            "epoch": final_epoch, "kept": int((kept & train).sum()), "rejected": int((~kept & train).sum()),
-            "per_class": per_class}
+    c = count_run(cfg.paths, (out or cfg.paths).selection_dir, last_epoch=final_epoch)
+    names = list(cfg.data.classes)
+    per_class = [{"class": names[t.pseudo_label] if 0 <= t.pseudo_label < len(names) else f"class {t.pseudo_label}",
+                  "kept": t.kept, "rejected": t.rejected, "top_reason": t.top_reason} for t in c.per_class]
+    return {"pool": c.records, "quarantined": c.quarantined, "near_duplicates": c.near_duplicates,
+            "validation": c.validation, "validation_scored": c.validation_scored, "sources": list(cfg.data.sources),
+            "epoch": final_epoch, "kept": c.kept, "rejected": c.rejected, "per_class": per_class}
 
 
 def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metrics: dict[str, Any],
@@ -218,7 +204,7 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
                       opset=cfg.export.opset, atol=cfg.export.atol)
     meta = read_json(out.export_dir / "student.json")
     final_epoch = max(e for e in range(cfg.train.epochs) if out.ledger(e).exists())
-    card = write_model_card(out.export_dir, meta, metrics, _lineage(cfg, p, final_epoch, out), command_line())
+    card = write_model_card(out.export_dir, meta, metrics, _lineage(cfg, final_epoch, out), command_line())
     atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
     return exp, card
 

@@ -118,19 +118,13 @@ class ValidationSplit:
 
 
 def validation_split(cfg: Config, p: Pool | None = None) -> ValidationSplit:
-    from webkd.training.loop import val_metric_name
+    from webkd.training.loop import val_metric_name, validation_targets
     from webkd.training.methods import METHODS
 
     p = p if p is not None else pool(cfg, with_neighbors=False)
     metric = val_metric_name(cfg.train.val_metric, METHODS[cfg.train.method], p)
-    if metric == "val_agreement":
-        rows = np.flatnonzero(p.split == "val")
-        targets = np.asarray(p.teacher_logits, np.float32)[rows].argmax(1)
-        groups = None
-    else:
-        rows = np.flatnonzero((p.split == "val") & (p.val_labels >= 0))
-        targets, groups = p.val_labels[rows], p.class_group
-    return ValidationSplit(p.pixels, rows, np.asarray(targets, np.int64), groups, [p.ids[i] for i in rows], metric)
+    rows, targets, groups = validation_targets(p, metric)      # the rows and targets fit() scores
+    return ValidationSplit(p.pixels, rows, targets, groups, [p.ids[i] for i in rows], metric)
 
 
 def _compare(cfg: Config, export_dir: Path, champion: str | None, p: Pool | None = None) -> dict[str, Any]:

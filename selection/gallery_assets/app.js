@@ -355,7 +355,7 @@
       (s.reasons.length ? s.reasons.slice(0, 8).map((x) => x[0] + " " + x[1]).join(", ") : "-")));
     const ep = M.run.epochs;
     $("run-info").textContent = N + " images (" + M.run.records + " manifest records), kept " + s.kept +
-      ", rejected " + s.rejected + "; epochs " + (ep.length ? ep[0] + ".." + ep[ep.length - 1] : "-") +
+      ", rejected " + s.rejected + ", validation " + s.validation + "; epochs " + (ep.length ? ep[0] + ".." + ep[ep.length - 1] : "-") +
       "; " + s.groups + " near-duplicate groups; stored overrides: " + M.stored_overrides +
       "; rendered " + M.run.rendered;
     $("run-info").title = M.run.path;
