@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from webkd.pipeline.config import ModelSpec
 from webkd.pipeline.storage import atomic_path, atomic_write_json, atomic_write_text, read_json
+from webkd.training.models import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ class ExportResult:
     parameters: int
     onnx_max_abs_diff: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def save_export(model: nn.Module, export_dir: str | Path, metadata: dict[str, Any], sample: torch.Tensor,
