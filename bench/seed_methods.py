@@ -52,7 +52,7 @@ from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 from webkd.selection.refine import fit_linear_probe, refine_labels, softmax  # noqa: E402
 from webkd.training import losses  # noqa: E402
 from webkd.training.loop import Pool, accuracy, fit, load_checkpoint, predict_logits  # noqa: E402
-from webkd.training.methods import build_method, method_defaults  # noqa: E402
+from webkd.training.methods import build_method, method_from_models  # noqa: E402
 from webkd.training.models import build_model, count_parameters, freeze, load_weights, save_weights  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "seed_methods"
@@ -209,8 +209,7 @@ def train_student(pool: Pool, method: str, method_args: dict, teachers: list, sp
     torch.manual_seed(seed)
     student = build_model(spec, k)
     sample = torch.from_numpy(np.ascontiguousarray(pool.pixels[:8])).permute(0, 3, 1, 2).float() / 255
-    args = {**method_defaults(student, teachers, sample).get(method, {}), **method_args}
-    m = build_method(method, **args)
+    m = method_from_models(method, student, teachers, sample, **method_args)
     cfg = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=0.05, val_metric=val_metric)
     paths = RunPaths(run_dir)
     if paths.last_checkpoint.exists():
