@@ -45,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.label_noise import inject_label_noise, noise_matrix  # noqa: E402
 from webkd.flows import demo, stages  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
 from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, load_config  # noqa: E402
@@ -383,7 +384,7 @@ def table_pll(args, res: Results, fm_teacher, pacs_t, parts) -> str:
         for eta in (0.2, 0.4, 0.6):
             def go(eta=eta, seed=0):
                 g = torch.Generator().manual_seed(seed)
-                noisy = losses.inject_label_noise(torch.from_numpy(y), losses.noise_matrix("symmetric", k, eta), g).numpy()
+                noisy = inject_label_noise(torch.from_numpy(y), noise_matrix("symmetric", k, eta), g).numpy()
                 noisy = np.where(trm, noisy, -1)   # noise only in the probe-training labels
                 return probe_rows(feat, noisy, trm, vam, y, k, seed, args.probe_epochs, feat[tem], y[tem])
             cols[eta] = [res.get(f"pll[{tag}]/{key}/eta{eta}/s{s}", lambda s=s, eta=eta: go(eta, s)) for s in args.seeds]
