@@ -45,16 +45,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.label_noise import inject_label_noise, noise_matrix  # noqa: E402
 from webkd.flows import demo  # noqa: E402
 from webkd.flows.stages import curate as curate_stages  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
 from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths, SelectionConfig, TrainConfig, load_config  # noqa: E402
 from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 from webkd.selection.refine import fit_linear_probe, refine_labels, softmax  # noqa: E402
-from webkd.training import losses  # noqa: E402
 from webkd.training.loop import accuracy, fit, load_checkpoint, predict_logits  # noqa: E402
+from webkd.training.methods import build_method, method_from_models  # noqa: E402
 from webkd.training.pool import Pool, class_groups, split_of  # noqa: E402
-from webkd.training.methods import build_method, method_defaults  # noqa: E402
 from webkd.training.models import build_model, count_parameters, freeze, load_weights, save_weights  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "seed_methods"
@@ -211,8 +211,7 @@ def train_student(pool: Pool, method: str, method_args: dict, teachers: list, sp
     torch.manual_seed(seed)
     student = build_model(spec, k)
     sample = torch.from_numpy(np.ascontiguousarray(pool.pixels[:8])).permute(0, 3, 1, 2).float() / 255
-    args = {**method_defaults(student, teachers, sample).get(method, {}), **method_args}
-    m = build_method(method, **args)
+    m = method_from_models(method, student, teachers, sample, **method_args)
     cfg = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, lr=0.05, val_metric=val_metric)
     paths = RunPaths(run_dir)
     if paths.last_checkpoint.exists():
@@ -386,7 +385,7 @@ def table_pll(args, res: Results, fm_teacher, pacs_t, parts) -> str:
         for eta in (0.2, 0.4, 0.6):
             def go(eta=eta, seed=0):
                 g = torch.Generator().manual_seed(seed)
-                noisy = losses.inject_label_noise(torch.from_numpy(y), losses.noise_matrix("symmetric", k, eta), g).numpy()
+                noisy = inject_label_noise(torch.from_numpy(y), noise_matrix("symmetric", k, eta), g).numpy()
                 noisy = np.where(trm, noisy, -1)   # noise only in the probe-training labels
                 return probe_rows(feat, noisy, trm, vam, y, k, seed, args.probe_epochs, feat[tem], y[tem])
             cols[eta] = [res.get(f"pll[{tag}]/{key}/eta{eta}/s{s}", lambda s=s, eta=eta: go(eta, s)) for s in args.seeds]

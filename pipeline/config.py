@@ -304,7 +304,7 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | tuple
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_errors(err, origin)) from None
+        raise ConfigError(format_errors(err, origin, Config)) from None
     specs = list(cfg.teachers) + [cfg.student]
     return apply_stored_preprocess(cfg, ["preprocess" in s.model_fields_set for s in specs])
 

@@ -4,6 +4,8 @@ must exist before any work starts. Checks that need training/ (method names and 
 architectures, loadable weights) live in flows/checks.py, which calls `check_paths` first.
 
 Every failure is a `ConfigError` whose one-line message names the key or file and the fix.
+This module does not import pipeline/config.py (which calls it while loading): the schema
+reaches it as arguments (`root`, the validated Config).
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from webkd.pipeline.config import Config, ConfigError, PreprocessSpec
-from webkd.pipeline.config_io import PATH_RULE, looks_like_path, read_sidecar, sidecar_path
+from webkd.pipeline.config_io import PATH_RULE, ConfigError, looks_like_path, read_sidecar, sidecar_path
 
 
 def suggest(name: str, valid: typing.Iterable[str]) -> str:
@@ -26,9 +27,9 @@ def suggest(name: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean '{near[0]}'?)" if near else ""
 
 
-def _fields_at(loc: tuple) -> list[str]:
+def _fields_at(loc: tuple, root: type[BaseModel]) -> list[str]:
     """Valid keys of the section at `loc` (list indices skipped), for 'did you mean' hints."""
-    model: Any = Config
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue
@@ -46,27 +47,29 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def format_errors(err: ValidationError, origin: str) -> str:
-    """One line: every schema error with its dotted key; unknown keys get the closest valid one."""
+def format_errors(err: ValidationError, origin: str, root: type[BaseModel] | None = None) -> str:
+    """One line: every schema error with its dotted key; unknown keys get the closest valid one
+    (among the fields of `root`, the model validated, at that key's place)."""
+    root = root or BaseModel
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "<root>"
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            near = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
+            near = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1], root), n=1)
             hint = f" (did you mean '{'.'.join(map(str, loc[:-1] + (near[0],)))}'?)" if near else ""
             lines.append(f"unknown key '{key}'{hint}")
             continue
         sub = re.match(r"([A-Za-z_]\w*(?:\.[^\s:]+)*): (.*)", msg)   # a validator naming a sub-key
-        if sub and sub.group(1).split(".")[0] in _fields_at(loc):
+        if sub and sub.group(1).split(".")[0] in _fields_at(loc, root):
             key, msg = f"{key}.{sub.group(1)}" if loc else sub.group(1), sub.group(2)
         lines.append(f"'{key}': {msg}")
     return f"invalid config ({origin}): " + "; ".join(" ".join(line.split()) for line in lines)
 
 
 # --------------------------------------------------------------------------------------------
-def apply_stored_preprocess(cfg: Config, given: list[bool]) -> Config:
+def apply_stored_preprocess(cfg: "Config", given: list[bool]) -> "Config":
     """A model whose weights file has a sidecar JSON takes its stored preprocessing when the
     config gives none, and is refused when the config contradicts it (or the stored arch).
     `given[i]`: spec i (teachers..., student) set `preprocess` itself."""
@@ -84,14 +87,15 @@ def apply_stored_preprocess(cfg: Config, given: list[bool]) -> Config:
         if "preprocess" not in meta:
             continue
         try:
-            stored = PreprocessSpec.model_validate(meta["preprocess"])
+            preprocess_spec = type(spec.preprocess)
+            stored = preprocess_spec.model_validate(meta["preprocess"])
         except ValidationError as err:
-            raise ConfigError(format_errors(err, f"preprocess in {side}")) from None
+            raise ConfigError(format_errors(err, f"preprocess in {side}", preprocess_spec)) from None
         if not explicit:
             spec.preprocess = stored
         elif spec.preprocess != stored:
             diff = ", ".join(f"{k} {getattr(spec.preprocess, k)!r} vs stored {getattr(stored, k)!r}"
-                             for k in PreprocessSpec.model_fields if getattr(spec.preprocess, k) != getattr(stored, k))
+                             for k in type(stored).model_fields if getattr(spec.preprocess, k) != getattr(stored, k))
             raise ConfigError(f"{where}.preprocess contradicts the preprocessing stored with its weights in "
                               f"{side} ({diff}); drop {where}.preprocess to use the stored one")
     return cfg
@@ -119,7 +123,7 @@ def _missing_source(source: str) -> str | None:
     return None
 
 
-def check_paths(cfg: Config, sources: bool = True) -> None:
+def check_paths(cfg: "Config", sources: bool = True) -> None:
     """Every input path the config names exists (sources, weights, checkpoint files, warm start).
     `sources=False` (webkd serve): web sources may be filled before a scheduled run, which checks them."""
     todo = [(f"data.sources.{i}", s) for i, s in enumerate(cfg.data.sources)] if sources else []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from webkd.pipeline.config import ModelSpec, PreprocessSpec
-from webkd.training.methods import KD3, KD3Head, build_method, method_defaults
+from webkd.training.methods import KD3, KD3Head, build_method
 from webkd.training.models import build_model, freeze
 
 PRE = PreprocessSpec(size=32, channels=3)
@@ -28,7 +28,7 @@ def _batch(pacs32, n=8, seed=0):
 
 
 def _kd3(student, teacher, x, **kw):
-    return build_method("kd3", **{**method_defaults(student, [teacher], x)["kd3"], **kw})
+    return KD3.from_models(student, [teacher], x, **kw)
 
 
 def test_step_keeps_teacher_bit_identical_and_routes_gradients(pacs32):

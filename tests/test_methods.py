@@ -1,10 +1,9 @@
 """The METHODS registry drives these tests (timm `tests/test_models.py` style): every method is
-built with the model-derived defaults of `method_defaults` and takes one training step on a tiny
-batch of real PACS images, with finite per-sample losses and the teachers left untouched.
+built from tiny real models by its own `from_models` and takes one training step on a tiny batch
+of real PACS images, with finite per-sample losses and the teachers left untouched; then it is
+exported (safetensors + ONNX), reloaded by `load_student` and warm-started from that export.
 """
 from __future__ import annotations
-
-import inspect
 
 import numpy as np
 import pytest
@@ -13,13 +12,14 @@ import torch
 from webkd.pipeline.config import ModelSpec
 from webkd.training.losses import ce_loss
 from webkd.training.method_base import Method
-from webkd.training.methods import METHODS, build_method, method_defaults
+from webkd.training.export import load_student, save_export, warm_start
+from webkd.training.methods import METHODS, build_method, method_from_models
 from webkd.training.models import build_model, freeze
 
 K = 7  # PACS classes
 
-# Arguments a method needs beyond `method_defaults` (none today: a new method that needs some
-# must add them here, which documents them).
+# Arguments a method needs beyond what its `from_models` derives (none today: a new method that
+# needs some must add them here, which documents them).
 REQUIRED: dict[str, dict] = {}
 
 
@@ -50,8 +50,7 @@ def test_registry_lists_the_seed_methods():
 def test_every_method_takes_one_step_on_real_images(name, real_batch):
     x, labels = real_batch
     student, teachers = _models()
-    kwargs = {**method_defaults(student, teachers, x).get(name, {}), **REQUIRED.get(name, {})}
-    method = build_method(name, **kwargs)
+    method = method_from_models(name, student, teachers, x, **REQUIRED.get(name, {}))
     before = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
     s_before = {k: v.clone() for k, v in student.state_dict().items()}
     params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
@@ -101,15 +100,66 @@ def test_build_method_fails_fast():
     assert build_method("ce").name == "ce"
 
 
-def test_method_defaults_cover_every_required_argument():
+def _one_step(method, student, teachers, x, labels) -> None:
+    params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    student.train(), method.train()
+    batch = {"x": x, "labels": labels, "index": torch.arange(len(x)), "generator": torch.Generator().manual_seed(0)}
+    terms = method(batch, student, teachers, 0.5)
+    opt.zero_grad()
+    sum(v for k, v in terms.items() if k.startswith("loss")).mean().backward()
+    opt.step()
+    student.eval(), method.eval()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_exports_reloads_and_warm_starts(name, real_batch, tmp_path, one_thread):
+    """One step, then save_export (ONNX included, dynamic height and width): `load_student` gives
+    the exported logits, student.onnx matches torch at two sizes other than the training size,
+    and a warm start from the export reproduces the deployed weights in a fresh student+method."""
+    import onnxruntime as ort
+
+    x, labels = real_batch
     student, teachers = _models()
-    defaults = method_defaults(student, teachers, torch.rand(2, 3, 32, 32))
+    method = method_from_models(name, student, teachers, x, **REQUIRED.get(name, {}))
+    _one_step(method, student, teachers, x, labels)
+    deployed = method.deploy(student, teachers).eval()
+    meta = {"method": name, "classes": [f"c{i}" for i in range(K)], "student_spec": student.spec.model_dump(mode="json"),
+            "student_num_classes": K, "deploy": method.deploy_info()}
+    res = save_export(deployed, tmp_path / "export", meta, x, onnx=True)
+    assert res.onnx_max_abs_diff is not None and res.onnx_max_abs_diff < 1e-4
+    with torch.no_grad():
+        exported = deployed(x)
+        torch.testing.assert_close(load_student(tmp_path / "export")(x), exported, rtol=0, atol=1e-6)
+    session = ort.InferenceSession(str(tmp_path / "export" / "student.onnx"), providers=["CPUExecutionProvider"])
+    for size in ((24, 24), (64, 48)):
+        xs = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True)
+        with torch.no_grad():
+            want = deployed(xs).numpy()
+        got = session.run(["logits"], {"image": xs.numpy()})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{name} at {size}")
+    fresh, _ = _models(seed=1)
+    again = method_from_models(name, fresh, teachers, x, **REQUIRED.get(name, {}))
+    warm_start(fresh, again, tmp_path / "export")
+    want_state = deployed.state_dict()
+    got_state = again.deploy(fresh, teachers).state_dict()
+    assert set(got_state) == set(want_state), name
+    for k, v in want_state.items():
+        assert torch.equal(got_state[k], v), f"{name}: warm start did not restore {k}"
+
+
+def test_from_models_covers_every_required_argument():
+    """Each method derives its model-dependent arguments itself; teacher-needing methods fail
+    fast without teachers, naming what is missing."""
+    student, teachers = _models()
     for name, cls in METHODS.items():
-        required = [p for p, v in inspect.signature(cls.__init__).parameters.items()
-                    if p != "self" and v.default is inspect.Parameter.empty
-                    and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
-        have = set(defaults.get(name, {})) | set(REQUIRED.get(name, {}))
-        assert set(required) <= have, f"{name}: method_defaults lacks {set(required) - have}"
+        assert isinstance(method_from_models(name, student, teachers, torch.rand(2, 3, 32, 32), **REQUIRED.get(name, {})), cls)
+    with pytest.raises(ValueError, match="unknown method 'nope'.*valid"):
+        method_from_models("nope", student, teachers)
+    with pytest.raises(ValueError, match="unknown argument.*'betta'.*valid.*beta"):
+        method_from_models("rld", student, teachers, betta=2.0)
+    with pytest.raises(ValueError, match="needs argument.*student_channels"):
+        method_from_models("kd3", student, [])
 
 
 def test_method_flags_and_missing_labels(real_batch):

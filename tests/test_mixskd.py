@@ -8,7 +8,7 @@ import torch
 
 from webkd.pipeline.config import ModelSpec
 from webkd.training.export import count_parameters, load_student, save_export
-from webkd.training.methods import build_method, method_defaults
+from webkd.training.methods import build_method, method_from_models
 from webkd.training.mixskd import MixSKD
 from webkd.training.models import build_model
 
@@ -43,7 +43,7 @@ def test_branches_are_separate_copies_of_the_later_stages():
     reset, copied = m.branches[1][0], MixSKD(s, branch_init="copy").branches[1][0]
     w = s.stages[2][0][0].weight
     assert not torch.equal(reset[0][0].weight, w) and torch.equal(copied[0][0].weight, w)
-    assert build_method("mixskd", **method_defaults(s, [])["mixskd"]).num_stages == 3
+    assert method_from_models("mixskd", s, []).num_stages == build_method("mixskd", student=s).num_stages == 3
 
 
 def test_shapes_h_gets_S_times_C_channels_and_every_A_has_the_shape_of_F_S(photos):

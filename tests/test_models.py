@@ -182,9 +182,10 @@ def test_preprocess_grey_invert_normalise(real64, clothing):
         M.Preprocess(PreprocessSpec())(x[:, :1])
 
 
-def test_preprocess_and_model_export_to_onnx_opset17(tmp_path, real32):
-    """cnn_tiny with a grey, inverted, down-resizing preprocess exports to ONNX opset 17 (the
-    resize is in the graph) and onnxruntime gives the same logits and embedding."""
+def test_preprocess_and_model_export_to_onnx_opset18_any_size(tmp_path, real32):
+    """cnn_tiny with a grey, inverted, down-resizing preprocess exports to ONNX opset 18 with a
+    dynamic height and width: the resize is one Resize(antialias=1) in the graph, and onnxruntime
+    gives the torch logits and embedding at the export size and at other sizes."""
     import onnx
     import onnxruntime as ort
 
@@ -201,16 +202,21 @@ def test_preprocess_and_model_export_to_onnx_opset17(tmp_path, real32):
 
     wrapper = Export(model).eval()
     path = tmp_path / "tiny.onnx"
-    torch.onnx.export(wrapper, (real32,), str(path), opset_version=17, dynamo=False,
-                      input_names=["rgb"], output_names=["logits", "embedding"])
+    dims = ({0: torch.export.Dim("batch", max=64), 2: torch.export.Dim("h", min=2, max=1024),
+             3: torch.export.Dim("w", min=2, max=1024)},)
+    torch.onnx.export(wrapper, (real32,), opset_version=18, dynamo=True, dynamic_shapes=dims,
+                      input_names=["rgb"], output_names=["logits", "embedding"]).save(str(path))
     proto = onnx.load(str(path))
-    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    resizes = [n for n in proto.graph.node if n.op_type == "Resize"]
+    assert len(resizes) == 1 and {a.name: a.i for a in resizes[0].attribute}.get("antialias") == 1
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits, emb = sess.run(None, {"rgb": real32.numpy()})
-    with torch.no_grad():
-        ref = model.eval()(real32)
-    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(emb, ref.embedding.numpy(), rtol=1e-4, atol=1e-5)
+    for x in (real32, F.interpolate(real32, size=(48, 40), mode="nearest"), real32[:3, :, 5:25, 2:30]):
+        logits, emb = sess.run(None, {"rgb": x.contiguous().numpy()})
+        with torch.no_grad():
+            ref = model.eval()(x)
+        np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(emb, ref.embedding.numpy(), rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

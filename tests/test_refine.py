@@ -13,6 +13,7 @@ from webkd.pipeline.config import ModelSpec, RefineConfig, RunPaths, SelectionCo
 from webkd.selection import policy
 from webkd.selection.refine import (fit_linear_probe, label_columns, read_labels_report, refine_labels, top2,
                               two_hot_set_loss, write_labels)
+import loss_refs as R
 from webkd.training import losses
 
 
@@ -29,7 +30,7 @@ def fmnist_noisy():
     x = data.images[idx].reshape(-1, 7, 4, 7, 4).mean(axis=(2, 4)).reshape(len(idx), -1).astype(np.float32) / 255
     y = data.labels[idx]
     g = torch.Generator().manual_seed(0)
-    noisy = losses.inject_label_noise(torch.from_numpy(y), losses.noise_matrix("symmetric", 10, 0.6), g).numpy()
+    noisy = R.inject_label_noise(torch.from_numpy(y), R.noise_matrix("symmetric", 10, 0.6), g).numpy()
     train = np.zeros(len(y), bool)
     train[:2000] = True
     return x, y, noisy, train, ~train

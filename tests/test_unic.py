@@ -10,8 +10,8 @@ from webkd.pipeline.config import ModelSpec, RunPaths, SelectionConfig, TrainCon
 from webkd.training import losses
 from webkd.training.export import count_parameters
 from webkd.training.loop import fit, load_checkpoint
+from webkd.training.methods import method_from_models
 from webkd.training.pool import Pool
-from webkd.training.methods import build_method, method_defaults
 from webkd.training.models import build_model, freeze
 from webkd.training.unic import UNIC
 
@@ -32,8 +32,7 @@ def _setup(images, seed=0, **kw):
     student = build_model(ModelSpec(name="cnn_tiny"), 10)
     teachers = [freeze(build_model(ModelSpec(name="cnn_tiny"), 10)),
                 freeze(build_model(ModelSpec(name="cnn_small", kwargs={"width": 6}), 7))]
-    args = {**method_defaults(student, teachers, _x(images[:4]))["unic"], **kw}
-    return student, teachers, build_method("unic", **args)
+    return student, teachers, method_from_models("unic", student, teachers, _x(images[:4]), **kw)
 
 
 def _batch(x, seed=0):
@@ -145,11 +144,10 @@ def test_projectors_are_not_exported(pacs_pool):
 def test_single_teacher_is_the_plain_mean_and_bad_configs_fail(pacs_pool):
     images, _ = pacs_pool
     student, teachers, _ = _setup(images)
-    args = method_defaults(student, teachers[:1], _x(images[:4]))["unic"]
-    m = UNIC(**args, drop_p=0.5)
+    m = UNIC.from_models(student, teachers[:1], _x(images[:4]), drop_p=0.5)
     out = m(_batch(_x(images[:8])), student, teachers[:1], 0.5)
     assert torch.allclose(out["loss_unic"].detach(), out["teacher_losses"][:, 0])
     with pytest.raises(ValueError, match="tokens"):
-        UNIC(**args, tokens=("nope",))
+        UNIC.from_models(student, teachers[:1], _x(images[:4]), tokens=("nope",))
     with pytest.raises(ValueError, match="built for 1 teacher"):
         m(_batch(_x(images[:8])), student, teachers, 0.5)

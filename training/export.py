@@ -3,8 +3,10 @@ and a Markdown model card.
 
 What is exported is the *deployed* student (`Method.deploy`): for KD^3 that includes the
 projector and the teacher's classifier; training scaffolding (heads, branches, projectors of
-other methods) is not. The exported module takes float RGB in [0, 1], `(B, 3, S, S)`, and
-applies its own preprocessing, so users feed decoded images and nothing else.
+other methods) is not. The exported module (and student.onnx) takes float RGB in [0, 1],
+`(B, 3, H, W)` at any H, W, and applies its own preprocessing (resize included), so users feed
+decoded images and nothing else. `load_student` and `warm_start` hand the rebuilding to the
+method (`Method.load_deployed`, `Method.load_deployed_state`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import torch.nn as nn
 
 from webkd.pipeline.config import ModelSpec
 from webkd.pipeline.storage import atomic_path, atomic_write_json, atomic_write_text, read_json
+from webkd.training.methods import METHODS
+from webkd.training.models import build_model, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +43,6 @@ class ExportResult:
     parameters: int
     onnx_max_abs_diff: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def save_export(model: nn.Module, export_dir: str | Path, metadata: dict[str, Any], sample: torch.Tensor,
@@ -75,17 +75,19 @@ def save_export(model: nn.Module, export_dir: str | Path, metadata: dict[str, An
 
 
 def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: int = 18, atol: float = 1e-4) -> float:
-    """torch.onnx.export (dynamo exporter) with a dynamic batch, then an onnxruntime parity check."""
+    """torch.onnx.export (dynamo exporter) with a dynamic batch, height and width (the model
+    resizes to its own input size), then an onnxruntime parity check on `sample`."""
     import onnx
     import onnxruntime as ort
 
     model = model.eval()
     for name in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter logs every pass at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=2, max=8192),
+            3: torch.export.Dim("width", min=2, max=8192)}
     with torch.no_grad():
         program = torch.onnx.export(model, (sample[:2],), input_names=["image"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+                                    dynamic_shapes=(dims,), opset_version=opset, dynamo=True,
                                     verbose=False)
     with atomic_path(path, suffix=".onnx") as tmp:
         program.save(str(tmp))
@@ -102,13 +104,15 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: int =
     return diff
 
 
-def load_student(export_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the deployed student from an export folder (metadata + safetensors)."""
+def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from webkd.training.methods import KD3Head, LogitsOnly, Projector
-    from webkd.training.models import build_model
+    return load_file(str(export_dir / WEIGHTS))
 
+
+def load_student(export_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the deployed student from an export folder (metadata + safetensors): the method
+    class whose `deploy_head` the metadata names builds the module (`Method.load_deployed`)."""
     export_dir = Path(export_dir)
     meta = read_json(export_dir / META)
     if meta is None:
@@ -116,20 +120,25 @@ def load_student(export_dir: str | Path, device: str | torch.device = "cpu") -> 
     spec = ModelSpec.model_validate(meta["student_spec"])
     spec = spec.model_copy(update={"weights": None})
     student = build_model(spec, num_classes=meta["student_num_classes"], class_names=meta.get("classes"))
-    head = meta["deploy"]
-    if head["head"] == "kd3":
-        model: nn.Module = KD3Head(student, Projector(head["student_channels"], head["teacher_channels"],
-                                                      head["projector_factor"]),
-                                   nn.Linear(head["teacher_channels"], len(meta["classes"])),
-                                   tuple(head["map_size"]) if head.get("map_size") else None)
-    elif head["head"] == "student":
-        model = LogitsOnly(student)
-    else:
-        raise ValueError(f"unknown deployed head {head['head']!r} in {export_dir / META}")
-    missing, unexpected = model.load_state_dict(load_file(str(export_dir / WEIGHTS)), strict=False)
+    head = meta["deploy"]["head"]
+    owner = next((cls for cls in METHODS.values() if cls.deploy_head == head), None)
+    if owner is None:
+        raise ValueError(f"unknown deployed head {head!r} in {export_dir / META}")
+    model = owner.load_deployed(student, meta)
+    missing, unexpected = model.load_state_dict(_weights(export_dir), strict=False)
     if missing or unexpected:
         raise ValueError(f"export weights do not match the rebuilt model: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval()
+
+
+def warm_start(student: nn.Module, method: nn.Module, source: str | Path) -> None:
+    """Initialise from a previous export folder: the deployed student's weights, and the
+    method's own deployed parts (KD^3's projector) via `Method.load_deployed_state`."""
+    src = Path(source)
+    if not (src / WEIGHTS).is_file():
+        raise FileNotFoundError(f"train.warm_start={source}: expected an export folder with {WEIGHTS}")
+    method.load_deployed_state(student, _weights(src))
+    log.info("warm start from %s", src)
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:

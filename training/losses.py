@@ -9,19 +9,20 @@ teacher never receives a gradient whoever calls it. Specs and constants: ``metho
 Public API, by method family (dims: B batch, K classes, C/H/W feature maps, D embedding dims,
 N patches, M teachers):
 
-- Baselines (methods.md §6): ``ce_loss``, ``soft_ce``, ``kd_loss`` (T²·KL), ``dkd_loss`` (DKD, the
-  reference RLD reduces to).
+- Baselines (methods.md §6): ``ce_loss``, ``kd_loss`` (T²·KL).
 - Sampling helpers: ``sample_beta``, ``sample_permutation``, ``sample_mixup_lambda``.
-- KD³ (§1): ``instance_weights``, ``pool_to_match``, ``feature_alignment_loss``,
+- KD³ (§1): ``instance_weights``, ``feature_alignment_loss``,
   ``mix_distribution``, ``nt_xent``.
 - RLD (§2): ``standardize_logits``, ``rld_exclusion_mask``, ``rld_scd``, ``rld_mcd``,
   ``rld_warmup_factor``, ``rld_loss`` (returns ``(total, parts)``).
-- PLL two-hot (§3): ``top2_classes``, ``two_hot_targets``, ``two_hot_ce``, ``gce_loss``,
-  ``noise_matrix``, ``inject_label_noise``.
+- PLL two-hot (§3): ``top2_classes``, ``two_hot_ce``, ``gce_loss``.
 - MixSKD (§4): ``mixup``, ``mix_ce``, ``kl_t``, ``feature_mse``, ``disc_bce``.
 - UNIC (§5): ``standardize_with_ema`` (pure) and ``EmaStandardizer`` (buffers only),
-  ``ema_momentum``, ``unic_loss``, ``teacher_dropping``, ``combine_teachers``,
-  ``combine_teachers_batch``.
+  ``ema_momentum``, ``unic_loss``, ``teacher_dropping``, ``combine_teachers``.
+
+Reference forms used only to check these (DKD, soft CE, two-hot targets, UNIC's batch-level
+aggregation, ``pool_to_match``) live in ``tests/loss_refs.py``; label-noise injection for the
+benchmarks in ``bench/label_noise.py``.
 
 Numerics: RLD fills excluded logits with a dtype-aware finite value (``finfo(dtype).min / 2``),
 never -inf or the official -1e9, so fp16/bf16 stay finite; the other losses run in the input
@@ -29,15 +30,12 @@ dtype and are written with log-softmax rather than log(softmax).
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-log = logging.getLogger(__name__)
 
 LOG_CLAMP = 1e-7  # RLD SCD log clamp (methods.md §2.5)
 
@@ -78,12 +76,6 @@ def ce_loss(logits: Tensor, labels: Tensor, ignore_index: int = -1) -> Tensor:
     return F.cross_entropy(logits, labels.long(), reduction="none", ignore_index=ignore_index)  # (B,)
 
 
-def soft_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-sample CE against target distributions: −Σ_k t_k·log p_k. ``targets`` is (B, K)."""
-    _check_logits(logits, targets)
-    return -(targets.detach() * F.log_softmax(logits, dim=1)).sum(dim=1)  # (B,)
-
-
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> Tensor:
     """Hinton et al., arXiv:1503.02531; follows mdistiller `mdistiller/distillers/KD.py`: T²·KL(p_T‖p_S)."""
     _check_logits(student_logits, teacher_logits)
@@ -97,59 +89,16 @@ def _binary_kl(b_t: Tensor, b_s: Tensor) -> Tensor:
     return (b_t * (b_t.clamp_min(LOG_CLAMP).log() - b_s.clamp_min(LOG_CLAMP).log())).sum(dim=1)
 
 
-def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
-             alpha: float = 1.0, beta: float = 8.0, T: float = 4.0) -> Tensor:
-    """Zhao et al., CVPR 2022 (DKD); follows mdistiller `mdistiller/distillers/DKD.py`: α·TCKD + β·NCKD.
-
-    Written independently of the RLD code (non-target classes are gathered, not masked) so that
-    it serves as the reference in the "RLD equals DKD when the teacher is correct" test.
-    """
-    _check_logits(student_logits, teacher_logits)
-    B, K = student_logits.shape
-    _check_labels(labels, B, K)
-    teacher_logits = teacher_logits.detach()
-    y = labels.long()[:, None]                                            # (B, 1)
-    ps, pt = F.softmax(student_logits / T, 1), F.softmax(teacher_logits / T, 1)  # (B, K)
-    ps_y, pt_y = ps.gather(1, y), pt.gather(1, y)                         # (B, 1)
-    tckd = _binary_kl(torch.cat([pt_y, 1 - pt_y], 1), torch.cat([ps_y, 1 - ps_y], 1))  # (B,)
-    others = torch.arange(K, device=y.device)[None, :].expand(B, K)
-    others = others[others != y].view(B, K - 1)                           # (B, K-1)
-    zs_nt, zt_nt = student_logits.gather(1, others), teacher_logits.gather(1, others)
-    nckd = kd_loss(zs_nt, zt_nt, T=T) / T**2                              # (B,) plain KL
-    return (alpha * tckd + beta * nckd) * T**2                            # (B,)
-
-
 # ----------------------------------------------------------------------------- sampling
-def _log_gamma(a: float, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """log of n Gamma(a, 1) draws (Marsaglia-Tsang; a<1 boosted via U^(1/a)), float64, in log space."""
-    kw = dict(generator=generator, dtype=torch.float64, device=device)
-    a1 = a + 1.0 if a < 1.0 else a
-    d = a1 - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    out = torch.empty(n, dtype=torch.float64, device=device)
-    pending = torch.arange(n, device=device)
-    while pending.numel():
-        x = torch.randn(pending.numel(), **kw)
-        u = torch.rand(pending.numel(), **kw).clamp_min(1e-300)
-        v = (1.0 + c * x) ** 3
-        ok = (v > 0) & (u.log() < 0.5 * x * x + d - d * v + d * v.clamp_min(1e-300).log())
-        out[pending[ok]] = math.log(d) + v[ok].log()
-        pending = pending[~ok]
-    if a < 1.0:
-        out = out + torch.rand(n, **kw).clamp_min(1e-300).log() / a
-    return out
-
-
 def sample_beta(alpha: float, beta: float, n: int, generator: torch.Generator | None) -> Tensor:
-    """n draws of Beta(alpha, beta) as float64 on the generator's device (torch's Beta takes no generator).
-
-    Computed as sigmoid(log G₁ − log G₂) with Gᵢ ~ Gamma, which stays exact for small alpha
-    (Beta(0.1, 0.1) puts most mass within 1e-10 of 0 and 1).
-    """
+    """n draws of Beta(alpha, beta) as float64 on the generator's device: G₁/(G₁ + G₂) with
+    Gᵢ ~ Gamma from `torch._standard_gamma`, which takes the generator (torch's Beta does not)."""
     if alpha <= 0 or beta <= 0:
         raise ValueError(f"Beta parameters must be > 0; got ({alpha}, {beta})")
     device = generator.device if generator is not None else torch.device("cpu")
-    return torch.sigmoid(_log_gamma(alpha, n, generator, device) - _log_gamma(beta, n, generator, device))
+    g1 = torch._standard_gamma(torch.full((n,), float(alpha), dtype=torch.float64, device=device), generator=generator)
+    g2 = torch._standard_gamma(torch.full((n,), float(beta), dtype=torch.float64, device=device), generator=generator)
+    return g1 / (g1 + g2)
 
 
 def sample_permutation(n: int, generator: torch.Generator | None,
@@ -175,27 +124,15 @@ def instance_weights(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return torch.sigmoid(dist).to(student_logits.dtype)                                # (B,)
 
 
-def pool_to_match(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """KD³ `KDDD/models/util.py`: adaptive-avg-pool the larger of two (B, C, H, W) maps to the smaller size."""
-    if a.dim() != 4 or b.dim() != 4:
-        raise ValueError(f"feature maps must be (B, C, H, W); got {tuple(a.shape)} and {tuple(b.shape)}")
-    size = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
-    if tuple(a.shape[2:]) != size:
-        a = F.adaptive_avg_pool2d(a, size)  # (B, C_a, h, w)
-    if tuple(b.shape[2:]) != size:
-        b = F.adaptive_avg_pool2d(b, size)  # (B, C_b, h, w)
-    return a, b
-
-
 def feature_alignment_loss(G: Tensor, F_T: Tensor) -> Tensor:
     """KD³ (Tang et al., ICCV 2023) `KDDD/helper/loops.py`: per-sample ‖G_i − F_T,i‖²/(C·H·W).
 
     ``mean_i(w_i · loss_i)`` then equals the spec's Σ_i w_i‖G_i − F_T,i‖²/(B·C·H·W). The teacher
-    map is detached. Shapes must agree: call ``pool_to_match`` first.
+    map is detached. Shapes must agree: pool the larger map first.
     """
     if G.shape != F_T.shape:
         raise ValueError(f"projected student map {tuple(G.shape)} != teacher map {tuple(F_T.shape)}; "
-                         "project channels with P and call pool_to_match first")
+                         "project channels with P and pool the larger map first")
     return (G - F_T.detach()).pow(2).flatten(1).mean(dim=1)  # (B,)
 
 
@@ -347,12 +284,6 @@ def top2_classes(teacher_logits: Tensor) -> Tensor:
     return torch.stack([first, rest.argmax(dim=1)], dim=1)                 # (B, 2)
 
 
-def two_hot_targets(teacher_logits: Tensor) -> Tensor:
-    """Jeong & Chung, ICLR 2025 (self-distillation with partial labels) §5: t = ½(e_s₁ + e_s₂), (B, K)."""
-    pair = top2_classes(teacher_logits)                                    # (B, 2)
-    return torch.zeros_like(teacher_logits).scatter_(1, pair, 0.5)         # (B, K)
-
-
 def two_hot_ce(logits: Tensor, classes: Tensor) -> Tensor:
     """Jeong & Chung, ICLR 2025, paper form: mean over the set of −log p_c; ``classes`` is (B, k)."""
     _check_logits(logits)
@@ -366,49 +297,6 @@ def gce_loss(logits: Tensor, classes: Tensor, q: float = 0.7) -> Tensor:
         raise ValueError(f"GCE needs q > 0; got {q}")
     p = F.softmax(logits, dim=1).gather(1, classes.long())                 # (B, k)
     return ((1 - p.pow(q)) / q).mean(dim=1)                                # (B,)
-
-
-def noise_matrix(kind: Literal["symmetric", "asymmetric", "cluster"], K: int, eta: float,
-                 clusters: Tensor | None = None) -> Tensor:
-    """SelfPLL `util.py` get_corrupted_target transition matrices, (K, K) float64, rows sum to 1.
-
-    symmetric: 1 − η on the diagonal, η/(K − 1) elsewhere. asymmetric: 1 − η on the diagonal,
-    2η/K on the next class (k+1 mod K), η/K on the rest. cluster: η spread evenly over the other
-    members of the class's cluster (``clusters`` (K,) ids); singleton clusters keep their label
-    (the official code leaves those rows summing to 1 − η).
-    """
-    if K < 2 or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"need K >= 2 and 0 <= eta <= 1; got K={K}, eta={eta}")
-    if kind == "symmetric":
-        m = torch.full((K, K), eta / (K - 1), dtype=torch.float64)
-    elif kind == "asymmetric":
-        m = torch.full((K, K), eta / K, dtype=torch.float64)
-        idx = torch.arange(K)
-        m[idx, (idx + 1) % K] += eta / K
-    elif kind == "cluster":
-        if clusters is None or clusters.shape != (K,):
-            raise ValueError("cluster noise needs clusters: a (K,) tensor of cluster ids")
-        same = (clusters[:, None] == clusters[None, :]) & ~torch.eye(K, dtype=torch.bool)  # (K, K)
-        n_other = same.sum(dim=1, keepdim=True)                                            # (K, 1)
-        m = torch.where(same, eta / n_other.clamp_min(1).double(), torch.zeros((), dtype=torch.float64))
-        if (n_other == 0).any():
-            log.warning("cluster noise: %d singleton classes keep their labels", int((n_other == 0).sum()))
-        m.diagonal().copy_(1 - m.sum(dim=1))
-        return m
-    else:
-        raise ValueError(f"unknown noise kind {kind!r}; choose symmetric, asymmetric or cluster")
-    m.fill_diagonal_(1 - eta)
-    return m
-
-
-def inject_label_noise(labels: Tensor, matrix: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Draw ỹ_i ~ matrix[y_i] (SelfPLL `util.py` get_corrupted_target), with an explicit generator."""
-    K = matrix.shape[0]
-    _check_labels(labels, labels.shape[0], K)
-    probs = matrix.double()[labels.long().cpu()]                           # (B, K)
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    out = torch.multinomial(probs.to(gdev), 1, generator=generator).squeeze(1)  # (B,)
-    return out.to(labels.device, labels.dtype)
 
 
 # ----------------------------------------------------------------------------- MixSKD (§4)
@@ -550,7 +438,3 @@ def combine_teachers(losses: Tensor, flags: Tensor,
     raise ValueError(f"divisor must be 'image' or 'pairs'; got {divisor!r}")
 
 
-def combine_teachers_batch(losses: Tensor, flags: Tensor) -> Tensor:
-    """Official UNIC batch loss (`modeling/teacher_dropping.py` aggregate_losses): Σ a·ℓ / Σ a over all pairs."""
-    a = flags.detach().to(losses.dtype)
-    return (a * losses).sum() / a.sum().clamp_min(1)                        # scalar

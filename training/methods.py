@@ -18,7 +18,6 @@ built on `training/method_base.py`, and this file keeps the one literal `METHODS
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from webkd.training import losses
-from webkd.training.method_base import LogitsOnly, Method, mean_teacher_logits, teacher_outputs
+from webkd.training.method_base import LogitsOnly, Method, mean_teacher_logits, probe, state_with_prefix, teacher_outputs
 from webkd.training.mixskd import MixSKD
 from webkd.training.pll import PLL
 from webkd.training.rld import RLD
@@ -35,6 +34,7 @@ from webkd.training.unic import UNIC
 
 _teacher_outputs = teacher_outputs          # older private names, kept for callers
 _mean_teacher_logits = mean_teacher_logits
+_ = LogitsOnly                              # still importable from here (its older location)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +110,7 @@ class KD3(Method):
 
     name = "kd3"
     needs_teacher = True
+    deploy_head = "kd3"
 
     def __init__(self, student_channels: int, teacher_channels: int, student_dim: int, teacher_dim: int,
                  teacher_map_size: tuple[int, int] | None = None, student_map_size: tuple[int, int] | None = None,
@@ -127,6 +128,18 @@ class KD3(Method):
         # "larger map pooled to the smaller size first": the common size both maps are pooled to
         self.map_size = self._common(teacher_map_size, student_map_size)
         self._classifier: nn.Linear | None = None  # the teacher's, borrowed (not a parameter here)
+
+    @classmethod
+    def from_models(cls, student, teachers, sample=None, **user_args):
+        """Channel counts, embedding dims and map sizes of the student and the first teacher."""
+        if not teachers:
+            return cls.build(**user_args)
+        s, (t, *_) = probe(student, teachers, sample)
+        derived = {"student_channels": s.features[-1].shape[1], "teacher_channels": t.features[-1].shape[1],
+                   "student_dim": s.embedding.shape[1], "teacher_dim": t.embedding.shape[1],
+                   "teacher_map_size": tuple(t.features[-1].shape[-2:]),
+                   "student_map_size": tuple(s.features[-1].shape[-2:])}
+        return cls.build(**{**derived, **user_args})
 
     @staticmethod
     def _common(a, b):
@@ -173,8 +186,21 @@ class KD3(Method):
 
     def deploy_info(self):
         p = self.projector
-        return {"head": "kd3", "student_channels": p.c_student, "teacher_channels": p.c_teacher,
+        return {"head": self.deploy_head, "student_channels": p.c_student, "teacher_channels": p.c_teacher,
                 "projector_factor": p.factor, "map_size": list(self.map_size) if self.map_size else None}
+
+    @classmethod
+    def load_deployed(cls, student, meta):
+        info = meta["deploy"]
+        projector = Projector(info["student_channels"], info["teacher_channels"], info["projector_factor"])
+        classifier = nn.Linear(info["teacher_channels"], len(meta["classes"]))   # the teacher's, copied
+        return KD3Head(student, projector, classifier, tuple(info["map_size"]) if info.get("map_size") else None)
+
+    def load_deployed_state(self, student, state):
+        super().load_deployed_state(student, state)
+        projector = state_with_prefix(state, "projector.")
+        if projector:
+            self.projector.load_state_dict(projector)
 
 
 METHODS: dict[str, type[Method]] = {
@@ -188,43 +214,17 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def method_defaults(student: nn.Module, teachers: list[nn.Module], sample: torch.Tensor | None = None) -> dict[str, dict]:
-    """Arguments a method needs from the models (channel counts, map sizes), probed once."""
-    out: dict[str, dict] = {"mixskd": {"student": student}}   # MixSKD copies the student's later stages
-    if teachers:
-        with torch.no_grad():
-            x = sample if sample is not None else torch.rand(2, 3, 32, 32)
-            was = student.training
-            student.eval()
-            s = student(x)
-            student.train(was)
-            t_all = [teacher(x) for teacher in teachers]
-            t = t_all[0]
-        out["unic"] = {"student_channels": [int(f.shape[1]) for f in s.features],
-                       "teacher_dims": [int(o.embedding.shape[1]) for o in t_all],
-                       "teacher_patch_dims": [int(o.features[-1].shape[1]) for o in t_all],
-                       "teacher_classes": [int(o.logits.shape[1]) for o in t_all],
-                       "student_classes": int(s.logits.shape[1])}
-        out["kd3"] = {"student_channels": s.features[-1].shape[1], "teacher_channels": t.features[-1].shape[1],
-                      "student_dim": s.embedding.shape[1], "teacher_dim": t.embedding.shape[1],
-                      "teacher_map_size": tuple(t.features[-1].shape[-2:]),
-                      "student_map_size": tuple(s.features[-1].shape[-2:])}
-    return out
+def method_from_models(name: str, student: nn.Module, teachers: list[nn.Module],
+                       sample: torch.Tensor | None = None, **user_args: Any) -> Method:
+    """`METHODS[name].from_models(...)`: the method with its model-derived arguments; unknown
+    names or arguments fail fast listing the valid ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
+    return METHODS[name].from_models(student, teachers, sample, **user_args)
 
 
 def build_method(name: str, **kwargs: Any) -> Method:
     """Build a method by name; unknown names or arguments fail fast listing the valid ones."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
-    cls = METHODS[name]
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = {p: v for p, v in inspect.signature(cls.__init__).parameters.items()  # not *args/**kwargs
-              if p != "self" and v.kind in named}
-    valid = list(params)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"method {name!r} got unknown argument(s) {unknown}; valid: {valid}")
-    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs]
-    if missing:
-        raise ValueError(f"method {name!r} needs argument(s) {missing}")
-    return cls(**kwargs)
+    return METHODS[name].build(**kwargs)

@@ -73,7 +73,7 @@ def _reset(module: nn.Module) -> nn.Module:
 
 
 class MixSKD(Method):
-    """MixSKD on a `StagedNet` student (built from the student by `method_defaults`)."""
+    """MixSKD on a `StagedNet` student (`from_models` passes the student: the branches copy its stages)."""
 
     name = "mixskd"
     needs_teacher = False
@@ -110,6 +110,10 @@ class MixSKD(Method):
         self.weights = {"cls": cls_weight, "mixcls": mixcls_weight, "logit": logit_weight,
                         "fea": fea_weight, "dis": dis_weight}
         self.discriminator, self.branch_init = discriminator, branch_init
+
+    @classmethod
+    def from_models(cls, student, teachers, sample=None, **user_args):
+        return cls.build(**{"student": student, **user_args})
 
     # ------------------------------------------------------------------------------------
     def exits(self, student: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -1,6 +1,6 @@
-"""Model wrappers behind one `Outputs` contract: `StagedNet` over the project archs
-(`training.archs`), torchvision/timm adapters, `build_model` (which hands open_clip specs to
-`training.zero_shot`); weight loading; frozen teachers; encoder fingerprints.
+"""Model wrappers behind one `Outputs` contract (`training.contract`): `StagedNet` over the project
+archs (`training.archs`), torchvision/timm adapters, `build_model` (which hands open_clip specs to
+`training.zero_shot`); weight loading; frozen teachers (`Frozen`); encoder fingerprints.
 
 Every wrapper takes float RGB in [0, 1], shape (B, 3, H, W) at any H, W, applies its own
 `Preprocess` (resize, grey, inversion, background subtraction, mean/std) inside `forward`, and returns
@@ -18,141 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from webkd.pipeline.config import ModelSpec, PreprocessSpec
+from webkd.pipeline.config import ModelSpec
 from webkd.pipeline.storage import atomic_path
 from webkd.training.archs import ARCHS
+from webkd.training.contract import ModelLoadError, Outputs, Preprocess
+from webkd.training.zero_shot import build_zero_shot
 
 log = logging.getLogger(__name__)
-
-LUMA_601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights, as PIL's convert("L")
-
-
-class ModelLoadError(RuntimeError):
-    """A model or its weights cannot be built/loaded; the message says what to change."""
-
-
-# --------------------------------------------------------------------------------------------
-# the Outputs contract
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Outputs:
-    """What every wrapper returns.
-
-    logits:    (B, K) class scores.
-    features:  per-stage maps (B, C_l, H_l, W_l), earliest first; `features[-1]` is the last
-               stage's spatial map (open_clip: the embedding as a 1x1 map, a pooled-only deviation).
-    embedding: (B, D), the input of `classifier` (GAP of `features[-1]`, then `pre_logits`).
-    """
-
-    logits: torch.Tensor
-    features: list[torch.Tensor]
-    embedding: torch.Tensor
-
-
-# Lets torch.export / the dynamo ONNX exporter trace models that return Outputs.
-torch.export.register_dataclass(Outputs, serialized_type_name="webkd.Outputs")
-
-
-# --------------------------------------------------------------------------------------------
-# preprocessing
-# --------------------------------------------------------------------------------------------
-def resize_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) 1-D antialiased bilinear resampling matrix.
-
-    The same triangle filter, support and border renormalisation as PyTorch's
-    `F.interpolate(mode="bilinear", antialias=True, align_corners=False)` (which follows PIL):
-    built in numpy so the resize exports to ONNX opset 17 as two MatMuls (opset 17's Resize has
-    no antialias attribute) and gives the same numbers eagerly and exported.
-    """
-    scale = n_in / n_out
-    support = scale if scale >= 1.0 else 1.0
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    w = np.zeros((n_out, n_in), dtype=np.float64)
-    for i in range(n_out):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), n_in)
-        j = np.arange(lo, hi)
-        k = np.clip(1.0 - np.abs((j - center + 0.5) * invscale), 0.0, None)
-        total = k.sum()
-        w[i, lo:hi] = k / total if total > 0 else 0.0
-    return w.astype(np.float32)
-
-
-class Preprocess(nn.Module):
-    """Float RGB [0, 1] (B, 3, H, W) at any size -> the model's input (B, C, S, S).
-
-    Steps, in order: antialiased bilinear resize to `spec.size`; ITU-R 601 luma when
-    `channels == 1`; `1 - x` when `invert`; with `background == "border"`, |x - b| where b is
-    the median of the image's outer ring of `border_width` pixels per channel (the object comes
-    out bright on black whatever the background: a white-on-black domain such as Fashion-MNIST
-    is left unchanged, a photo on a grey or coloured backdrop is brought to it); then
-    `(x - mean) / std`. Exports to ONNX (the resize is two matrix products with constant
-    weights, see `resize_weights`).
-    """
-
-    def __init__(self, spec: PreprocessSpec):
-        super().__init__()
-        self.spec = spec
-        c = spec.channels
-        mean = spec.mean * c if len(spec.mean) == 1 else spec.mean
-        std = spec.std * c if len(spec.std) == 1 else spec.std
-        # not persistent: preprocessing is configuration, not weights (keeps state dicts portable)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), persistent=False)
-        self.register_buffer("luma", torch.tensor(LUMA_601, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self._mats: dict[tuple[int, int, str], torch.Tensor] = {}
-
-    def _matrix(self, n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-        key = (n_in, n_out, str(like.device))
-        m = self._mats.get(key)
-        if m is None:
-            m = torch.from_numpy(resize_weights(n_in, n_out)).to(like.device)
-            self._mats[key] = m
-        return m.to(like.dtype)
-
-    def resize(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.spec.size
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        if (h, w) == (s, s):
-            return x
-        rows = self._matrix(h, s, x)                    # (S, H)
-        cols = self._matrix(w, s, x)                    # (S, W)
-        x = torch.matmul(x, cols.t())                   # (B, C, H, S)
-        return torch.matmul(rows, x)                    # (B, C, S, S)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected float RGB (B, 3, H, W) in [0, 1], got shape {tuple(x.shape)}")
-        x = self.resize(x if x.is_floating_point() else x.float())   # (B, 3, S, S)
-        if self.spec.channels == 1:
-            x = (x * self.luma).sum(1, keepdim=True)    # (B, 1, S, S)
-        if self.spec.invert:
-            x = 1.0 - x
-        if self.spec.background == "border":
-            x = (x - self.border_level(x)).abs()        # (B, C, S, S)
-        return (x - self.mean) / self.std               # (B, C, S, S)
-
-    def border_level(self, x: torch.Tensor) -> torch.Tensor:
-        """Median of the outer ring of `border_width` pixels, per image and channel: (B, C, 1, 1)."""
-        w = self.spec.border_width
-        ring = torch.cat([x[:, :, :w, :].flatten(2), x[:, :, -w:, :].flatten(2),
-                          x[:, :, w:-w, :w].flatten(2), x[:, :, w:-w, -w:].flatten(2)], dim=2)  # (B, C, P)
-        k = (ring.shape[2] - 1) // 2                    # the lower median, as torch.median; by sort:
-        return ring.sort(dim=2).values[:, :, k:k + 1].unsqueeze(-1)  # ONNX has no median op
-
-    def extra_repr(self) -> str:
-        return self.spec.model_dump_json()
-
 
 # --------------------------------------------------------------------------------------------
 # staged networks
@@ -240,9 +118,14 @@ def _resnet_channels(net: nn.Module) -> list[int]:
 
 
 def _set_native(model: nn.Module, native: nn.Module | None) -> nn.Module:
-    """Remember the library's own model (sharing its parameters) without registering it, so a
-    checkpoint saved from plain torchvision/timm (`conv1.weight`, `fc.weight`) loads as well."""
-    model.__dict__["_native"] = native
+    """Set `model.native_keys`: the library model's own state-dict keys (`conv1.weight`,
+    `fc.weight`) -> the wrapper's keys of the same tensors, so a checkpoint saved from plain
+    torchvision/timm loads as well (`load_weights`). Empty for project archs."""
+    if native is None:
+        model.native_keys = {}
+        return model
+    own = {id(t): k for k, t in reversed(list(model.state_dict(keep_vars=True).items()))}
+    model.native_keys = {k: own[id(t)] for k, t in native.state_dict(keep_vars=True).items() if id(t) in own}
     return model
 
 
@@ -357,8 +240,6 @@ def build_model(spec: ModelSpec, num_classes: int | None, class_names: list[str]
     if spec.library == "open_clip":
         if spec.weights:
             raise ModelLoadError("open_clip teachers load their checkpoint through `pretrained: <file>`, not `weights`")
-        from webkd.training.zero_shot import build_zero_shot  # here: zero_shot imports Outputs/Preprocess from us
-
         return build_zero_shot(spec, class_names, k)
     if not k:
         raise ModelLoadError(f"model {spec.name!r}: num_classes is needed (data.classes or the spec's num_classes)")
@@ -430,8 +311,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _mismatch(target: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
-    own = target.state_dict()
+def _mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -447,12 +327,14 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     and wrongly shaped keys.
     """
     sd = read_state_dict(path)
-    targets = [model] + ([model.__dict__["_native"]] if model.__dict__.get("_native") is not None else [])
+    own = model.state_dict()
+    native_keys = getattr(model, "native_keys", {})
+    renames = [{k: k for k in own}] + ([native_keys] if native_keys else [])   # file key -> wrapper key
     reports = []
-    for target in targets:
-        missing, unexpected, shapes = _mismatch(target, sd)
+    for rename in renames:
+        missing, unexpected, shapes = _mismatch({k: own[w] for k, w in rename.items()}, sd)
         if not missing and not unexpected and not shapes:
-            target.load_state_dict(sd, strict=True)
+            model.load_state_dict({rename[k]: v for k, v in sd.items()}, strict=True)
             log.info("loaded %d tensors from %s", len(sd), path)
             return model
         reports.append((len(missing) + len(unexpected) + len(shapes), missing, unexpected, shapes))
@@ -486,26 +368,44 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
 # --------------------------------------------------------------------------------------------
 # frozen teachers, fingerprints, counts
 # --------------------------------------------------------------------------------------------
-def _stay_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    """Replacement `train()` of a frozen module: it stays in eval mode whoever asks."""
-    return self
+class Frozen(nn.Module):
+    """A frozen teacher: the wrapped model in eval mode whoever calls `train()` (on it or on a
+    parent), parameters without gradients. Calls go to the wrapped model; attribute reads it does
+    not have itself (`classifier`, `preprocess`, `spec`, ...) too."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.training = False
+
+    def train(self, mode: bool = True) -> "Frozen":
+        return self                                     # nn.Module.eval() calls train(False) too
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or name.startswith("__"):
+                raise
+            return getattr(super().__getattr__("model"), name)
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Teacher frozen: eval mode, no grads, and `.train()` (on it or on a parent) keeps it eval."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in model.modules():
-        m.train = types.MethodType(_stay_eval, m)  # nn.Module.train recurses through children
-    model.__dict__["frozen"] = True
-    return model
+def freeze(model: nn.Module) -> Frozen:
+    """Teacher frozen: `Frozen(model)` (an already frozen model is returned as is)."""
+    return model if isinstance(model, Frozen) else Frozen(model)
 
 
 def fingerprint(model: nn.Module, spec: ModelSpec) -> str:
     """sha256 over the weights' bytes (state dict, sorted keys, with dtype and shape) and the
     preprocessing JSON; the library/name/kwargs are folded in too. Same weights + same inputs ->
     same fingerprint, wherever the weights file lives."""
+    if isinstance(model, Frozen):
+        model = model.model                             # the wrapped model's keys, frozen or not
     h = hashlib.sha256()
     sd = model.state_dict()
     for k in sorted(sd):

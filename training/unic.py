@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from webkd.training import losses
-from webkd.training.method_base import Method, teacher_outputs
+from webkd.training.method_base import Method, probe, teacher_outputs
 from webkd.training.models import gap
 
 TOKENS = ("cls", "patch")
@@ -89,6 +89,19 @@ class UNIC(Method):
         self.standardizers = nn.ModuleDict({f"{tok}_{t}": losses.EmaStandardizer(d)
                                             for tok in tokens for t, d in enumerate(dims[tok])})
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
+
+    @classmethod
+    def from_models(cls, student, teachers, sample=None, **user_args):
+        """Stage channels and classes of the student; embedding, last-map channels and classes of every teacher."""
+        if not teachers:
+            return cls.build(**user_args)
+        s, t_all = probe(student, teachers, sample)
+        derived = {"student_channels": [int(f.shape[1]) for f in s.features],
+                   "teacher_dims": [int(o.embedding.shape[1]) for o in t_all],
+                   "teacher_patch_dims": [int(o.features[-1].shape[1]) for o in t_all],
+                   "teacher_classes": [int(o.logits.shape[1]) for o in t_all],
+                   "student_classes": int(s.logits.shape[1])}
+        return cls.build(**{**derived, **user_args})
 
     # ------------------------------------------------------------------------------------
     def ladder(self, features: list[torch.Tensor], token: str, teacher: int,

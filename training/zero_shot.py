@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from webkd.pipeline.config import ModelSpec, PreprocessSpec
-from webkd.training.models import ModelLoadError, Outputs, Preprocess
+from webkd.training.contract import ModelLoadError, Outputs, Preprocess
 
 log = logging.getLogger(__name__)
 

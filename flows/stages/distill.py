@@ -80,37 +80,19 @@ def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
 # fit
 # --------------------------------------------------------------------------------------------
 def build_student_and_method(cfg: Config, teachers: list, sample):
-    """The student (warm-started when configured) and the method with its model-derived args."""
+    """The student (warm-started when configured) and the method, built from the models."""
     import torch
 
-    from webkd.training.methods import build_method, method_defaults
+    from webkd.training.export import warm_start
+    from webkd.training.methods import method_from_models
     from webkd.training.models import build_model
 
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, num_classes=len(cfg.data.classes) or None, class_names=cfg.data.classes)
-    defaults = method_defaults(student, teachers, sample).get(cfg.train.method, {})
-    method = build_method(cfg.train.method, **{**defaults, **cfg.train.args})
+    method = method_from_models(cfg.train.method, student, teachers, sample, **cfg.train.args)
     if cfg.train.warm_start:
         warm_start(student, method, cfg.train.warm_start)
     return student, method
-
-
-def warm_start(student, method, source: str) -> None:
-    """Initialise from a previous export folder (deployed student: backbone + KD^3 head)."""
-    from safetensors.torch import load_file
-
-    src = Path(source)
-    weights = load_file(str(src / "student.safetensors")) if src.is_dir() else None
-    if weights is None:
-        raise FileNotFoundError(f"train.warm_start={source}: expected an export folder with student.safetensors")
-    own = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
-    if not own:
-        own = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
-    student.load_state_dict(own)
-    proj = {k[len("projector."):]: v for k, v in weights.items() if k.startswith("projector.")}
-    if proj and hasattr(method, "projector"):
-        method.projector.load_state_dict(proj)
-    log.info("warm start from %s", src)
 
 
 @dataclass
