@@ -280,7 +280,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from webkd.pipeline.paths import RunPaths
-    from webkd.selection.gallery import GalleryError, render_gallery, summarize_run
+    from webkd.selection.gallery import render_gallery
+    from webkd.selection.run_data import GalleryError, summarize_run
 
     paths = RunPaths(Path(args.run_dir))
     inputs = [paths.manifest, paths.overrides, *(p for _, p in paths.ledgers())]

@@ -62,7 +62,7 @@ def gallery_task(cfg: Config):
 
 @task(name="summary", cache_policy=NO_CACHE)
 def summary_task(cfg: Config):
-    from webkd.selection.gallery import summarize_run
+    from webkd.selection.run_data import summarize_run
 
     return summarize_run(cfg.paths.root, list(cfg.data.classes) or None)
 

@@ -146,7 +146,7 @@ def assert_reports_agree(run: Path, cli_summary: str | None = None) -> None:
     from webkd.pipeline.paths import RunPaths
     from webkd.pipeline.report import pct
     from webkd.selection.counts import count_run
-    from webkd.selection.gallery import summarize_run
+    from webkd.selection.run_data import summarize_run
     from webkd.training import registry
 
     paths = RunPaths(run)

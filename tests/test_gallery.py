@@ -19,7 +19,8 @@ from PIL import Image
 from webkd.pipeline.config import RunPaths
 from webkd.pipeline.records import QuarantineRow, Record, save_manifest, save_quarantine
 from webkd.pipeline.storage import atomic_write_table
-from webkd.selection.gallery import js_json, load_run, render_gallery, summarize_run
+from webkd.selection.gallery import js_json, render_gallery
+from webkd.selection.run_data import load_run, summarize_run
 from webkd.selection.overrides import apply_overrides, import_overrides_file, load_overrides, record_overrides
 from webkd.selection.thumbnails import build_thumbnails
 
