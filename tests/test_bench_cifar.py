@@ -92,3 +92,17 @@ def test_bench_tiny_scale_and_resume(tmp_path, monkeypatch, one_thread, tiny_met
     assert not called and again["rows"] == out["rows"]
     assert (tmp_path / "out" / "results.json").stat().st_mtime_ns == mtime
     assert rec["results"]["upper_bound"][0]["seed"] == 0
+
+
+def test_random_row_copies_the_size_of_a_selecting_row():
+    bench = _bench()
+    res = {"default": [{"seed": 0, "kept_fraction": 1.0}], "paper_kd3": [{"seed": 0, "kept_fraction": 0.42}]}
+    assert bench.random_size(res, 0) == (0.42, "paper_kd3")       # the default selects nothing (mode none)
+    with pytest.raises(SystemExit, match="random_selection needs"):
+        bench.random_size(res, 1)
+    recs = {"vanilla_kd": [{"seed": 1, "test_acc": 0.5, "kept_fraction": 1.0, "seconds": 60},
+                           {"seed": 0, "test_acc": 0.6, "kept_fraction": 1.0, "seconds": 120}]}
+    s = bench.summary(recs, ["vanilla_kd", "default"], {"vanilla_kd": "vanilla_kd", "default": "default"}, "cmd")
+    assert s["rows"] == {"vanilla_kd": {"test_acc": [60.0, 50.0], "mean": 55.0, "spread": 7.07, "kept_fraction": 1.0,
+                                        "minutes": 1.5, "seeds": [0, 1]}}
+    assert s["roles"] == {"vanilla_kd": "vanilla_kd"} and s["command"] == "cmd"
