@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.summary import summarize  # noqa: E402
 from webkd.flows import cifar  # noqa: E402
 from webkd.flows.demo import cache_dir  # noqa: E402
 from webkd.flows.stages import curate as curate_stages  # noqa: E402
@@ -226,34 +226,6 @@ def run_rows(args, weights: Path, paths: dict[str, Path]) -> dict[str, list[dict
     return results
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def summary(results: dict[str, list[dict]], rows: list[str], roles_of: dict[str, str | None], command: str) -> dict:
-    """The machine-readable shape shared with bench/results/fashion_web.json (percentages)."""
-    out_rows = {}
-    for row in rows:
-        rs = sorted(results.get(row, []), key=lambda r: r["seed"])
-        acc = [100 * r["test_acc"] for r in rs if r.get("test_acc") is not None]
-        if not acc:
-            continue
-        out_rows[row] = {"test_acc": [round(a, 2) for a in acc], "mean": round(float(np.mean(acc)), 2),
-                         "spread": round(float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0, 2),
-                         "kept_fraction": round(float(np.mean([r["kept_fraction"] for r in rs])), 4),
-                         "minutes": round(float(np.mean([r["seconds"] for r in rs])) / 60, 1),
-                         "seeds": [r["seed"] for r in rs]}
-    roles = {role: row for row, role in roles_of.items() if role and row in out_rows}
-    return {"rows": out_rows, "roles": roles, "command": command, "commit": _commit()}
-
-
 def table(results: dict[str, list[dict]], rows: list[str]) -> str:
     def ms(vals):
         v = np.array([x for x in vals if x is not None], float)
@@ -286,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"parameters {any_run['parameters']:,}" if any_run else "")
           + f"; seeds {args.seeds}; epochs {args.epochs}; pool {args.pool_size}; total {(time.time() - t_all) / 60:.0f} min")
     command = " ".join(["python", "bench/cifar_tinyimagenet.py"] + argv)
-    out = summary(results, rows, {r: ROWS[r][1] for r in rows}, command)
+    out = summarize(results, rows, {r: ROWS[r][1] for r in rows}, command)
     out["teacher"] = {k: t_metrics.get(k) for k in ("test_acc", "val_acc", "parameters")}
     out["settings"] = {"pool_size": args.pool_size, "epochs": args.epochs, "batch_size": args.batch_size,
                        "test_size": args.test_size or 10000}

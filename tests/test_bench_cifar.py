@@ -102,7 +102,7 @@ def test_random_row_copies_the_size_of_a_selecting_row():
         bench.random_size(res, 1)
     recs = {"vanilla_kd": [{"seed": 1, "test_acc": 0.5, "kept_fraction": 1.0, "seconds": 60},
                            {"seed": 0, "test_acc": 0.6, "kept_fraction": 1.0, "seconds": 120}]}
-    s = bench.summary(recs, ["vanilla_kd", "default"], {"vanilla_kd": "vanilla_kd", "default": "default"}, "cmd")
+    s = bench.summarize(recs, ["vanilla_kd", "default"], {"vanilla_kd": "vanilla_kd", "default": "default"}, "cmd")
     assert s["rows"] == {"vanilla_kd": {"test_acc": [60.0, 50.0], "mean": 55.0, "spread": 7.07, "kept_fraction": 1.0,
                                         "minutes": 1.5, "seeds": [0, 1]}}
     assert s["roles"] == {"vanilla_kd": "vanilla_kd"} and s["command"] == "cmd"
