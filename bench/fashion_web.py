@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.summary import summarize  # noqa: E402
 from webkd.flows import demo  # noqa: E402
 from webkd.flows.stages import curate as curate_stages  # noqa: E402
 from webkd.flows.stages import distill as distill_stages  # noqa: E402
@@ -39,6 +40,9 @@ from webkd.pipeline.config import load_config  # noqa: E402
 from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "fashion_web"
+SUMMARY = ROOT / "bench" / "results" / "fashion_web.json"
+# the rows that play the benchmark roles of bench/summary.py (the default: the shipped fashion_web.yaml)
+ROLES = {"kd_fmnist": "upper_bound", "kd": "vanilla_kd", "kd3": "paper_kd3", "kd3p_nosel": "default"}
 
 # every row names its method, arguments and selection mode: the rows do not follow the YAML defaults
 NO_ARGS = "train.method_args={}"
@@ -109,10 +113,15 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=4)
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config overrides for every run")
     ap.add_argument("--tag", default="", help="suffix for run directories and the results file (ablations)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help=f"only rewrite {SUMMARY.relative_to(ROOT)} from the recorded results file")
     args = ap.parse_args()
     rows = args.rows.split(",")
     cfg_path = ROOT / "flows" / "configs" / "fashion_web.yaml"
     t_all = time.time()
+    if args.summary_only:
+        write_summary(json.loads((OUT / f"results{args.tag}.json").read_text())["results"], rows)
+        return
 
     data = OUT / "data"
     scen = datasets.write_fashion_web(data, pacs_images=args.pacs)
@@ -173,9 +182,19 @@ def main() -> None:
               f"{ms([r['val_acc'] for r in rs])} | {kept} | {np.mean([r['seconds'] for r in rs]) / 60:.1f} |")
     any_run = next((r for row, rs in results.items() if row != "kd_fmnist" for r in rs),
                    next(r for rs in results.values() for r in rs))  # teacher_val_acc: the web validation rows
+    if not args.tag:  # ablation runs (--tag) keep their own results file only
+        write_summary(results, rows)
     print(f"\nteacher: FMNIST test {100 * teacher_metrics['test_acc']:.2f}%, web val {100 * (any_run['teacher_val_acc'] or 0):.2f}%;"
           f" student parameters {any_run['parameters']:,}; seeds {args.seeds}; epochs {args.epochs}; "
           f"total {(time.time() - t_all) / 60:.0f} min")
+
+
+def write_summary(results: dict[str, list[dict]], rows: list[str]) -> None:
+    """bench/results/fashion_web.json (bench/summary.py's shape) from the per-run records."""
+    command = " ".join(["python", "bench/fashion_web.py"] + sys.argv[1:])
+    out = summarize(results, rows, {r: ROLES.get(r) for r in rows}, command)
+    atomic_write_json(SUMMARY, out)
+    print(f"summary: {SUMMARY}")
 
 
 if __name__ == "__main__":

@@ -163,9 +163,12 @@ class KnnConfig(_Section):
 
 
 class SelectionConfig(_Section):
-    mode: Literal["kd3", "teacher", "none"] = Field(
-        "kd3", description="kd3: teacher+student dynamic; teacher: teacher only; none: keep all"
+    mode: Literal["kd3", "teacher", "none", "random"] = Field(
+        "kd3", description="kd3: teacher+student dynamic; teacher: teacher only; none: keep all; "
+                           "random: a fixed seeded random subset of random_keep of the candidates (a baseline)"
     )
+    random_keep: float = Field(1.0, gt=0.0, le=1.0, description="mode random: share of the candidates kept")
+    random_seed: int = Field(0, description="mode random: seed of the subset (the same subset every epoch)")
     p_cut: float = Field(0.95, gt=0.0, le=1.0)
     tau_min: float = Field(0.0, ge=0.0, lt=1.0, description="floor on per-class thresholds")
     reselect_every: int = Field(1, ge=1, description="epochs between re-selection")
@@ -186,6 +189,9 @@ class TrainConfig(_Section):
     label_source: Literal["web", "refined"] = "web"
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="optimisation steps per epoch, whatever the kept set's size (reshuffled passes "
+                                "over the kept rows); default: one pass over them. Equal budgets across selections")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = 0.9

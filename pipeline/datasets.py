@@ -63,6 +63,7 @@ class ImageSet:
     domains: np.ndarray | None = None  # int per image (PACS)
     domain_names: list[str] | None = None
     paths: np.ndarray | None = None
+    class_words: list[str] | None = None   # all synonyms per class (Tiny ImageNet)
 
 
 def load_clothing(data_dir: str | Path | None = None, gray28: bool = False) -> ImageSet:
@@ -230,4 +231,113 @@ def write_fmnist_folder(out: str | Path, split: str = "test", n: int | None = No
         if not p.exists():
             p.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(255 - data.images[i] if invert else data.images[i]).save(p, format="PNG")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 (a teacher's original data) and Tiny ImageNet (a web pool): JPEG containers
+# --------------------------------------------------------------------------------------------
+CIFAR10_FILE = "cifar10/cifar10_jpeg.npz"
+TINYIMAGENET_FILE = "tinyimagenet/tinyimagenet_32_jpeg.npz"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _decoded(container: Path, key: str, buf: np.ndarray, offsets: np.ndarray, cache: bool) -> np.ndarray:
+    """Decode a JPEG container once; with `cache` the uint8 array is kept in
+    .cache/decoded/<container stem>_<key>.npy (keyed by the container's size and mtime)."""
+    if not cache:
+        return decode_jpeg_container(buf, offsets)
+    st = container.stat()
+    out = PROJECT_ROOT / ".cache" / "decoded" / f"{container.stem}_{key}_{st.st_size}_{st.st_mtime_ns}.npy"
+    if out.exists():
+        return np.load(out)
+    images = decode_jpeg_container(buf, offsets)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, images)
+    os.replace(tmp, out)
+    return images
+
+
+def load_cifar10(split: str = "train", data_dir: str | Path | None = None, cache: bool = True) -> ImageSet:
+    """CIFAR-10 from its JPEG copy (quality 75 re-encodings; see the data README section 3):
+    uint8 (N, 32, 32, 3) RGB, 50,000 train / 10,000 test, the standard class order."""
+    if split not in ("train", "test"):
+        raise ValueError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
+    path = find_file(CIFAR10_FILE, data_dir)
+    z = np.load(path)
+    images = _decoded(path, split, z[f"{split}_jpeg"], z[f"{split}_offsets"], cache)
+    return ImageSet(images=images, labels=z[f"{split}_labels"].astype(np.int64),
+                    class_names=[str(c) for c in z["class_names"]], paths=z[f"{split}_paths"])
+
+
+def tinyimagenet_jpeg_bytes(data_dir: str | Path | None = None) -> tuple[list[bytes], ImageSet]:
+    """Tiny ImageNet 32 px as the stored JPEG byte strings (real encoded files) plus labels;
+    `class_names` are the first WordNet synonyms (the web queries), `domain_names` the wnids."""
+    z = np.load(find_file(TINYIMAGENET_FILE, data_dir))
+    buf, off = z["jpeg"], z["offsets"]
+    blobs = [buf[off[i]:off[i + 1]].tobytes() for i in range(len(off) - 1)]
+    return blobs, _tiny_meta(z, np.empty((0,)))
+
+
+def _tiny_meta(z, images: np.ndarray) -> ImageSet:
+    return ImageSet(images=images, labels=z["labels"].astype(np.int64), class_names=[str(c) for c in z["class_names"]],
+                    split=np.array([s.decode() if isinstance(s, bytes) else str(s) for s in z["split"]]),
+                    domain_names=[str(w) for w in z["wnids"]], paths=z["paths"],
+                    class_words=[str(w) for w in z["class_words"]])
+
+
+def load_tinyimagenet(data_dir: str | Path | None = None, cache: bool = True) -> ImageSet:
+    """Tiny ImageNet (data README section 4): 60,600 photos, 202 classes x 300, bicubic 32 px,
+    uint8 (N, 32, 32, 3). `class_names[labels[i]]` is image i's query; `class_words` holds all
+    WordNet synonyms, `domain_names` the wnids."""
+    path = find_file(TINYIMAGENET_FILE, data_dir)
+    z = np.load(path)
+    return _tiny_meta(z, _decoded(path, "all", z["jpeg"], z["offsets"], cache))
+
+
+def pool_subset(n_total: int, size: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted rows of a seeded subset: the first `size` of one seeded permutation, so a smaller
+    pool is always part of a larger one (None or >= n_total: every row)."""
+    if size is None or size >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:size])
+
+
+def write_tinyimagenet_pool(out: str | Path, size: int | None = None, seed: int = 0,
+                            data_dir: str | Path | None = None) -> dict[str, int]:
+    """Tiny ImageNet as a web pool of real image files: `<out>/<class name>/<wnid>_<i>.jpg` (the
+    stored JPEG bytes, unchanged), the folder name being the web query. `size` draws a seeded
+    subset (`pool_subset`). Idempotent: files already there are kept. Returns counts per query."""
+    out = Path(out)
+    blobs, meta = tinyimagenet_jpeg_bytes(data_dir)
+    counts: dict[str, int] = {}
+    for i in pool_subset(len(blobs), size, seed):
+        k = int(meta.labels[i])
+        q = safe_name(meta.class_names[k])
+        p = out / q / f"{meta.domain_names[k]}_{i:05d}.jpg"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            tmp.write_bytes(blobs[i])
+            os.replace(tmp, p)
+        counts[q] = counts.get(q, 0) + 1
+    return counts
+
+
+def write_cifar10_folder(out: str | Path, split: str = "test", n: int | None = None, seed: int = 0,
+                         data_dir: str | Path | None = None) -> Path:
+    """CIFAR-10 images as their stored JPEG files in class folders (`airplane/`, ...): a labelled
+    `folder:` source. `n` draws a seeded subset (`pool_subset`). Idempotent."""
+    out = Path(out)
+    z = np.load(find_file(CIFAR10_FILE, data_dir))
+    buf, off, labels = z[f"{split}_jpeg"], z[f"{split}_offsets"], z[f"{split}_labels"]
+    names = [str(c) for c in z["class_names"]]
+    for i in pool_subset(len(labels), n, seed):
+        p = out / safe_name(names[int(labels[i])]) / f"cifar_{split}_{i:05d}.jpg"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            tmp.write_bytes(buf[off[i]:off[i + 1]].tobytes())
+            os.replace(tmp, p)
     return out

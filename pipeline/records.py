@@ -53,9 +53,10 @@ BELOW_CLASS_THRESHOLD = "below_class_threshold"
 OFF_CLASS = "off_class"
 KNN_DISAGREE = "knn_disagree"
 VALIDATION = "validation"            # held-out validation row: never trained on, never "rejected"
+NOT_SAMPLED = "not_sampled"          # selection.mode=random: outside the seeded random subset
 KEEP_REASONS = (SELECTED, FALLBACK, OVERRIDE)
-REJECT_REASONS = (LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE, OVERRIDE, NEAR_DUPLICATE,
-                  VALIDATION)
+REJECT_REASONS = (LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE, NOT_SAMPLED, OVERRIDE,
+                  NEAR_DUPLICATE, VALIDATION)
 # every ledger reason with a line of help, in display order (the gallery, `webkd inspect`)
 LEDGER_REASONS = {
     SELECTED: "kept: teacher+student confidence above the class threshold",
@@ -64,6 +65,7 @@ LEDGER_REASONS = {
     BELOW_CLASS_THRESHOLD: "confidence below its class threshold",
     LOW_CONFIDENCE: "confidence below the global cut",
     KNN_DISAGREE: "too few k-NN neighbours share its pseudo-label",
+    NOT_SAMPLED: "outside the random subset (selection.mode=random, a baseline)",
     OFF_CLASS: "web query maps to no teacher class / outside the teacher top-2",
     NEAR_DUPLICATE: "near duplicate of a kept representative",
     VALIDATION: "held-out validation row, never trained on",

@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from webkd.pipeline.config import SelectionConfig
 from webkd.pipeline.paths import ledgers_in
-from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LOW_CONFIDENCE, OFF_CLASS, OK,
-                                    SELECTED, VALIDATION)
+from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LOW_CONFIDENCE, NOT_SAMPLED,
+                                    OFF_CLASS, OK, SELECTED, VALIDATION)
 from webkd.pipeline.storage import atomic_write_table
 from webkd.selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
 
@@ -122,6 +122,16 @@ def exclusion_reasons(n: int, split: Sequence[str] | np.ndarray | None = None,
     return out
 
 
+def random_subset(candidates: np.ndarray, keep: float, seed: int) -> np.ndarray:
+    """(N,) bool: round(keep * #candidates) candidates drawn without replacement by a numpy
+    generator seeded with `seed` (selection.mode=random; the same subset on every call)."""
+    rows = np.flatnonzero(candidates)
+    n_keep = int(round(keep * len(rows)))
+    out = np.zeros(len(candidates), dtype=bool)
+    out[np.random.default_rng(seed).choice(rows, n_keep, replace=False)] = True
+    return out
+
+
 def _check_rows(name: str, arr: Any, n: int, dtype: Any) -> np.ndarray | None:
     if arr is None:
         return None
@@ -192,6 +202,9 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
 
     if cfg.mode == "none":
         reason = np.where(cand, SELECTED, excl).astype(object)
+    elif cfg.mode == "random":
+        reason = np.where(cand & random_subset(cand, cfg.random_keep, cfg.random_seed), SELECTED,
+                          np.where(cand, NOT_SAMPLED, excl)).astype(object)
     else:
         reason = np.select(
             [~cand, conf <= cfg.tau_min, conf <= thr, off, knn_bad],

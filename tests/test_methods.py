@@ -171,3 +171,29 @@ def test_method_flags_and_missing_labels(real_batch):
     y = labels.clone()
     y[0] = -1
     assert ce_loss(torch.randn(len(x), K), y)[0] == 0
+
+
+def test_kd_mixup_is_function_matching(real_batch):
+    """kd mixup > 0: teacher and student see the same mixed view (one lambda per batch, from the
+    batch generator); mixup 0 leaves the batch and the generator untouched."""
+    from webkd.training import losses
+
+    x, labels = real_batch
+    student, teachers = _models()
+    student.eval()
+    plain, mixed = build_method("kd"), build_method("kd", mixup=1.0)
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    out = plain({"x": x, "labels": labels, "generator": g}, student, teachers, 0.0)
+    assert torch.equal(g.get_state(), state)
+    g = torch.Generator().manual_seed(3)
+    got = mixed({"x": x, "labels": labels, "generator": g}, student, teachers, 0.0)["loss_kd"]
+    g = torch.Generator().manual_seed(3)
+    lam = losses.sample_mixup_lambda(1.0, g)
+    xm = losses.mixup(x, lam, losses.sample_permutation(len(x), g))
+    t = torch.stack([m(xm).logits for m in teachers]).mean(0)
+    want = 0.9 * losses.kd_loss(student(xm).logits, t, 4.0)
+    torch.testing.assert_close(got, want)
+    assert 0 < lam < 1 and not torch.allclose(got, out["loss_kd"])
+    with pytest.raises(ValueError, match="mixup"):
+        build_method("kd", mixup=-1.0)

@@ -275,3 +275,36 @@ def test_ledger_refuses_inconsistent_input(real_logits, tmp_path):
     bad = pa.table({"id": ["a"]})
     with pytest.raises(ValueError, match="schema"):
         pol.write_ledger(tmp_path / "epoch_001.parquet", bad)
+
+
+# --------------------------------------------------------------------------------------------
+# mode random (a baseline: a fixed seeded subset of the candidates)
+# --------------------------------------------------------------------------------------------
+def test_random_mode_keeps_a_seeded_share_of_the_candidates(real_logits):
+    zt, zs, _ = real_logits
+    n = len(zt)
+    split = np.where(np.arange(n) % 10 == 0, "val", "train")
+    status = np.where(np.arange(n) % 17 == 1, "near_duplicate", "ok")
+    cfg = SelectionConfig(mode="random", random_keep=0.3, random_seed=5)
+    sel = pol.select(zt, None, 0.0, cfg, split=split, status=status)
+    cand = (split == "train") & (status == "ok")
+    assert sel.keep.sum() == round(0.3 * cand.sum()) and not (sel.keep & ~cand).any()
+    assert set(sel.reason[cand & ~sel.keep]) == {"not_sampled"} and set(sel.reason[sel.keep]) == {"selected"}
+    assert set(sel.reason[split == "val"]) == {"validation"}
+    # the same subset at every epoch and whatever the student says; another seed draws another one
+    later = pol.select(zt, zs, 0.9, cfg, split=split, status=status)
+    np.testing.assert_array_equal(later.keep, sel.keep)
+    other = pol.select(zt, None, 0.0, cfg.model_copy(update={"random_seed": 6}), split=split, status=status)
+    assert other.keep.sum() == sel.keep.sum() and (other.keep != sel.keep).any()
+    table = pol.ledger_table(sel, [f"id{i}" for i in range(n)], np.arange(n), 0, split)
+    assert table.num_rows == n
+    full = pol.select(zt, None, 0.0, SelectionConfig(mode="random", random_keep=1.0), split=split, status=status)
+    np.testing.assert_array_equal(full.keep, cand)
+
+
+def test_random_subset_golden():
+    cand = np.array([True, False, True, True, True, False, True, True])
+    a = pol.random_subset(cand, 0.5, 0)
+    assert a.sum() == 3 and not (a & ~cand).any()                 # round(0.5 * 6) = 3
+    np.testing.assert_array_equal(a, pol.random_subset(cand, 0.5, 0))
+    assert pol.random_subset(cand, 0.01, 0).sum() == 0             # rounds to none: select() falls back

@@ -330,6 +330,11 @@ def train_one_epoch(student: nn.Module, teachers: list[nn.Module], method: Metho
         t.eval()
     g_order, g_aug, g_method = (_generator(seed, epoch, s) for s in range(3))
     order = rows[torch.randperm(len(rows), generator=g_order).numpy()] if len(rows) else rows
+    if cfg.steps_per_epoch and len(rows) >= 2:  # a fixed step budget: further reshuffled passes, cut to length
+        need = cfg.steps_per_epoch * cfg.batch_size
+        passes = [order] + [rows[torch.randperm(len(rows), generator=g_order).numpy()]
+                            for _ in range(-(-need // len(rows)) - 1)]
+        order = np.concatenate(passes)[:need]
     totals: dict[str, float] = {}
     n_seen = 0
     bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", leave=False,

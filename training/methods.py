@@ -49,21 +49,37 @@ class CE(Method):
 
 
 class KD(Method):
-    """Vanilla KD (Hinton et al., 2015): w_kd*T^2*KL(p_T||p_S) + w_ce*CE; w_ce = 0 on web images."""
+    """Vanilla KD (Hinton et al., 2015): w_kd*T^2*KL(p_T||p_S) + w_ce*CE; w_ce = 0 on web images.
+
+    The teacher runs online on the same augmented view as the student. `mixup` > 0 mixes every
+    batch first (x <- lam x + (1 - lam) x[pi], one lam ~ Beta(mixup, mixup) per batch, from the
+    batch generator): with it this is function matching (Beyer et al., CVPR 2022, "Knowledge
+    distillation: a good teacher is patient and consistent"): teacher and student see the same
+    mixed view, the teacher's output on it is the target."""
 
     name = "kd"
     needs_teacher = True
 
-    def __init__(self, temperature: float = 4.0, kd_weight: float = 0.9, ce_weight: float = 0.0):
+    def __init__(self, temperature: float = 4.0, kd_weight: float = 0.9, ce_weight: float = 0.0,
+                 mixup: float = 0.0):
         super().__init__()
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+        if mixup < 0:
+            raise ValueError(f"kd: mixup is a Beta(alpha, alpha) parameter >= 0 (0 = off), got {mixup}")
+        self.mixup = mixup
 
     def forward(self, batch, student, teachers, progress):
-        teacher_logits = _mean_teacher_logits(_teacher_outputs(teachers, batch["x"]))
-        student_logits = student(batch["x"]).logits
+        x, lam, perm = batch["x"], 1.0, None                                  # (B, 3, S, S)
+        if self.mixup > 0:
+            lam = losses.sample_mixup_lambda(self.mixup, batch["generator"])
+            perm = losses.sample_permutation(x.shape[0], batch["generator"], x.device)
+            x = losses.mixup(x, lam, perm)                                    # (B, 3, S, S)
+        teacher_logits = _mean_teacher_logits(_teacher_outputs(teachers, x))
+        student_logits = student(x).logits
         out = {"loss_kd": self.kd_weight * losses.kd_loss(student_logits, teacher_logits, self.temperature)}
         if self.ce_weight > 0:
-            out["loss_ce"] = self.ce_weight * losses.ce_loss(student_logits, batch["labels"])
+            out["loss_ce"] = self.ce_weight * (losses.ce_loss(student_logits, batch["labels"]) if perm is None
+                                               else losses.mix_ce(student_logits, batch["labels"], perm, lam))
         return out
 
 
