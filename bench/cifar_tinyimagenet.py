@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-teacher", action="store_true", help="train (or reuse the cached) teacher, not the shipped one")
     ap.add_argument("--ship-teacher", action="store_true", help="copy the trained teacher into flows/assets/")
     ap.add_argument("--teacher-epochs", type=int, default=cifar.TEACHER_RECIPE["epochs"])
+    ap.add_argument("--teacher-only", action="store_true", help="train (and with --ship-teacher ship) the teacher, then stop")
     ap.add_argument("--teacher-train-size", type=int, default=None, help="CIFAR-10 train subset (smoke tests)")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config overrides for every run")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     t_all = time.time()
     weights, t_metrics = teacher(args)
+    if args.teacher_only:
+        print(f"teacher: {weights}: {t_metrics}")
+        return {"teacher": t_metrics}
     paths = write_data(args)
     results = run_rows(args, weights, paths)
     rows = args.rows.split(",")
