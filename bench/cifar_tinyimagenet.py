@@ -35,7 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.summary import summarize  # noqa: E402
 from webkd.flows import cifar  # noqa: E402
 from webkd.flows.demo import cache_dir  # noqa: E402
-from webkd.flows.stages import curate as curate_stages  # noqa: E402
 from webkd.flows.stages import distill as distill_stages  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
 from webkd.pipeline.config import load_config  # noqa: E402
@@ -143,10 +142,7 @@ def curate_once(overrides: list[str], run_dir: Path) -> float:
     """Ingest + features + index + test ingest into `run_dir` (reused by every run on that pool)."""
     t0 = time.time()
     cfg = load_config(cifar.CONFIG, overrides + [f"run_dir={run_dir}"])
-    print(curate_stages.ingest(cfg).summary())
-    print(curate_stages.features(cfg))
-    print(curate_stages.index(cfg))
-    distill_stages.test_set(cfg)
+    print("\n".join(distill_stages.prepare(cfg)))
     return time.time() - t0
 
 

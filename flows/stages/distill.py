@@ -76,6 +76,18 @@ def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
     return pix, labels
 
 
+def prepare(cfg: Config) -> list[str]:
+    """What a distill reads, computed (incrementally) ahead of it: ingest, features, index and the
+    test set; the bench scripts prepare one curated pool and train many students on it.
+    Returns the stages' report lines."""
+    report = ingest(cfg)
+    lines = [report.summary(), str(features(cfg))]
+    if cfg.teachers:
+        lines.append(str(index(cfg)))
+    test_set(cfg)
+    return lines
+
+
 # --------------------------------------------------------------------------------------------
 # fit
 # --------------------------------------------------------------------------------------------
