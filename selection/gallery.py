@@ -58,7 +58,7 @@ def page_asset(name: str) -> str:
     Read through `importlib.resources` from the installed package (package data in
     pyproject.toml), not from the source tree, so a wheel install renders the same page.
     """
-    return (resources.files("selection") / "gallery_assets" / name).read_text(encoding="utf-8")
+    return (resources.files("webkd.selection") / "gallery_assets" / name).read_text(encoding="utf-8")
 
 
 def js_json(obj: Any) -> str:

@@ -47,7 +47,8 @@ def test_wheel_holds_only_the_webkd_namespace(wheel):
 def test_wheel_installs_into_a_fresh_venv_and_runs(wheel, tmp_path):
     """A fresh venv gets the wheel (no dependencies resolved: they come from this environment's
     site-packages through a .pth line, as the registry is not the point here); its `webkd` runs
-    from the installed copy, in a folder that has no source checkout."""
+    from the installed copy, in a folder that has no source checkout, and finds its package data
+    (gallery assets, shipped configs) by package name."""
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -59,8 +60,10 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(wheel, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     # the editable install of this checkout (in deps) must not answer: only the wheel's copy
-    code = ("import webkd.flows.__main__ as m, webkd.pipeline.config as c, sys; "
-            "print(c.__file__); sys.argv = ['webkd', '--help']; m.main()")
+    code = ("import webkd.flows.__main__ as m, webkd.pipeline.config as c, sys; print(c.__file__); "
+            "from webkd.selection.gallery import page_asset; assert 'WEBKD' in page_asset('app.js'); "
+            "from webkd.flows import demo, cifar; assert demo.CONFIG.exists() and cifar.CONFIG.exists(); "
+            "sys.argv = ['webkd', '--help']; m.main()")
     run = subprocess.run([str(py), "-s", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert str(env_dir) in run.stdout.splitlines()[0], run.stdout.splitlines()[0]
