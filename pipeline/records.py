@@ -46,6 +46,7 @@ INGEST_REASONS = tuple(r for r in REASONS if r != NEAR_DUPLICATE)
 
 # Ledger reasons (selection/policy.py, selection/overrides.py): why a row is kept or not.
 SELECTED = "selected"
+NO_SELECTION = "no_selection"        # selection.mode=none: every candidate kept, nothing was decided
 FALLBACK = "fallback"
 OVERRIDE = "override"                # forced keep or forced reject (the overrides store)
 LOW_CONFIDENCE = "low_confidence"
@@ -54,12 +55,13 @@ OFF_CLASS = "off_class"
 KNN_DISAGREE = "knn_disagree"
 VALIDATION = "validation"            # held-out validation row: never trained on, never "rejected"
 NOT_SAMPLED = "not_sampled"          # selection.mode=random: outside the seeded random subset
-KEEP_REASONS = (SELECTED, FALLBACK, OVERRIDE)
+KEEP_REASONS = (SELECTED, NO_SELECTION, FALLBACK, OVERRIDE)
 REJECT_REASONS = (LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE, NOT_SAMPLED, OVERRIDE,
                   NEAR_DUPLICATE, VALIDATION)
 # every ledger reason with a line of help, in display order (the gallery, `webkd inspect`)
 LEDGER_REASONS = {
     SELECTED: "kept: teacher+student confidence above the class threshold",
+    NO_SELECTION: "kept: selection is off (selection.mode=none), every candidate trains",
     FALLBACK: "kept: the selection came out empty, previous/all kept instead",
     OVERRIDE: "forced by a human override (accept keeps, reject rejects)",
     BELOW_CLASS_THRESHOLD: "confidence below its class threshold",

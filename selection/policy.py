@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from webkd.pipeline.config import SelectionConfig
 from webkd.pipeline.paths import ledgers_in
-from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LOW_CONFIDENCE, NOT_SAMPLED,
-                                    OFF_CLASS, OK, SELECTED, VALIDATION)
+from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LOW_CONFIDENCE, NO_SELECTION,
+                                    NOT_SAMPLED, OFF_CLASS, OK, SELECTED, VALIDATION)
 from webkd.pipeline.storage import atomic_write_table
 from webkd.selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
 
@@ -156,7 +156,7 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
 
     Reasons, first match wins: validation / near_duplicate (not candidates), low_confidence
     (c <= tau_min), below_class_threshold (c <= tau_y_hat), off_class, knn_disagree, else
-    selected. An empty selection falls back (reason `fallback`) to the previous kept set, or to
+    selected; with cfg.mode "none" every candidate is kept with reason `no_selection`. An empty selection falls back (reason `fallback`) to the previous kept set, or to
     every candidate.
     """
     zt = as_numpy(teacher_logits)  # (N, K)
@@ -201,7 +201,7 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
         off = (web_class < 0) | ((web_class != t1) & (web_class != t2))
 
     if cfg.mode == "none":
-        reason = np.where(cand, SELECTED, excl).astype(object)
+        reason = np.where(cand, NO_SELECTION, excl).astype(object)
     elif cfg.mode == "random":
         reason = np.where(cand & random_subset(cand, cfg.random_keep, cfg.random_seed), SELECTED,
                           np.where(cand, NOT_SAMPLED, excl)).astype(object)
@@ -210,7 +210,7 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
             [~cand, conf <= cfg.tau_min, conf <= thr, off, knn_bad],
             [excl, LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE],
             SELECTED).astype(object)
-    keep = reason == SELECTED
+    keep = (reason == SELECTED) | (reason == NO_SELECTION)
 
     if cand.any() and not keep.any():
         if cfg.fallback == "previous" and previous_keep is not None and (previous_keep & cand).any():

@@ -22,7 +22,8 @@ import yaml
 
 from webkd.pipeline.paths import RunPaths, ledgers_in
 from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LEDGER_REASONS, LOW_CONFIDENCE,
-                                    NEAR_DUPLICATE, NOT_SAMPLED, OFF_CLASS, OVERRIDE, SELECTED, VALIDATION)
+                                    NEAR_DUPLICATE, NO_SELECTION, NOT_SAMPLED, OFF_CLASS, OVERRIDE, SELECTED,
+                                    VALIDATION)
 from webkd.pipeline.records import load_quarantine
 from webkd.selection.counts import count_run
 from webkd.selection.overrides import load_overrides
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Ledger reason codes (pipeline.records.LEDGER_REASONS), in display order, each with a short tag
 # for the compact per-epoch history and its line of help.
-_TAGS = {SELECTED: "sel", FALLBACK: "fb", OVERRIDE: "ovr", BELOW_CLASS_THRESHOLD: "thr", LOW_CONFIDENCE: "conf",
+_TAGS = {SELECTED: "sel", NO_SELECTION: "all", FALLBACK: "fb", OVERRIDE: "ovr", BELOW_CLASS_THRESHOLD: "thr", LOW_CONFIDENCE: "conf",
          KNN_DISAGREE: "knn", NOT_SAMPLED: "rnd", OFF_CLASS: "off", NEAR_DUPLICATE: "dup", VALIDATION: "val"}
 REASONS: dict[str, tuple[str, str]] = {r: (_TAGS[r], text) for r, text in LEDGER_REASONS.items()}
 _NAN = float("nan")

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from webkd.pipeline.config import KnnConfig, SelectionConfig
+from webkd.pipeline.records import KEEP_REASONS
 from webkd.selection import policy as pol
 from webkd.selection.scores import prediction
 
@@ -168,7 +169,8 @@ def test_modes_and_teacher_alone():
     kd3 = pol.select(zt, zs, 0.7, SelectionConfig())
     np.testing.assert_array_equal(kd3.pseudo_label, zs.argmax(1))       # alpha 0: the student alone
     none = pol.select(zt, zs, 0.7, SelectionConfig(mode="none"), split=["val"] + ["train"] * 49)
-    assert none.keep[1:].all() and not none.keep[0] and set(none.reason[1:]) == {"selected"}
+    assert none.keep[1:].all() and not none.keep[0] and set(none.reason[1:]) == {"no_selection"}
+    assert none.reason[0] == "validation" and "no_selection" in KEEP_REASONS
 
 
 def test_empty_selection_falls_back():
@@ -308,3 +310,19 @@ def test_random_subset_golden():
     assert a.sum() == 3 and not (a & ~cand).any()                 # round(0.5 * 6) = 3
     np.testing.assert_array_equal(a, pol.random_subset(cand, 0.5, 0))
     assert pol.random_subset(cand, 0.01, 0).sum() == 0             # rounds to none: select() falls back
+
+
+def test_mode_none_ledger_says_no_selection(tmp_path):
+    """selection.mode=none decides nothing: the ledger's keep reason is `no_selection`, not
+    `selected`, and the review data still reads it (and an old `selected` ledger) as kept."""
+    from webkd.selection.run_data import REASONS
+
+    rng = np.random.default_rng(3)
+    zt = 3 * rng.standard_normal((6, 3))
+    split = ["train"] * 5 + ["val"]
+    sel = pol.select(zt, None, 0.0, SelectionConfig(mode="none"), split=split)
+    table = pol.ledger_table(sel, [f"i{k}" for k in range(6)], np.arange(6), 0, split)
+    path = pol.write_ledger(tmp_path / "epoch_000.parquet", table)
+    d = pol.read_ledger(path).to_pydict()
+    assert d["reason"] == ["no_selection"] * 5 + ["validation"] and d["kept"] == [True] * 5 + [False]
+    assert "no_selection" in REASONS and "selected" in REASONS
