@@ -27,6 +27,7 @@ from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import BELOW_CLASS_THRESHOLD, KNN_DISAGREE, LOW_CONFIDENCE, OFF_CLASS
 from webkd.pipeline.storage import atomic_path, atomic_write_json
 from webkd.selection import policy
+from webkd.selection.counts import collapsed_classes, kept_per_class
 from webkd.selection.overrides import apply_overrides
 from webkd.training.methods import Method
 from webkd.training.pool import Pool
@@ -234,11 +235,36 @@ def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: n
     return sel, train
 
 
+def warn_collapsed(epoch: int, sel: policy.Selection, split: np.ndarray, kept_start: np.ndarray | None,
+                   class_names: list[str] | None = None) -> list[int]:
+    """After a reselect: one warning line per class that lost (nearly) all its kept images since
+    epoch 0 (`selection.counts.collapsed_classes`). Returns those classes."""
+    if kept_start is None or epoch == 0:
+        return []
+    now = kept_per_class(sel.pseudo_label, sel.keep, split, len(sel.class_thresholds))
+    out = collapsed_classes(kept_start, now).tolist()
+    for c in out:
+        name = class_names[c] if class_names and 0 <= c < len(class_names) else f"class {c}"
+        log.warning("epoch %d: class %s lost (nearly) all its kept images: %d kept at epoch 0, %d now",
+                    epoch, name, int(kept_start[c]), int(now[c]))
+    return out
+
+
+def _kept_at_start(path: Path, num_classes: int) -> np.ndarray | None:
+    """Kept train rows per pseudo-label in the epoch-0 ledger (for a resumed run)."""
+    if not path.exists():
+        return None
+    t = policy.read_ledger(path).select(["pseudo_label", "kept", "split"]).to_pydict()
+    return kept_per_class(t["pseudo_label"], t["kept"], t["split"], num_classes)
+
+
 def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Pool, train_cfg: TrainConfig,
         selection_cfg: SelectionConfig, paths: RunPaths, seed: int = 0, device: str | torch.device = "cpu",
-        overrides: dict[str, str] | None = None, run_fingerprint: str = "") -> FitResult:
+        overrides: dict[str, str] | None = None, run_fingerprint: str = "",
+        class_names: list[str] | None = None) -> FitResult:
     """Distill `student` on the pool. Resumes from `paths.last_checkpoint` when it belongs to the
-    same run (same `run_fingerprint`, e.g. a hash of the resolved config)."""
+    same run (same `run_fingerprint`, e.g. a hash of the resolved config). `class_names` name the
+    classes in the warning about a class that lost its kept images."""
     device = torch.device(device)
     t0 = time.time()
     torch.manual_seed(seed)
@@ -274,6 +300,7 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
 
     val_rows = pool.validation_rows
     metric = val_metric_name(train_cfg.val_metric, method, pool)
+    kept_start: np.ndarray | None = None      # kept train rows per class at epoch 0 (collapse warning)
     for epoch in range(start, train_cfg.epochs):
         progress = epoch / train_cfg.epochs
         # ---- reselect (epoch 0: before training, the teacher alone decides) -----------------
@@ -281,6 +308,11 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
             sel, keep = reselect(epoch, (epoch + 1) / train_cfg.epochs, pool, method, student, teachers,
                                  selection_cfg, device, keep, overrides, train_cfg.eval_batch_size)
             weights = sel.weight
+            if epoch == 0:
+                kept_start = kept_per_class(sel.pseudo_label, sel.keep, pool.split, len(sel.class_thresholds))
+            elif kept_start is None:
+                kept_start = _kept_at_start(paths.ledger(0), len(sel.class_thresholds))
+            warn_collapsed(epoch, sel, pool.split, kept_start, class_names)
             policy.write_ledger(paths.ledger(epoch), policy.ledger_table(
                 sel, pool.ids, np.arange(len(pool)), epoch, pool.split, pool.web_labels, pool.web_class,
                 label_columns=pool.label_columns))

@@ -125,7 +125,8 @@ def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device) -> 
     teacher_models = [m for _, m, _ in teachers]
     student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))
     result = fit(student, teacher_models, method, p, cfg.train, cfg.selection, out, seed=cfg.seed,
-                 device=device, overrides=load_overrides_for(cfg), run_fingerprint=cfg.fingerprint())
+                 device=device, overrides=load_overrides_for(cfg), run_fingerprint=cfg.fingerprint(),
+                 class_names=list(cfg.data.classes) or None)
     best = load_checkpoint(out.best_checkpoint, device)
     student.load_state_dict(best["student"])
     method.load_state_dict(best["method"])
