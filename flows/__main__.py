@@ -284,7 +284,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from webkd.selection.run_data import GalleryError, summarize_run
 
     paths = RunPaths(Path(args.run_dir))
-    inputs = [paths.manifest, paths.overrides, *(p for _, p in paths.ledgers())]
+    inputs = [paths.manifest, paths.overrides, paths.student_predictions, *(p for _, p in paths.ledgers())]
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     try:
         print(summarize_run(paths.root).text())

@@ -27,6 +27,7 @@ from prefect.tasks import Task
 from webkd.flows.checks import check_run
 from webkd.flows.stages import curate as curate_stages
 from webkd.pipeline.config import Config, load_config
+from webkd.selection.counts import query_shares_line
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def _cell(s: Any) -> str:
 
 
 def selection_markdown(summary: Any, title: str) -> str:
-    """Kept / rejected per class (pseudo-label) and per web query, with top rejection reasons."""
+    """Kept / rejected per class (pseudo-label) and per web query, with top rejection reasons,
+    the in-class vs off-class query shares and a warning per collapsed class."""
     def reasons(rs: list[tuple[str, int]]) -> str:
         return ", ".join(f"{_cell(r)} ({n})" for r, n in rs[:3]) or "-"
 
@@ -108,7 +110,9 @@ def selection_markdown(summary: Any, title: str) -> str:
     lines += ["", "| web query | kept | rejected | top rejection reasons |", "|---|---:|---:|---|"]
     lines += [f"| {_cell(c.name)} | {c.kept} | {c.rejected} | {reasons(c.reasons)} |" for c in summary.by_query]
     top = ", ".join(f"{_cell(r)} {n}" for r, n in summary.reasons[:6]) or "-"
-    lines += ["", f"Top rejection reasons overall: {top}."]
+    lines += ["", f"Top rejection reasons overall: {top}.", "",
+              f"Web queries (train rows): {_cell(query_shares_line(summary.in_class, summary.off_class))}."]
+    lines += [f"\n**Warning:** {_cell(line)}." for line in summary.collapse_lines()]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LEDGER_GLOB = "epoch_*.parquet"
+STUDENT_PREDICTIONS = "student_predictions.parquet"   # in an export folder: the exported student's predictions
 _LEDGER_RE = re.compile(r"^epoch_(\d+)\.parquet$")
 
 
@@ -133,6 +134,12 @@ class RunPaths:
     @property
     def export_dir(self) -> Path:
         return self.root / "export"
+
+    @property
+    def student_predictions(self) -> Path:
+        """`export/student_predictions.parquet`: the exported student's prediction per pool image
+        (id, student_pred, student_conf), written at export, copied with the champion's export."""
+        return self.export_dir / STUDENT_PREDICTIONS
 
     @property
     def overrides(self) -> Path:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from webkd.pipeline.paths import RunPaths, ledgers_in
 from webkd.pipeline.records import INGEST_REASONS, NEAR_DUPLICATE, OK, load_quarantine
+from webkd.pipeline.report import pct
 
 VAL = "val"
 COLLAPSE_MIN_START = 10     # kept train images at epoch 0 below which a class is too small to judge
@@ -97,6 +98,15 @@ class QueryShare:
     @property
     def share(self) -> float:
         return self.kept / self.images if self.images else float("nan")
+
+    def text(self) -> str:
+        w = "-" if self.mean_weight != self.mean_weight else f"{self.mean_weight:.3f}"
+        return f"kept {self.kept} / {self.images} ({pct(self.share)}), mean weight {w}"
+
+
+def query_shares_line(in_class: QueryShare, off_class: QueryShare) -> str:
+    """How every report prints the two shares (inspect, curation artifact, model card)."""
+    return f"in-class queries: {in_class.text()}; off-class queries: {off_class.text()}"
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def _columns(data: RunData, slots: dict[str, int]) -> dict[str, list]:
         "alpha": _floats(it["teacher_share"], 3),
         "t1": it["teacher_top1"].tolist(), "t2": it["teacher_top2"].tolist(),
         "p1": _floats(it["teacher_p1"], 3), "p2": _floats(it["teacher_p2"], 3),
-        "sp": it["student_pred"].tolist(), "sc": _floats(it["student_conf"], 3),
+        "sp": it["student_pred"].tolist(), "sc": _floats(it["student_conf"], 3), "se": it["student_epoch"].tolist(),
         "wl": [wl[w] if w else -1 for w in web], "wc": it["web_class"].tolist(),
         "knn": _floats(it["knn_agree"], 3),
         "uri": [data.uri.get(i) for i in ids],
@@ -122,12 +122,13 @@ def _inputs_path(paths: RunPaths) -> Path:
 
 
 def gallery_inputs(run_dir: str | Path, classes: list[str] | None = None, **render_args: Any) -> str:
-    """Digest of everything the page is rendered from: the ledgers, manifest, quarantine and
-    overrides (by content), the class names, the render settings and the page assets."""
+    """Digest of everything the page is rendered from: the ledgers, manifest, quarantine,
+    overrides and the exported student's predictions (by content), the class names, the render
+    settings and the page assets."""
     paths = RunPaths(Path(run_dir))
     h = hashlib.sha256(json.dumps([classes, sorted({**RENDER_DEFAULTS, **render_args}.items())]).encode())
     files = [*(p for _, p in paths.ledgers()), paths.manifest, paths.quarantine,
-             paths.overrides, paths.config]
+             paths.overrides, paths.config, paths.student_predictions]
     for f in files:
         h.update(f.name.encode())
         if f.is_file():
@@ -191,7 +192,7 @@ def render_gallery(run_dir: str | Path, classes: list[str] | None = None, thumb_
                    "sheets": [ThumbIndex.sheet_name(k) for k in range(tidx.n_sheets)]},
         "extra": {"id": extra_ids, "uri": [data.uri.get(i) for i in extra_ids],
                   "g": [slots.get(i, -1) for i in extra_ids], "rep": [data.dup_of[i] for i in extra_ids]},
-        "summary": summary.to_json(), "stored_overrides": len(data.overrides),
+        "summary": summary.to_json(), "stored_overrides": len(data.overrides), "student": data.student_source,
         "overrides_error": data.overrides_error,
     }
     atomic_write_text(gdir / "data" / "meta.js", "window.WEBKD_META = " + js_json(meta) + ";\n")

@@ -6,12 +6,18 @@ and the curation artifact all read a run through here.
 
 Which decision an image shows: its newest ledger row (its row in the newest
 `selection/epoch_<k>.parquet` that has it); its history lists every epoch's decision.
+
+Which student prediction an image shows: the exported student's (`export/student_predictions.parquet`,
+written at export: one pass of the deployed student over the pool, so the champion's own
+predictions), else the student prediction of its newest ledger row that has one (a KD^3 selection
+scores the student each epoch; other modes leave -1), else none. `items["student_epoch"]` says
+which: -1 the export, k the epoch-k ledger, -2 none.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +31,7 @@ from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGRE
                                     NEAR_DUPLICATE, NO_SELECTION, NOT_SAMPLED, OFF_CLASS, OVERRIDE, SELECTED,
                                     VALIDATION)
 from webkd.pipeline.records import load_quarantine
-from webkd.selection.counts import count_run
+from webkd.selection.counts import Collapse, QueryShare, count_run, query_shares_line
 from webkd.selection.overrides import load_overrides
 
 log = logging.getLogger(__name__)
@@ -133,6 +139,7 @@ class RunData:
     quarantine: Counter
     overrides: dict[str, str]
     overrides_error: str | None = None
+    student_source: str | None = None     # the exported student whose predictions are shown
 
     @property
     def n(self) -> int:
@@ -180,6 +187,7 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
     reasons = list(REASONS)
     history: dict[str, list[int]] = defaultdict(list)
     items: dict[str, np.ndarray] = {}
+    student_source = None
     if L:
         extra = sorted({str(r) for r in L["reason"]} - set(reasons))
         reasons += extra
@@ -196,13 +204,44 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
         cur = cur[np.lexsort((L["row"][cur], pos))]             # manifest order, then ledger row
         items = {k: v[cur] for k, v in L.items()}
         items["reason_idx"] = r_idx[cur]
+        student_source = _student_predictions(paths, L, order, items)
         unknown = sum(1 for i in items["id"] if i not in rows)
         if unknown and rows:
             log.warning("%d ledger ids are not in the manifest (ledger from another run?)", unknown)
     return RunData(root=paths.root, classes=names, epochs=epochs, items=items, history=dict(history),
                    reasons=reasons, uri=uri, caption=caption, url=url, dup_of=dup_of,
                    manifest_rows=rows, status=status, quarantine=quarantine, overrides=overrides,
-                   overrides_error=ov_err)
+                   overrides_error=ov_err, student_source=student_source)
+
+
+def _student_predictions(paths: RunPaths, L: dict[str, np.ndarray], order: np.ndarray,
+                         items: dict[str, np.ndarray]) -> str | None:
+    """Fill items' student_pred / student_conf / student_epoch (see the module docstring);
+    returns the exported student's name when its predictions are used."""
+    newest: dict[str, int] = {}                     # id -> newest ledger row with a student prediction
+    for j in order[L["student_pred"][order] >= 0].tolist():
+        newest[L["id"][j]] = j
+    sp, sc = items["student_pred"].copy(), items["student_conf"].copy()
+    se = np.where(sp >= 0, items["epoch"], -2)
+    for k, i in enumerate(items["id"].tolist()):
+        j = newest.get(i)
+        if sp[k] < 0 and j is not None:
+            sp[k], sc[k], se[k] = L["student_pred"][j], L["student_conf"][j], L["epoch"][j]
+    source = None
+    if paths.student_predictions.exists():
+        try:
+            t = pq.read_table(paths.student_predictions)
+        except Exception as exc:  # a broken file must not stop the review page
+            log.warning("%s unreadable (%s); showing ledger predictions", paths.student_predictions, exc)
+        else:
+            meta = t.schema.metadata or {}
+            source = meta.get(b"webkd_source", b"export").decode("utf-8", "replace")
+            pred = dict(zip(t["id"].to_pylist(), zip(t["student_pred"].to_pylist(), t["student_conf"].to_pylist())))
+            for k, i in enumerate(items["id"].tolist()):
+                if i in pred:
+                    sp[k], sc[k], se[k] = pred[i][0], pred[i][1], -1
+    items["student_pred"], items["student_conf"], items["student_epoch"] = sp, sc, se
+    return source
 
 
 # ============================================================================================
@@ -248,6 +287,16 @@ class RunSummary:
     group_members: int
     overrides: dict[str, int]                 # action -> count in the store
     overrides_error: str | None = None
+    in_class: QueryShare = QueryShare(0, 0, float("nan"))    # train rows of in-class web queries
+    off_class: QueryShare = QueryShare(0, 0, float("nan"))   # ... of off-class ones
+    collapsed: list[Collapse] = field(default_factory=list)  # classes that lost their kept images
+    class_names: list[str] = field(default_factory=list)
+
+    def collapse_lines(self) -> list[str]:
+        """One line per class that lost (nearly) all its kept images (`selection.counts`)."""
+        def name(k: int) -> str:
+            return self.class_names[k] if 0 <= k < len(self.class_names) else f"class {k}"
+        return [c.line(name(c.pseudo_label)) for c in self.collapsed]
 
     def text(self) -> str:
         """A plain-text report (control characters from web strings made visible)."""
@@ -272,6 +321,8 @@ class RunSummary:
                     out.append(f"  {name:<28} {c.kept:>7} {c.rejected:>9}  {why}")
             top = ", ".join(f"{p(r)} {n}" for r, n in self.reasons[:6])
             out.append(f"top rejection reasons: {top or '-'}")
+            out.append(query_shares_line(self.in_class, self.off_class))
+            out += [f"warning: {p(line)}" for line in self.collapse_lines()]
         out.append(f"near-duplicates: {self.near_duplicates} in {self.groups} groups ({self.group_members} members)")
         ov = ", ".join(f"{a} {n}" for a, n in sorted(self.overrides.items()))
         out.append(f"overrides: {sum(self.overrides.values())}" + (f" ({ov})" if ov else ""))
@@ -288,7 +339,18 @@ class RunSummary:
                 "rejected": self.rejected, "validation": self.validation,
                 "validation_scored": self.validation_scored, "near_duplicates": self.near_duplicates, "by_pseudo": cc(self.by_pseudo), "by_query": cc(self.by_query),
                 "reasons": self.reasons, "groups": self.groups, "group_members": self.group_members,
-                "overrides": self.overrides}
+                "overrides": self.overrides,
+                "shares_line": query_shares_line(self.in_class, self.off_class),
+                "query_shares": {k: {"images": q.images, "kept": q.kept, "share": _num(q.share),
+                                     "mean_weight": _num(q.mean_weight)}
+                                 for k, q in (("in_class", self.in_class), ("off_class", self.off_class))},
+                "collapsed": [{"class": c.pseudo_label, "epoch": c.epoch, "start": c.start,
+                               "kept": c.kept, "last": c.last, "line": line}
+                              for c, line in zip(self.collapsed, self.collapse_lines())]}
+
+
+def _num(v: float) -> float | None:
+    return None if v != v else round(float(v), 4)
 
 
 def _printable(s: str) -> str:
@@ -314,7 +376,8 @@ def summarize(data: RunData) -> RunSummary:
         by_pseudo=by_pseudo,
         by_query=by_query, reasons=rej.most_common(), groups=len(set(data.dup_of.values())),
         group_members=len(data.dup_of), overrides=dict(Counter(data.overrides.values())),
-        overrides_error=data.overrides_error)
+        overrides_error=data.overrides_error, in_class=c.in_class, off_class=c.off_class,
+        collapsed=c.collapsed, class_names=list(data.classes))
 
 
 def summarize_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunSummary:

@@ -59,12 +59,13 @@ def make_run(root: Path, images: np.ndarray, labels: np.ndarray, class_names: li
              epochs: int = 3, seed: int = 0, names: list[str] | None = None,
              captions: list[str | None] | None = None, urls: list[str | None] | None = None,
              queries: list[str] | None = None, n_dups: int = 3, val_every: int = 10,
-             classes: list[str] = TEACHER) -> dict:
+             classes: list[str] = TEACHER, collapse: int | None = None) -> dict:
     """A run directory from real photos: files on disk, manifest (sha256 ids), ledgers.
 
     Queries are the clothing class names (some off-class for the teacher). Decisions are a
     deterministic mix of selected / below_class_threshold / low_confidence / off_class /
-    near_duplicate / validation over `epochs` epochs.
+    near_duplicate / validation over `epochs` epochs. `collapse`: a pseudo-label whose train
+    rows are all rejected after epoch 0 (a class that loses its kept images).
     """
     rng = np.random.default_rng(seed)
     web = root / "web"
@@ -115,6 +116,8 @@ def make_run(root: Path, images: np.ndarray, labels: np.ndarray, class_names: li
         reason = np.where(conf < 0.3, "low_confidence", np.where(conf < thr, "below_class_threshold", "selected"))
         reason = np.where(web_class < 0, "off_class", reason)
         reason = np.where([i in dups for i in range(n)], "near_duplicate", reason)
+        if collapse is not None and e > 0:
+            reason = np.where((pl == collapse) & (reason == "selected"), "below_class_threshold", reason)
         reason = np.where(split == "val", "validation", reason).astype(object)
         kept = reason == "selected"
         cols = {
@@ -184,14 +187,19 @@ def text(page, sel: str) -> str:
 # --------------------------------------------------------------------------------------------
 def test_browser_filters_counts_and_override_round_trip(tmp_path, shirts, browser):
     images, labels, names = shirts
-    run = make_run(tmp_path, images, labels, names)
+    collapse = TEACHER.index("t-shirt")
+    run = make_run(tmp_path, images, labels, names, collapse=collapse)
     paths = run["paths"]
+    from webkd.training.export import save_student_predictions
+    exported_ids = run["ids"][:5]                      # the exported student's predictions (class 3)
+    save_student_predictions(paths.export_dir, exported_ids, np.eye(len(TEACHER))[[3] * 5] * 4, "web: v0001")
     out = render_gallery(paths.root)
     assert out == paths.gallery and out.exists()
     last = run["ledgers"][-1]
     kept, reason = np.asarray(last["kept"]), np.asarray(last["reason"]).astype(str)
     pl, conf = np.asarray(last["pseudo_label"]), np.asarray(last["confidence"]).astype(np.float64)
     wlab = np.array([r.web_label for r in run["records"]])
+    train = np.asarray(last["split"]) != "val"
 
     ctx, page, dt, errors = open_page(browser, out.as_uri())
     assert dt < 5.0, f"page took {dt:.2f} s to load and show tiles"
@@ -205,7 +213,8 @@ def test_browser_filters_counts_and_override_round_trip(tmp_path, shirts, browse
 
     # default view: kept tab, all classes
     assert int(text(page, "#n-kept")) == kept.sum()
-    assert int(text(page, "#n-rejected")) == (~kept).sum()
+    assert int(text(page, "#n-rejected")) == (~kept & train).sum()     # validation rows are not rejections
+    assert int(text(page, "#n-val")) == (~train).sum() > 0
     assert int(text(page, "#n-shown")) == kept.sum()
     # tiles are sorted by score (confidence), highest first
     scores = [float(s) for s in page.eval_on_selector_all(".tile .f-score", "els => els.map(e => e.textContent)")]
@@ -215,7 +224,7 @@ def test_browser_filters_counts_and_override_round_trip(tmp_path, shirts, browse
     k = int(np.bincount(pl[~kept]).argmax())
     page.select_option("#f-class", str(k))
     assert int(text(page, "#n-kept")) == (kept & (pl == k)).sum()
-    assert int(text(page, "#n-rejected")) == (~kept & (pl == k)).sum()
+    assert int(text(page, "#n-rejected")) == (~kept & train & (pl == k)).sum()
     # ... and by reason (rejected tab)
     page.click("button[data-tab=rejected]")
     r_idx = page.evaluate("WEBKD_META.reasons.indexOf('below_class_threshold')")
@@ -241,11 +250,40 @@ def test_browser_filters_counts_and_override_round_trip(tmp_path, shirts, browse
     page.click("button[data-tab=all]")
     assert int(text(page, "#n-all")) == (wlab == q).sum() > 0
     assert int(text(page, "#n-kept")) == 0           # off-class queries are never kept
-    assert int(text(page, "#n-rejected")) == (wlab == q).sum()
+    assert int(text(page, "#n-rejected")) == ((wlab == q) & train).sum()
+    page.click("#b-reset")
+    # the validation tab: every held-out row, tiles marked "validation", never "rejected"
+    page.click("button[data-tab=validation]")
+    assert int(text(page, "#n-shown")) == (~train).sum()
+    assert set(page.eval_on_selector_all(".tile .f-reason", "els => els.map(e => e.textContent)")) == {"validation"}
+    assert page.locator(".tile.rejected").count() == 0 and page.locator(".tile.validation").count() > 0
     page.click("#b-reset")
 
+    # the student's prediction: the exported student's where it has one, else the newest ledger's
+    page.click("button[data-tab=all]")
+    page.fill("#f-q", exported_ids[0])
+    st = page.locator(f".tile[data-id='{exported_ids[0]}'] .f-student")
+    assert st.text_content().startswith(f"student: {TEACHER[3]} 0.9") and "exported student (web: v0001)" in st.get_attribute("title")
+    other = run["ids"][7]
+    page.fill("#f-q", other)
+    st = page.locator(f".tile[data-id='{other}'] .f-student")
+    assert st.text_content() == f"student: {TEACHER[int(pl[7])]} {last['student_conf'][7]:.2f}" and "epoch-2" in st.get_attribute("title")
+    page.click("#b-reset")
+
+    # summary: in-class vs off-class query shares and the collapsed class, as `webkd inspect` says
+    s = summarize_run(paths.root)
+    inq = train & (np.asarray(last["web_class"]) >= 0)
+    assert (s.in_class.images, s.in_class.kept) == (inq.sum(), (kept & inq).sum())
+    assert (s.off_class.images, s.off_class.kept) == ((train & ~inq).sum(), 0)
+    assert text(page, "p.shares") == "Web queries (train rows): " + s.to_json()["shares_line"]
+    assert f"off-class queries: kept 0 / {(train & ~inq).sum()} (0.00%)" in text(page, "p.shares")
+    assert [c.pseudo_label for c in s.collapsed] == [collapse] and s.collapsed[0].epoch == 1
+    assert page.locator("#collapse").is_visible()
+    assert text(page, "#collapse p.collapsed") == s.collapse_lines()[0]
+    assert f"class t-shirt lost (nearly) all its kept images at epoch 1" in s.collapse_lines()[0]
+    assert f"warning: {s.collapse_lines()[0]}" in s.text() and s.to_json()["shares_line"] in s.text()
+
     # summary table: kept / rejected per pseudo-label class (train rows: validation is not a rejection)
-    train = np.asarray(last["split"]) != "val"
     rows = page.eval_on_selector_all("table.sum:first-of-type tr", "rs => rs.slice(1).map(r => Array.from(r.cells).map(c => c.textContent))")
     for name, nk, nr, _ in rows:
         c = run["classes"].index(name)

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from webkd.pipeline.config import ModelSpec
-from webkd.pipeline.storage import atomic_path, atomic_write_json, atomic_write_text, read_json
+from webkd.pipeline.paths import STUDENT_PREDICTIONS
+from webkd.pipeline.storage import atomic_path, atomic_write_json, atomic_write_table, atomic_write_text, read_json
 from webkd.training.methods import METHODS
 from webkd.training.models import build_model, count_parameters
 
@@ -104,6 +105,23 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: int =
     return diff
 
 
+def save_student_predictions(export_dir: str | Path, ids: list[str], logits: np.ndarray, source: str) -> Path:
+    """`student_predictions.parquet` in the export folder: the exported student's top-1 class
+    and its probability for every pool image (id-keyed: the review page shows it per image).
+    `source` names the student (the run and version) in the file's metadata."""
+    import pyarrow as pa
+
+    z = np.asarray(logits, np.float64)                                    # (N, K)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    table = pa.table({"id": pa.array([str(i) for i in ids], pa.string()),
+                      "student_pred": pa.array(p.argmax(1).astype(np.int32), pa.int32()),
+                      "student_conf": pa.array(p.max(1).astype(np.float32), pa.float32())})
+    path = Path(export_dir) / STUDENT_PREDICTIONS
+    atomic_write_table(path, table.replace_schema_metadata({"webkd_source": source}))
+    return path
+
+
 def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -152,7 +170,9 @@ def write_model_card(export_dir: str | Path, meta: dict[str, Any], metrics: dict
     """Markdown model card: what it is, metrics, size, data lineage, how it was made.
 
     `lineage` holds the run's counts as `selection.counts.count_run` defines them (pool,
-    quarantined, near_duplicates, validation, validation_scored, kept, rejected, per_class)."""
+    quarantined, near_duplicates, validation, validation_scored, kept, rejected, per_class) and
+    their lines (`query_shares`: in-class vs off-class queries; `collapsed`: one per class that
+    lost its kept images)."""
     export_dir = Path(export_dir)
     classes = meta.get("classes", [])
     lines = [
@@ -187,8 +207,11 @@ def write_model_card(export_dir: str | Path, meta: dict[str, Any], metrics: dict
         f"- sources: {', '.join(lineage.get('sources', [])) or '-'}",
         f"- selection at the final epoch ({lineage.get('epoch', '?')}): kept {lineage.get('kept', '?')}, "
         f"rejected {lineage.get('rejected', '?')}, validation {lineage.get('validation', '?')} (never trained on)",
-        "",
     ]
+    if lineage.get("query_shares"):
+        lines.append(f"- web queries (train rows): {lineage['query_shares']}")
+    lines += [f"- warning: {line}" for line in lineage.get("collapsed") or []]
+    lines.append("")
     per_class = lineage.get("per_class") or []
     if per_class:
         lines += [_table([[r["class"], r["kept"], r["rejected"], r.get("top_reason", "")] for r in per_class],

@@ -170,22 +170,29 @@ def evaluate(cfg: Config, p: Pool, trained: Trained, teachers: list, device) -> 
 # --------------------------------------------------------------------------------------------
 def _lineage(cfg: Config, final_epoch: int, out: RunPaths | None = None) -> dict[str, Any]:
     """The model card's data lineage: the run's counts (selection.counts) at the final epoch."""
-    from webkd.selection.counts import count_run
+    from webkd.selection.counts import count_run, query_shares_line
 
     c = count_run(cfg.paths, (out or cfg.paths).selection_dir, last_epoch=final_epoch)
     names = list(cfg.data.classes)
     per_class = [{"class": names[t.pseudo_label] if 0 <= t.pseudo_label < len(names) else f"class {t.pseudo_label}",
                   "kept": t.kept, "rejected": t.rejected, "top_reason": t.top_reason} for t in c.per_class]
+    def name(k: int) -> str:
+        return names[k] if 0 <= k < len(names) else f"class {k}"
     return {"pool": c.records, "quarantined": c.quarantined, "near_duplicates": c.near_duplicates,
             "validation": c.validation, "validation_scored": c.validation_scored, "sources": list(cfg.data.sources),
-            "epoch": final_epoch, "kept": c.kept, "rejected": c.rejected, "per_class": per_class}
+            "epoch": final_epoch, "kept": c.kept, "rejected": c.rejected, "per_class": per_class,
+            "query_shares": query_shares_line(c.in_class, c.off_class),
+            "collapsed": [x.line(name(x.pseudo_label)) for x in c.collapsed]}
 
 
 def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metrics: dict[str, Any],
                    out: RunPaths):
     """Export the deployed student (safetensors, ONNX, metadata), write the model card and the
     final metrics. Returns (ExportResult, model card path)."""
-    from webkd.training.export import save_export, write_model_card
+    import torch
+
+    from webkd.training.export import save_export, save_student_predictions, write_model_card
+    from webkd.training.loop import predict_logits
     from webkd.training.models import fingerprint as model_fingerprint
 
     meta = {"name": cfg.name, "method": cfg.train.method, "classes": list(cfg.data.classes),
@@ -198,6 +205,10 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
     exp = save_export(trained.deployed.cpu(), out.export_dir, meta, sample_batch(p), onnx=cfg.export.onnx,
                       opset=cfg.export.opset, atol=cfg.export.atol)
     meta = read_json(out.export_dir / "student.json")
+    with torch.no_grad():   # one pass over the pool: the page shows the exported student's predictions
+        logits = predict_logits(lambda x: trained.deployed(x), p.pixels, np.arange(len(p)), torch.device("cpu"),
+                                cfg.train.eval_batch_size, desc="student predictions")
+    save_student_predictions(out.export_dir, p.ids, logits, f"{cfg.name}: {out.root.name}")
     final_epoch = max(e for e in range(cfg.train.epochs) if out.ledger(e).exists())
     card = write_model_card(out.export_dir, meta, metrics, _lineage(cfg, final_epoch, out), command_line())
     atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})

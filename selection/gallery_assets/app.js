@@ -21,6 +21,8 @@
   for (let i = 0; i < N; i++) byId.set(D.id[i], i);
   const R = M.reasons, RI = M.reason_info;
   const className = (k) => (k >= 0 && k < M.classes.length) ? M.classes[k] : (k < 0 ? "(none)" : "class " + k);
+  const studentSource = (e) => (e === -1 ? "the exported student (" + (M.student || "export") + ")" :
+    "the student scored for the epoch-" + e + " selection");
   const webName = (w) => (w >= 0 ? M.web_labels[w] : "(none)");
   const members = new Map();             // representative index -> member indices (in the ledger)
   for (let i = 0; i < N; i++) {
@@ -94,7 +96,8 @@
     if (skip !== "reason" && S.reason !== "*" && D.reason[i] !== S.reason) return false;
     if (skip !== "tab") {
       if (S.tab === "kept" && !D.kept[i]) return false;
-      if (S.tab === "rejected" && D.kept[i]) return false;
+      if (S.tab === "rejected" && (D.kept[i] || D.val[i])) return false;   // validation is not a rejection
+      if (S.tab === "validation" && !D.val[i]) return false;
     }
     const c = D.conf[i];
     if (c === null) { if (S.smin > 0 || S.smax < 1) return false; }
@@ -137,17 +140,18 @@
     $(selectId).options[0].textContent = allLabel + " (" + total + ")";
   }
   function update() {
-    let nk = 0, nr = 0;
+    let nk = 0, nr = 0, nv = 0;
     const cc = new Map(), rc = new Map(), list = [];
     for (let i = 0; i < N; i++) {
-      if (pass(i, "tab")) { if (D.kept[i]) nk++; else nr++; }
+      if (pass(i, "tab")) { if (D.kept[i]) nk++; else if (D.val[i]) nv++; else nr++; }
       if (pass(i, "class")) { const k = classKey(i); cc.set(k, (cc.get(k) || 0) + 1); }
       if (pass(i, "reason")) rc.set(D.reason[i], (rc.get(D.reason[i]) || 0) + 1);
       if (pass(i, null)) list.push(i);
     }
     $("n-kept").textContent = String(nk);
     $("n-rejected").textContent = String(nr);
-    $("n-all").textContent = String(nk + nr);
+    $("n-val").textContent = String(nv);
+    $("n-all").textContent = String(nk + nr + nv);
     countOptions("f-class", cc, "all classes");
     countOptions("f-reason", rc, "all reasons");
     const sgn = S.sort === "asc" ? 1 : -1;
@@ -211,8 +215,9 @@
     for (let k = 0; k + 2 < h.length; k += 3) {
       const e = h[k], kept = h[k + 1], r = R[h[k + 2]];
       const tag = RI[r] ? RI[r][0] : r;
-      const c = el("span", "chip " + (kept ? "k" : "r"), e + (kept ? "\u2713" : "\u2717") + tag);
-      c.title = "epoch " + e + ": " + (kept ? "kept" : "rejected") + " (" + r + ")";
+      const val = !kept && r === "validation";
+      const c = el("span", "chip " + (kept ? "k" : val ? "v" : "r"), e + (kept ? "\u2713" : val ? "\u00b7" : "\u2717") + tag);
+      c.title = "epoch " + e + ": " + (kept ? "kept" : val ? "validation" : "rejected") + " (" + r + ")";
       box.appendChild(c);
     }
     return box;
@@ -223,7 +228,7 @@
       const w = el("div", "member");
       w.appendChild(thumb(D.g[m]));
       w.appendChild(el("div", "line", R[D.reason[m]]));
-      w.title = D.id[m] + "\n" + (D.uri[m] || "") + "\n" + (D.kept[m] ? "kept" : "rejected") + " (" + R[D.reason[m]] + ")";
+      w.title = D.id[m] + "\n" + (D.uri[m] || "") + "\n" + decision(m) + " (" + R[D.reason[m]] + ")";
       strip.appendChild(w);
     }
     for (const j of extras.get(D.id[i]) || []) {
@@ -235,9 +240,10 @@
     }
     box.appendChild(strip);
   }
+  const decision = (i) => (D.kept[i] ? "kept" : D.val[i] ? "validation" : "rejected");
   function tile(i) {
-    const id = D.id[i], kept = !!D.kept[i], r = R[D.reason[i]];
-    const t = el("article", "tile " + (kept ? "kept" : "rejected"));
+    const id = D.id[i], r = R[D.reason[i]];
+    const t = el("article", "tile " + decision(i));
     t.dataset.id = id;
     const top = el("div", "top");
     top.appendChild(thumb(D.g[i]));
@@ -252,7 +258,8 @@
     info.appendChild(line("f-web", "web:", webName(D.wl[i])));
     info.appendChild(line("f-file", "file:", baseName(D.uri[i]), D.uri[i] || ""));
     info.appendChild(line("f-pl", "pseudo:", className(D.pl[i]) + " (thr " + fmt(D.thr[i]) + ")"));
-    info.appendChild(line("f-student", "student:", D.sp[i] < 0 ? "-" : className(D.sp[i]) + " " + fmt(D.sc[i])));
+    info.appendChild(line("f-student", "student:", D.sp[i] < 0 ? "-" : className(D.sp[i]) + " " + fmt(D.sc[i]),
+                          D.sp[i] < 0 ? "no student prediction yet" : studentSource(D.se[i])));
     top.appendChild(info);
     t.appendChild(top);
     t.appendChild(line("f-teacher", "teacher:", className(D.t1[i]) + " " + fmt(D.p1[i]) + " \u00b7 " +
@@ -353,6 +360,13 @@
     box.appendChild(wrap);
     box.appendChild(el("p", "reasons", "Top rejection reasons: " +
       (s.reasons.length ? s.reasons.slice(0, 8).map((x) => x[0] + " " + x[1]).join(", ") : "-")));
+    box.appendChild(el("p", "shares", "Web queries (train rows): " + s.shares_line));
+    if (s.collapsed.length) {
+      const c = $("collapse");
+      c.hidden = false;
+      c.appendChild(el("div", null, "Warning: " + s.collapsed.length + " class(es) lost (nearly) all their kept images"));
+      for (const x of s.collapsed) c.appendChild(el("p", "collapsed", x.line));
+    }
     const ep = M.run.epochs;
     $("run-info").textContent = N + " images (" + M.run.records + " manifest records), kept " + s.kept +
       ", rejected " + s.rejected + ", validation " + s.validation + "; epochs " + (ep.length ? ep[0] + ".." + ep[ep.length - 1] : "-") +
