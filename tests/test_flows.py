@@ -176,6 +176,19 @@ def assert_reports_agree(run: Path, cli_summary: str | None = None) -> None:
     per_class = table_rows(card, "class (pseudo-label)")
     for t in c.per_class:
         assert per_class[CLASSES[t.pseudo_label]][:2] == [str(t.kept), str(t.rejected)]
+    from webkd.selection.counts import query_shares_line
+    shares = query_shares_line(c.in_class, c.off_class)                 # in-class vs off-class queries
+    assert c.in_class.images > 0 and c.off_class.images > 0            # hat + PACS are off-class
+    assert c.in_class.images + c.off_class.images == c.kept + c.rejected
+    assert f"- web queries (train rows): {shares}" in card and shares in text
+    assert s.collapse_lines() == [x.line(CLASSES[x.pseudo_label]) for x in c.collapsed]
+    assert all(f"- warning: {line}" in card and f"warning: {line}" in text for line in s.collapse_lines())
+    # the review data shows the exported student's prediction for every image it scored
+    from webkd.selection.run_data import load_run
+
+    data = load_run(run)
+    assert data.student_source and (data.items["student_epoch"] == -1).all()
+    assert (data.items["student_pred"] >= 0).all()
 
     metrics = json.loads(paths.metrics.read_text())                   # metrics.json
     best = metrics["history"][metrics["best_epoch"]]
