@@ -361,7 +361,11 @@ def test_distill_flow_registers_champion_with_artifacts(prefect_server, scenario
     md = artifact("flows-distill-distill").data
     assert "v0001" in md and "promoted: explicit distill" in md
     assert artifact("flows-distill-gallery").data.endswith(f"]({(run / 'gallery' / 'index.html').resolve().as_uri()})")
-    assert table_rows(artifact("flows-distill-curation").data, "class (pseudo-label)")
+    curation = artifact("flows-distill-curation").data
+    assert table_rows(curation, "class (pseudo-label)")
+    from webkd.selection.counts import count_run, query_shares_line
+    c = count_run(run)
+    assert f"Web queries (train rows): {query_shares_line(c.in_class, c.off_class)}." in curation
 
 
 @pytest.mark.parametrize("verb_name", ["curate", "distill", "refresh", "serve"])
