@@ -175,7 +175,7 @@ class Relevance:
 
     score: np.ndarray      # R
     ood: np.ndarray        # s: the raw teacher OOD score (energy or max logit)
-    ood_z: np.ndarray      # robust_z(s) over the candidates
+    ood_z: np.ndarray      # robust_z(s) over the candidates (before the clip)
     knn_agree: np.ndarray  # a in [0, 1], NaN when off or without neighbours
     prior: np.ndarray      # g in {-1, 0, 1} (0 when the prior is off)
 
@@ -183,13 +183,15 @@ class Relevance:
 def relevance(teacher_logits: Any, kind: str = "energy", temperature: float = 1.0,
               candidates: np.ndarray | None = None, neighbors: np.ndarray | None = None, knn_weight: float = 0.0,
               knn_k: int | None = None, web_class: np.ndarray | None = None,
-              query_weight: float = 0.0) -> Relevance:
+              query_weight: float = 0.0, clip: float | None = 3.0) -> Relevance:
     """Relevance of each row to the teacher's task, from the teacher alone (no student):
 
-        R_i = robust_z(s)_i + knn_weight * (2 a_i - 1) + query_weight * g_i
+        R_i = clip(robust_z(s)_i, -clip, clip) + knn_weight * (2 a_i - 1) + query_weight * g_i
 
     - s = `ood_score(z_T, kind, temperature)`, standardised by the median and MAD of the
-      candidate rows (`robust_z`), so R is in "robust standard deviations" whatever the logit scale;
+      candidate rows (`robust_z`), so R is in "robust standard deviations" whatever the logit
+      scale, and clipped to [-clip, clip] (None: not clipped) so that a teacher that is
+      confidently wrong with huge logits on off-class images cannot outvote the other terms;
     - a_i = share of the row's first `knn_k` FAISS neighbours (itself and -1 left out) whose
       teacher top-1 equals its own (`knn_agreement`); a row without neighbours gets the neutral
       2a - 1 = 0. Only when knn_weight > 0 (then `neighbors` is required);
@@ -207,7 +209,7 @@ def relevance(teacher_logits: Any, kind: str = "energy", temperature: float = 1.
     sz = robust_z(s, cand)
     t1 = zt.argmax(axis=1)
     agree = np.full(n, np.nan)
-    score = sz.copy()
+    score = sz.copy() if clip is None else np.clip(sz, -clip, clip)
     if knn_weight > 0:
         if neighbors is None:
             raise ValueError("relevance.knn_weight > 0 needs neighbours (N, k) from the FAISS index")

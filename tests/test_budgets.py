@@ -77,7 +77,7 @@ def test_relevance_formula(web_pool):
     zt, web_class, neighbors, split, _ = web_pool
     cand = split == "train"
     r = relevance(zt, "energy", candidates=cand, neighbors=neighbors, knn_weight=0.5, knn_k=5,
-                  web_class=web_class, query_weight=2.0)
+                  web_class=web_class, query_weight=2.0, clip=None)
     s = logsumexp(zt, axis=1)
     med = np.median(s[cand])
     mad = 1.4826 * np.median(np.abs(s[cand] - med))
@@ -86,6 +86,9 @@ def test_relevance_formula(web_pool):
     g = (web_class == t1).astype(float) - (web_class < 0)
     np.testing.assert_allclose(r.score, (s - med) / mad + 0.5 * (2 * a - 1) + 2.0 * g)
     np.testing.assert_allclose(r.knn_agree, a)
+    clipped = relevance(zt, "energy", candidates=cand, clip=1.0)
+    np.testing.assert_allclose(clipped.score, np.clip((s - med) / mad, -1.0, 1.0))
+    assert (np.abs((s - med) / mad) > 1.0).any()                  # the clip really bites here
     plain = relevance(zt, "max_logit", candidates=cand)
     assert np.isnan(plain.knn_agree).all() and (plain.prior == 0).all()
     with pytest.raises(ValueError, match="neighbours"):
