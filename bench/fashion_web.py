@@ -68,6 +68,30 @@ ROWS = {
     "kd3p_teacher": ("KD^3 + logit KD, teacher-only selection",
                      ["train.method=kd3", "selection.mode=teacher", KD3P]),
     "kd_sel": ("vanilla KD with KD^3 selection", ["train.method=kd", "selection.mode=kd3", NO_ARGS]),
+    # [project] selection building blocks (selection/budgets.py), each on the default objective (KD^3 + logit KD)
+    **{name: (label, ["train.method=kd3", KD3P] + sel) for name, (label, sel) in {
+        "sel_bal": ("KD^3 + logit KD, class-balanced budgets on teacher energy (q 0.5)",
+                    ["selection.mode=balanced"]),
+        "sel_bal_q": ("KD^3 + logit KD, balanced budgets, energy + web query prior",
+                      ["selection.mode=balanced", "selection.relevance.query_weight=1.0"]),
+        "sel_bal_qk": ("KD^3 + logit KD, balanced budgets, energy + query prior + k-NN agreement",
+                       ["selection.mode=balanced", "selection.relevance.query_weight=1.0",
+                        "selection.relevance.knn_weight=1.0"]),
+        "sel_bal_ml": ("KD^3 + logit KD, balanced budgets on the max logit + query prior",
+                       ["selection.mode=balanced", "selection.relevance.score=max_logit",
+                        "selection.relevance.query_weight=1.0"]),
+        "sel_bal_refresh": ("KD^3 + logit KD, balanced budgets regrouped by teacher+student each epoch",
+                            ["selection.mode=balanced", "selection.relevance.query_weight=1.0",
+                             "selection.budget.refresh=true"]),
+        "sel_bal_soft": ("KD^3 + logit KD, balanced budgets, below-budget rows at weight 0.3",
+                         ["selection.mode=balanced", "selection.relevance.query_weight=1.0",
+                          "selection.reject_weight=0.3"]),
+        "sel_soft": ("KD^3 + logit KD, soft relevance weights (w_min 0.1), energy + query prior",
+                     ["selection.mode=soft", "selection.relevance.query_weight=1.0"]),
+        "sel_soft_qk": ("KD^3 + logit KD, soft relevance weights, energy + query prior + k-NN",
+                        ["selection.mode=soft", "selection.relevance.query_weight=1.0",
+                         "selection.relevance.knn_weight=1.0"]),
+    }.items()},
 }
 DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce", "kd3p", "kd3p_nosel", "kd3p_nomd"]
 CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pixels", "features", "index", "test"]

@@ -3,6 +3,7 @@ budgets and soft weights (selection/budgets.py), their reasons in policy.select 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from webkd.selection import budgets as bud
 from webkd.selection import policy as pol
 from webkd.selection.run_data import REASONS
 from webkd.selection.scores import ood_score, query_prior, relevance, robust_z
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def logsumexp(z: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
@@ -274,3 +278,20 @@ def test_loop_trains_low_relevance_rows_at_their_weight(web_pool):
     selb, trainb = reselect(0, 0.1, pool, None, None, [], _cfg("balanced", reject_weight=0.25), cpu, None, None, 64)
     assert (selb.weight[selb.reason == BELOW_BUDGET] == np.float32(0.25)).all()
     np.testing.assert_array_equal(trainb, split == "train")
+
+
+def test_pool_loads_neighbours_for_the_knn_relevance_term(monkeypatch):
+    from webkd.flows.stages import curate
+    from webkd.pipeline.config import load_config
+
+    seen = []
+    monkeypatch.setattr(curate, "build_pool", lambda paths, data, keys, source, search: seen.append(search))
+    cfg_path = ROOT / "flows" / "configs" / "fashion_web.yaml"
+    for over, wants in ((["selection.mode=soft", "selection.relevance.knn_weight=1.0"], True),
+                        (["selection.mode=soft"], False),
+                        (["selection.mode=kd3", "selection.relevance.knn_weight=1.0"], False)):
+        cfg = load_config(cfg_path, over)
+        curate.pool(cfg)
+        assert (seen[-1] is not None) == wants, over
+        if wants:
+            assert seen[-1].k == cfg.selection.knn.k
