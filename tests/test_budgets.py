@@ -295,3 +295,20 @@ def test_pool_loads_neighbours_for_the_knn_relevance_term(monkeypatch):
         assert (seen[-1] is not None) == wants, over
         if wants:
             assert seen[-1].k == cfg.selection.knn.k
+
+
+def test_kd3_ignores_the_new_sections_and_budget_modes_fall_back(web_pool):
+    zt, web_class, neighbors, split, _ = web_pool
+    base = pol.select(zt, np.roll(zt, 1, 1), 0.3, SelectionConfig(), web_class=web_class, split=split)
+    extra = SelectionConfig.model_validate({"relevance": {"query_weight": 3.0, "knn_weight": 2.0},
+                                            "budget": {"keep": 0.1, "refresh": True}, "soft": {"w_min": 0.5}})
+    other = pol.select(zt, np.roll(zt, 1, 1), 0.3, extra, web_class=web_class, neighbors=neighbors, split=split)
+    for name in ("keep", "weight", "reason", "threshold", "pseudo_label"):
+        np.testing.assert_array_equal(getattr(base, name), getattr(other, name), err_msg=name)
+    assert base.class_budgets is None and base.relevance is None
+    # every query off-class and query_top2 on: nothing eligible, the usual fallback to every candidate
+    for mode in ("balanced", "soft"):
+        sel = pol.select(zt, None, 0.0, _cfg(mode, query_top2=True), web_class=np.full(len(zt), -1), split=split)
+        cand = split == "train"
+        np.testing.assert_array_equal(sel.keep, cand)
+        assert set(sel.reason[cand]) == {"fallback"} and (sel.weight[cand] == 1).all()
