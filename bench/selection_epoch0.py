@@ -32,7 +32,8 @@ _spec = importlib.util.spec_from_file_location("selection_report", ROOT / "bench
 report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(report)
 
-# name: selection config (validated as SelectionConfig; knn.k from the shipped config)
+# name: selection config (validated as SelectionConfig; knn.k from the shipped config, the hard k-NN rule off:
+# the neighbours are loaded only for the relevance k-NN term)
 MODES: dict[str, dict] = {
     "kd3 (paper)": {"mode": "kd3"},
     "balanced": {"mode": "balanced"},
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{agree[in_q].mean():.3f} of them; teacher top-1 counts: "
           + ", ".join(f"{n} {c}" for n, c in zip(names, np.bincount(zt.argmax(1)[cand], minlength=len(names)))))
     for name, over in MODES.items():
-        sc = SelectionConfig.model_validate({**cfg.selection.model_dump(), **over, "knn": cfg.selection.knn.model_dump()})
+        sc = SelectionConfig.model_validate({**cfg.selection.model_dump(), **over,
+                                        "knn": {**cfg.selection.knn.model_dump(), "enabled": False}})  # no hard k-NN rule
         sel = policy.select(zt, None, 0.0, sc, web_class=pool.web_class, neighbors=pool.neighbors, split=pool.split,
                             status=pool.status)
         t = policy.ledger_table(sel, pool.ids, np.arange(len(pool)), 0, pool.split, pool.web_labels, pool.web_class)
