@@ -164,17 +164,20 @@ class KnnConfig(_Section):
 
 class RelevanceConfig(_Section):
     """[project] the relevance score R of modes balanced / soft (selection.scores.relevance):
-    R = clip(robust-z(teacher OOD score), +-clip) + knn_weight (2 a - 1) + query_weight g."""
+    R = ood_weight clip(robust-z(teacher OOD score), +-clip) + knn_weight (2 a - 1) + query_weight g."""
 
     score: Literal["energy", "max_logit"] = Field(
         "energy", description="teacher OOD score: energy T logsumexp(z_T / T), or the max logit max z_T")
     temperature: float = Field(1.0, gt=0.0, description="T of the energy score")
+    ood_weight: float = Field(1.0, ge=0.0, description="weight of the clipped teacher OOD term")
     clip: float | None = Field(
         3.0, gt=0.0, description="clip the robust z of the OOD score to [-clip, clip] (None: no clip), so huge "
                                  "confidently-wrong logits cannot outvote the k-NN and query terms")
     knn_weight: float = Field(
         0.0, ge=0.0, description="weight of the k-NN term 2a - 1, a = share of the selection.knn.k FAISS "
                                  "neighbours with the same teacher top-1 (0: off; > 0 loads the neighbours)")
+    knn_source: Literal["teacher", "query"] = Field(
+        "teacher", description="neighbour label a is compared on: its teacher top-1, or its web query's class")
     query_weight: float = Field(
         0.0, ge=0.0, description="weight of the web query prior g: +1 query class = teacher top-1, "
                                  "-1 off-class query (web_class -1), 0 otherwise (0: off)")

@@ -227,7 +227,8 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
     if budgeted:
         r = cfg.relevance
         rv = relevance(zt, r.score, r.temperature, candidates=cand, neighbors=neighbors, knn_weight=r.knn_weight,
-                       knn_k=cfg.knn.k, web_class=web_class, query_weight=r.query_weight, clip=r.clip)
+                       knn_k=cfg.knn.k, web_class=web_class, query_weight=r.query_weight, clip=r.clip,
+                       knn_source=r.knn_source, ood_weight=r.ood_weight)
         rel = rv.score
         if r.knn_weight > 0 and not cfg.knn.enabled:
             agree = rv.knn_agree

@@ -183,18 +183,22 @@ class Relevance:
 def relevance(teacher_logits: Any, kind: str = "energy", temperature: float = 1.0,
               candidates: np.ndarray | None = None, neighbors: np.ndarray | None = None, knn_weight: float = 0.0,
               knn_k: int | None = None, web_class: np.ndarray | None = None,
-              query_weight: float = 0.0, clip: float | None = 3.0) -> Relevance:
+              query_weight: float = 0.0, clip: float | None = 3.0, knn_source: str = "teacher",
+              ood_weight: float = 1.0) -> Relevance:
     """Relevance of each row to the teacher's task, from the teacher alone (no student):
 
-        R_i = clip(robust_z(s)_i, -clip, clip) + knn_weight * (2 a_i - 1) + query_weight * g_i
+        R_i = ood_weight * clip(robust_z(s)_i, -clip, clip) + knn_weight * (2 a_i - 1) + query_weight * g_i
 
     - s = `ood_score(z_T, kind, temperature)`, standardised by the median and MAD of the
       candidate rows (`robust_z`), so R is in "robust standard deviations" whatever the logit
       scale, and clipped to [-clip, clip] (None: not clipped) so that a teacher that is
       confidently wrong with huge logits on off-class images cannot outvote the other terms;
     - a_i = share of the row's first `knn_k` FAISS neighbours (itself and -1 left out) whose
-      teacher top-1 equals its own (`knn_agreement`); a row without neighbours gets the neutral
-      2a - 1 = 0. Only when knn_weight > 0 (then `neighbors` is required);
+      label equals the row's teacher top-1 (`knn_agreement`): the neighbour's teacher top-1
+      (knn_source "teacher"), or the class its web query maps to (knn_source "query": an image
+      among off-class queries scores low even where the teacher is sure of it); a row without
+      neighbours gets the neutral 2a - 1 = 0. Only when knn_weight > 0 (then `neighbors` is
+      required, and `web_class` for knn_source "query");
     - g_i = `query_prior(web_class, top-1 of z_T)`: +1 query = teacher top-1, -1 off-class query,
       0 otherwise. Only when query_weight > 0 (then `web_class` is required).
 
@@ -209,11 +213,19 @@ def relevance(teacher_logits: Any, kind: str = "energy", temperature: float = 1.
     sz = robust_z(s, cand)
     t1 = zt.argmax(axis=1)
     agree = np.full(n, np.nan)
-    score = sz.copy() if clip is None else np.clip(sz, -clip, clip)
+    score = ood_weight * (sz if clip is None else np.clip(sz, -clip, clip))
     if knn_weight > 0:
         if neighbors is None:
             raise ValueError("relevance.knn_weight > 0 needs neighbours (N, k) from the FAISS index")
-        agree = knn_agreement(t1, t1, neighbors, k=knn_k)
+        if knn_source == "query":
+            if web_class is None:
+                raise ValueError("relevance.knn_source=query needs web_class (the web query's teacher class)")
+            labels = np.asarray(web_class, dtype=np.int64)
+        elif knn_source == "teacher":
+            labels = t1
+        else:
+            raise ValueError(f"unknown knn_source {knn_source!r}; expected 'teacher' or 'query'")
+        agree = knn_agreement(t1, labels, neighbors, k=knn_k)
         score += knn_weight * np.nan_to_num(2.0 * agree - 1.0, nan=0.0)
     prior = np.zeros(n)
     if query_weight > 0:

@@ -93,6 +93,15 @@ def test_relevance_formula(web_pool):
     clipped = relevance(zt, "energy", candidates=cand, clip=1.0)
     np.testing.assert_allclose(clipped.score, np.clip((s - med) / mad, -1.0, 1.0))
     assert (np.abs((s - med) / mad) > 1.0).any()                  # the clip really bites here
+    half = relevance(zt, "energy", candidates=cand, web_class=web_class, query_weight=2.0, clip=None, ood_weight=0.5)
+    np.testing.assert_allclose(half.score, 0.5 * (s - med) / mad + 2.0 * g)
+    by_query = relevance(zt, candidates=cand, neighbors=neighbors, knn_weight=1.0, knn_k=5, web_class=web_class,
+                         knn_source="query", clip=None)
+    aq = (web_class[neighbors[:, :5]] == t1[:, None]).mean(1)     # neighbours' query class = own teacher top-1
+    np.testing.assert_allclose(by_query.knn_agree, aq)
+    np.testing.assert_allclose(by_query.score, (s - med) / mad + (2 * aq - 1))
+    with pytest.raises(ValueError, match="knn_source"):
+        relevance(zt, neighbors=neighbors, knn_weight=1.0, knn_source="pixels")
     plain = relevance(zt, "max_logit", candidates=cand)
     assert np.isnan(plain.knn_agree).all() and (plain.prior == 0).all()
     with pytest.raises(ValueError, match="neighbours"):
