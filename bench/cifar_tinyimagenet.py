@@ -68,6 +68,17 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
     "kd3_nomd": ("KD^3 without MixDistribution", None, "web",
                  ["train.method=kd3", "selection.mode=kd3", "train.method_args={kd3: {mixdist: false}}"]),
     "kd_sel": ("vanilla KD with KD^3 selection", None, "web", ["train.method=kd", "selection.mode=kd3", NO_ARGS]),
+    # [project] selection building blocks (selection/budgets.py) on the default objective, not in DEFAULT_ROWS
+    **{name: (label, None, "web", ["train.method=kd3", KD3P] + sel) for name, (label, sel) in {
+        "sel_bal": ("default objective, class-balanced budgets on teacher energy", ["selection.mode=balanced"]),
+        "sel_bal_q": ("default objective, balanced budgets, energy + web query prior",
+                      ["selection.mode=balanced", "selection.relevance.query_weight=1.0"]),
+        "sel_bal_qk": ("default objective, balanced budgets, energy + query prior + k-NN agreement",
+                       ["selection.mode=balanced", "selection.relevance.query_weight=1.0",
+                        "selection.relevance.knn_weight=1.0"]),
+        "sel_soft": ("default objective, soft relevance weights, energy + query prior",
+                     ["selection.mode=soft", "selection.relevance.query_weight=1.0"]),
+    }.items()},
 }
 DEFAULT_ROWS = ["upper_bound", "vanilla_kd", "function_matching", "paper_kd3", "default", "default_sel",
                 "random_selection", "kd3_nosel"]

@@ -162,10 +162,58 @@ class KnnConfig(_Section):
     min_agree: float = Field(0.3, ge=0.0, le=1.0, description="share of neighbours with the same pseudo-label")
 
 
+class RelevanceConfig(_Section):
+    """[project] the relevance score R of modes balanced / soft (selection.scores.relevance):
+    R = ood_weight clip(robust-z(teacher OOD score), +-clip) + knn_weight (2 a - 1) + query_weight g."""
+
+    score: Literal["energy", "max_logit"] = Field(
+        "energy", description="teacher OOD score: energy T logsumexp(z_T / T), or the max logit max z_T")
+    temperature: float = Field(1.0, gt=0.0, description="T of the energy score")
+    ood_weight: float = Field(1.0, ge=0.0, description="weight of the clipped teacher OOD term")
+    clip: float | None = Field(
+        3.0, gt=0.0, description="clip the robust z of the OOD score to [-clip, clip] (None: no clip), so huge "
+                                 "confidently-wrong logits cannot outvote the k-NN and query terms")
+    knn_weight: float = Field(
+        0.0, ge=0.0, description="weight of the k-NN term 2a - 1, a = share of the selection.knn.k FAISS "
+                                 "neighbours with the same teacher top-1 (0: off; > 0 loads the neighbours)")
+    knn_source: Literal["teacher", "query"] = Field(
+        "teacher", description="neighbour label a is compared on: its teacher top-1, or its web query's class")
+    query_weight: float = Field(
+        0.0, ge=0.0, description="weight of the web query prior g: +1 query class = teacher top-1, "
+                                 "-1 off-class query (web_class -1), 0 otherwise (0: off)")
+
+
+class BudgetConfig(_Section):
+    """[project] class-balanced budgets (modes balanced / soft): per pseudo-class c with m_c candidates,
+    keep the n_c = min(m_c, max(min_per_class, min(ceil(keep m_c), cap))) of highest relevance."""
+
+    keep: float = Field(0.5, gt=0.0, le=1.0, description="q: share of each pseudo-class kept")
+    min_per_class: int = Field(10, ge=1, description="floor per class (all of a class with fewer candidates)")
+    max_per_class: int | None = Field(None, ge=1, description="absolute cap per class; None: no absolute cap")
+    cap_median: float | None = Field(
+        2.0, gt=0.0, description="cap = ceil(cap_median x the median of ceil(q m_c) over classes with "
+                                 "candidates); None: no relative cap")
+    refresh: bool = Field(
+        False, description="group by the mixed teacher/student argmax at each reselection (alpha floored at "
+                           "refresh_alpha_min) instead of the teacher's top-1; relevance stays the teacher's")
+    refresh_alpha_min: float = Field(0.5, ge=0.0, le=1.0, description="floor on the teacher share when refresh")
+
+
+class SoftConfig(_Section):
+    """[project] mode soft: every candidate trains with w = w_min + (1 - w_min) u^power, u the
+    relevance percentile (average ranks, in [0, 1])."""
+
+    w_min: float = Field(0.1, ge=0.0, le=1.0, description="weight of the least relevant candidate")
+    power: float = Field(1.0, gt=0.0, description="gamma of u^gamma (> 1: steeper near the top)")
+    per_class: bool = Field(False, description="u within the row's pseudo-class instead of over the pool")
+
+
 class SelectionConfig(_Section):
-    mode: Literal["kd3", "teacher", "none", "random"] = Field(
+    mode: Literal["kd3", "teacher", "none", "random", "balanced", "soft"] = Field(
         "kd3", description="kd3: teacher+student dynamic; teacher: teacher only; none: keep all; "
-                           "random: a fixed seeded random subset of random_keep of the candidates (a baseline)"
+                           "random: a fixed seeded random subset of random_keep of the candidates (a baseline); "
+                           "[project] balanced: class-balanced budgets by relevance (hard); soft: every candidate "
+                           "trains, weighted by relevance rank (the budget's share counts as kept)"
     )
     random_keep: float = Field(1.0, gt=0.0, le=1.0, description="mode random: share of the candidates kept")
     random_seed: int = Field(0, description="mode random: seed of the subset (the same subset every epoch)")
@@ -175,6 +223,9 @@ class SelectionConfig(_Section):
     query_top2: bool = Field(False, description="reject when the web query class is outside the teacher top-2")
     knn: KnnConfig = Field(default_factory=KnnConfig)
     fallback: Literal["previous", "all"] = Field("previous", description="on an empty selection")
+    relevance: RelevanceConfig = Field(default_factory=RelevanceConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    soft: SoftConfig = Field(default_factory=SoftConfig)
     reject_weight: float = Field(
         0.0, ge=0.0, le=1.0,
         description="[project] soft selection: images rejected by the confidence rules (not validation, "

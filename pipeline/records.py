@@ -55,9 +55,11 @@ OFF_CLASS = "off_class"
 KNN_DISAGREE = "knn_disagree"
 VALIDATION = "validation"            # held-out validation row: never trained on, never "rejected"
 NOT_SAMPLED = "not_sampled"          # selection.mode=random: outside the seeded random subset
+BELOW_BUDGET = "below_budget"        # selection.mode=balanced: outside its pseudo-class's relevance budget
+LOW_RELEVANCE = "low_relevance"      # selection.mode=soft: outside the budget share, still trained, down-weighted
 KEEP_REASONS = (SELECTED, NO_SELECTION, FALLBACK, OVERRIDE)
-REJECT_REASONS = (LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE, NOT_SAMPLED, OVERRIDE,
-                  NEAR_DUPLICATE, VALIDATION)
+REJECT_REASONS = (LOW_CONFIDENCE, BELOW_CLASS_THRESHOLD, OFF_CLASS, KNN_DISAGREE, NOT_SAMPLED, BELOW_BUDGET,
+                  LOW_RELEVANCE, OVERRIDE, NEAR_DUPLICATE, VALIDATION)
 # every ledger reason with a line of help, in display order (the gallery, `webkd inspect`)
 LEDGER_REASONS = {
     SELECTED: "kept: teacher+student confidence above the class threshold",
@@ -68,6 +70,8 @@ LEDGER_REASONS = {
     LOW_CONFIDENCE: "confidence below the global cut",
     KNN_DISAGREE: "too few k-NN neighbours share its pseudo-label",
     NOT_SAMPLED: "outside the random subset (selection.mode=random, a baseline)",
+    BELOW_BUDGET: "relevance below its pseudo-class's budget (selection.mode=balanced)",
+    LOW_RELEVANCE: "relevance outside the budget share: trained at its lower weight (selection.mode=soft)",
     OFF_CLASS: "web query maps to no teacher class / outside the teacher top-2",
     NEAR_DUPLICATE: "near duplicate of a kept representative",
     VALIDATION: "held-out validation row, never trained on",

@@ -12,7 +12,13 @@ gives them the reasons `validation` / `near_duplicate`. `ledger_table` refuses a
 keeps a validation row, so a ledger always shows what training used.
 
 The per-step instance weight w_i (teacher-student disagreement) is computed in the training
-step, not here: `weight` is 1.0 for kept rows and 0 for rejected ones.
+step, not here: `weight` is 1.0 for kept rows and 0 for rejected ones, except in the [project]
+mode soft (selection/budgets.py), where every eligible candidate gets its relevance weight in
+[w_min, 1] and trains (reason `low_relevance` outside the budget share).
+
+[project] Modes balanced / soft (selection/budgets.py) replace the thresholds by class-balanced
+budgets on the teacher-only relevance score R (`selection.scores.relevance`): `threshold` is
+NaN there, `class_budgets` holds n_c, and `relevance` holds R.
 """
 from __future__ import annotations
 
@@ -27,10 +33,12 @@ import pyarrow.parquet as pq
 
 from webkd.pipeline.config import SelectionConfig
 from webkd.pipeline.paths import ledgers_in
-from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LOW_CONFIDENCE, NO_SELECTION,
-                                    NOT_SAMPLED, OFF_CLASS, OK, SELECTED, VALIDATION)
+from webkd.pipeline.records import (BELOW_BUDGET, BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LOW_CONFIDENCE,
+                                    LOW_RELEVANCE, NO_SELECTION, NOT_SAMPLED, OFF_CLASS, OK, SELECTED, VALIDATION)
 from webkd.pipeline.storage import atomic_write_table
-from webkd.selection.scores import as_numpy, combine_logits, knn_agreement, prediction, teacher_share_progress, top2
+from webkd.selection.budgets import budget_keep, class_budgets, percentile_rank, soft_weights
+from webkd.selection.scores import (as_numpy, combine_logits, knn_agreement, prediction, relevance,
+                                    teacher_share_progress, top2)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +79,10 @@ class Selection:
     student_pred: np.ndarray    # int64, -1 before the student exists
     student_conf: np.ndarray    # float64, NaN before the student exists
     knn_agree: np.ndarray       # float64, NaN when the k-NN check is off
-    class_thresholds: np.ndarray  # (K,) float64 tau_k
+    class_thresholds: np.ndarray  # (K,) float64 tau_k (NaN in modes balanced / soft)
     class_counts: np.ndarray      # (K,) int64 n_k over the candidates
+    class_budgets: np.ndarray | None = None  # (K,) int64 n_c of modes balanced / soft
+    relevance: np.ndarray | None = None      # (N,) float64 R of modes balanced / soft
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -158,6 +168,13 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
     (c <= tau_min), below_class_threshold (c <= tau_y_hat), off_class, knn_disagree, else
     selected; with cfg.mode "none" every candidate is kept with reason `no_selection`. An empty selection falls back (reason `fallback`) to the previous kept set, or to
     every candidate.
+
+    [project] cfg.mode balanced / soft (selection/budgets.py): R = `relevance(z_T, ...)` from
+    cfg.relevance, pseudo-class = teacher top-1 (cfg.budget.refresh: argmax of z_bar with alpha >=
+    refresh_alpha_min), and first match wins: validation / near_duplicate, off_class
+    (cfg.query_top2), knn_disagree (cfg.knn.enabled), selected (inside the class budget n_c),
+    else below_budget (balanced: weight 0) or low_relevance (soft: trained with its weight).
+    Mode soft weights every eligible candidate w_min + (1 - w_min) u^power, selected rows included.
     """
     zt = as_numpy(teacher_logits)  # (N, K)
     if zt.ndim != 2:
@@ -174,7 +191,12 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
     excl = exclusion_reasons(n, split, status)
     cand = excl == ""
 
-    alpha = 1.0 if zs is None or cfg.mode == "teacher" else teacher_share_progress(progress)
+    budgeted = cfg.mode in ("balanced", "soft")
+    if budgeted:  # groups: the teacher's top-1, or (refresh) the mixed prediction with a floored share
+        alpha = (1.0 if zs is None or not cfg.budget.refresh
+                 else max(teacher_share_progress(progress), cfg.budget.refresh_alpha_min))
+    else:
+        alpha = 1.0 if zs is None or cfg.mode == "teacher" else teacher_share_progress(progress)
     zbar = combine_logits(zt, zs, alpha)  # (N, K)
     pred, conf = prediction(zbar)
     t1, t2, p1, p2 = top2(zt)
@@ -200,7 +222,27 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
             raise ValueError("selection.query_top2 needs web_class (the web query's teacher class)")
         off = (web_class < 0) | ((web_class != t1) & (web_class != t2))
 
-    if cfg.mode == "none":
+    budgets = rel = None
+    weight = None
+    if budgeted:
+        r = cfg.relevance
+        rv = relevance(zt, r.score, r.temperature, candidates=cand, neighbors=neighbors, knn_weight=r.knn_weight,
+                       knn_k=cfg.knn.k, web_class=web_class, query_weight=r.query_weight, clip=r.clip,
+                       knn_source=r.knn_source, ood_weight=r.ood_weight)
+        rel = rv.score
+        if r.knn_weight > 0 and not cfg.knn.enabled:
+            agree = rv.knn_agree
+        eligible = cand & ~off & ~knn_bad
+        budgets = class_budgets(pred, eligible, k, cfg.budget)
+        core = budget_keep(rel, pred, eligible, budgets)
+        tau = np.full(k, np.nan)
+        thr = np.full(n, np.nan)
+        reason = np.select([~cand, off, knn_bad, core], [excl, OFF_CLASS, KNN_DISAGREE, SELECTED],
+                           BELOW_BUDGET if cfg.mode == "balanced" else LOW_RELEVANCE).astype(object)
+        if cfg.mode == "soft":
+            u = percentile_rank(rel, eligible, pred if cfg.soft.per_class else None)
+            weight = soft_weights(u, cfg.soft).astype(np.float32)
+    elif cfg.mode == "none":
         reason = np.where(cand, NO_SELECTION, excl).astype(object)
     elif cfg.mode == "random":
         reason = np.where(cand & random_subset(cand, cfg.random_keep, cfg.random_seed), SELECTED,
@@ -218,15 +260,23 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
         else:
             keep, source = cand.copy(), "every candidate"
         reason[keep] = FALLBACK
+        weight = None
         log.warning("selection kept nothing (alpha %.4f); falling back to %s (%d rows)", alpha, source,
                     int(keep.sum()))
 
-    sel = Selection(keep=keep, weight=keep.astype(np.float32), reason=reason, pseudo_label=pred,
+    if weight is None:
+        weight = keep.astype(np.float32)
+    sel = Selection(keep=keep, weight=weight, reason=reason, pseudo_label=pred,
                     confidence=conf, threshold=thr, teacher_share=float(alpha), teacher_top1=t1,
                     teacher_top2=t2, teacher_p1=p1, teacher_p2=p2, student_pred=s_pred, student_conf=s_conf,
-                    knn_agree=agree, class_thresholds=tau, class_counts=counts)
+                    knn_agree=agree, class_thresholds=tau, class_counts=counts, class_budgets=budgets,
+                    relevance=rel)
     kept = sel.kept_per_class()
     log.info("selection: %s", sel.summary())
+    if budgets is not None:
+        log.info("per class (k: n_k, budget, kept): %s",
+                 "; ".join(f"{c}: {counts[c]}, {budgets[c]}, {kept[c]}" for c in range(k)))
+        return sel
     log.info("per class (k: n_k, tau_k, kept): %s",
              "; ".join(f"{c}: {counts[c]}, {tau[c]:.4f}, {kept[c]}" for c in range(k)))
     return sel

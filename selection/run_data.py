@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 import yaml
 
 from webkd.pipeline.paths import RunPaths, ledgers_in
-from webkd.pipeline.records import (BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LEDGER_REASONS, LOW_CONFIDENCE,
-                                    NEAR_DUPLICATE, NO_SELECTION, NOT_SAMPLED, OFF_CLASS, OVERRIDE, SELECTED,
-                                    VALIDATION)
+from webkd.pipeline.records import (BELOW_BUDGET, BELOW_CLASS_THRESHOLD, FALLBACK, KNN_DISAGREE, LEDGER_REASONS,
+                                    LOW_CONFIDENCE, LOW_RELEVANCE, NEAR_DUPLICATE, NO_SELECTION, NOT_SAMPLED,
+                                    OFF_CLASS, OVERRIDE, SELECTED, VALIDATION)
 from webkd.pipeline.records import load_quarantine
 from webkd.selection.counts import Collapse, QueryShare, count_run, query_shares_line
 from webkd.selection.overrides import load_overrides
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # Ledger reason codes (pipeline.records.LEDGER_REASONS), in display order, each with a short tag
 # for the compact per-epoch history and its line of help.
 _TAGS = {SELECTED: "sel", NO_SELECTION: "all", FALLBACK: "fb", OVERRIDE: "ovr", BELOW_CLASS_THRESHOLD: "thr", LOW_CONFIDENCE: "conf",
-         KNN_DISAGREE: "knn", NOT_SAMPLED: "rnd", OFF_CLASS: "off", NEAR_DUPLICATE: "dup", VALIDATION: "val"}
+         KNN_DISAGREE: "knn", NOT_SAMPLED: "rnd", BELOW_BUDGET: "bud", LOW_RELEVANCE: "rel", OFF_CLASS: "off",
+         NEAR_DUPLICATE: "dup", VALIDATION: "val"}
 REASONS: dict[str, tuple[str, str]] = {r: (_TAGS[r], text) for r, text in LEDGER_REASONS.items()}
 _NAN = float("nan")
 # Ledger columns the page reads, with the value used when an (older) ledger lacks one.

@@ -24,7 +24,8 @@ from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.config import SelectionConfig, TrainConfig
 from webkd.pipeline.paths import RunPaths
-from webkd.pipeline.records import BELOW_CLASS_THRESHOLD, KNN_DISAGREE, LOW_CONFIDENCE, OFF_CLASS
+from webkd.pipeline.records import (BELOW_BUDGET, BELOW_CLASS_THRESHOLD, KNN_DISAGREE, LOW_CONFIDENCE,
+                                    LOW_RELEVANCE, OFF_CLASS, OVERRIDE)
 from webkd.pipeline.storage import atomic_path, atomic_write_json
 from webkd.selection import policy
 from webkd.selection.counts import collapsed_classes, kept_per_class
@@ -35,7 +36,9 @@ from webkd.training.pool import Pool
 log = logging.getLogger(__name__)
 
 # rejections a soft selection (selection.reject_weight > 0) still trains on, down-weighted
-SOFT_REJECTIONS = [BELOW_CLASS_THRESHOLD, LOW_CONFIDENCE, KNN_DISAGREE, OFF_CLASS]
+SOFT_REJECTIONS = [BELOW_CLASS_THRESHOLD, LOW_CONFIDENCE, KNN_DISAGREE, OFF_CLASS, BELOW_BUDGET]
+# rejections trained on with the weight the selection gave them (selection.mode=soft)
+WEIGHTED_REJECTIONS = [LOW_RELEVANCE]
 
 
 def validation_targets(pool: Pool, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -209,7 +212,7 @@ def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: n
                                         pool.pixels, rows, device, batch_size, desc="teacher scoring")
         _restore_mode(teachers, states)
     student_logits = None
-    if epoch > 0 and cfg.mode == "kd3":
+    if epoch > 0 and (cfg.mode == "kd3" or (cfg.mode in ("balanced", "soft") and cfg.budget.refresh)):
         mods = [student, method]
         states = _eval_mode(mods)
         student_logits = predict_logits(lambda x: method.predict(student, teachers, x), pool.pixels, rows,
@@ -226,8 +229,10 @@ def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: n
                         split=pool.split, status=pool.status)
     if overrides:  # forced keep / forced reject, reason "override" (validation rows untouched)
         sel.keep, sel.reason = apply_overrides(sel.keep, sel.reason, pool.ids, overrides)
-        sel.weight = np.where(sel.keep, np.maximum(sel.weight, 1.0), 0.0).astype(np.float32)
+        forced = sel.reason == OVERRIDE
+        sel.weight = np.where(forced, sel.keep.astype(np.float32), sel.weight).astype(np.float32)
     train = sel.keep & (pool.split == "train")
+    train |= (pool.split == "train") & np.isin(sel.reason, WEIGHTED_REJECTIONS) & (sel.weight > 0)
     if cfg.reject_weight > 0:  # soft selection: confidence rejections still count, down-weighted
         soft = ~sel.keep & (pool.split == "train") & np.isin(sel.reason, SOFT_REJECTIONS)
         sel.weight = np.where(soft, np.float32(cfg.reject_weight), sel.weight).astype(np.float32)

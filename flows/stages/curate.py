@@ -97,7 +97,9 @@ def index(cfg: Config):
 
 def pool(cfg: Config, with_neighbors: bool | None = None) -> Pool:
     """The run's training pool (`training.pool.build_pool`) with this config's settings."""
-    knn = cfg.selection.knn.enabled if with_neighbors is None else with_neighbors
+    wants = cfg.selection.knn.enabled or (cfg.selection.mode in ("balanced", "soft")
+                                          and cfg.selection.relevance.knn_weight > 0)
+    knn = wants if with_neighbors is None else with_neighbors
     search = NeighborSearch(index_key(cfg), cfg.selection.knn.k, cfg.index.nprobe, cfg.index.block_size) if knn else None
     return build_pool(cfg.paths, cfg.data, [t.cache_key for t in cfg.teachers], cfg.train.label_source, search)
 
