@@ -95,6 +95,8 @@ ROWS = {
         "sel_bal_qprior": ("KD^3 + logit KD, balanced budgets without a cap, query prior 1 + energy x0.25",
                            ["selection.mode=balanced", "selection.budget.cap_median=null",
                             "selection.relevance.query_weight=1.0", "selection.relevance.ood_weight=0.25"]),
+        "sel_rand_qprior": ("KD^3 + logit KD, random 50% of the candidates (the size sel_bal_qprior keeps)",
+                            ["selection.mode=random", "selection.random_keep=0.5"]),
         "sel_soft_qprior": ("KD^3 + logit KD, soft relevance weights, query prior 1 + energy x0.25",
                             ["selection.mode=soft", "selection.relevance.query_weight=1.0",
                              "selection.relevance.ood_weight=0.25"]),
