@@ -81,7 +81,7 @@ def prepare(cfg: Config) -> list[str]:
     test set; the bench scripts prepare one curated pool and train many students on it.
     Returns the stages' report lines."""
     report = ingest(cfg)
-    lines = [report.summary(), str(features(cfg))]
+    lines = [report.summary(), *(f"features {k}: {v}" for k, v in features(cfg).items())]
     if cfg.teachers:
         lines.append(str(index(cfg)))
     test_set(cfg)
