@@ -17,7 +17,6 @@ Every file is replaced atomically; a killed run leaves the old cache or the new 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import Record
-from webkd.pipeline.storage import atomic_path, atomic_save_npy, atomic_write_json, read_json
+from webkd.pipeline.storage import atomic_path, atomic_save_npy, atomic_write_json, ids_sha256, read_json
 
 if TYPE_CHECKING:  # torch is imported lazily: pixel caching and the CLI do not need it
     import torch
@@ -84,14 +83,6 @@ def fit_square(img: Any, size: int, fit: str = "squash") -> np.ndarray:
     return np.asarray(out.convert("RGB"), dtype=np.uint8)
 
 
-def _ids_hash(ids: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for i in ids:
-        h.update(i.encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
 def pixel_meta_path(path: str | Path) -> Path:
     """The sidecar of a pixel cache: `pixels/rgb32_squash.json` beside `pixels/rgb32_squash.npy`."""
     return Path(path).with_suffix(".json")
@@ -130,7 +121,7 @@ def build_pixel_cache(records: Sequence[Record], path: str | Path, size: int, fi
         else:
             rows = int(meta.get("rows", -1))
             if arr.shape[1:] == (size, size, 3) and len(arr) == rows and rows <= n \
-                    and meta.get("ids_sha256") == _ids_hash(ids[:rows]):
+                    and meta.get("ids_sha256") == ids_sha256(ids[:rows]):
                 old, n_old = arr, rows
             else:
                 log.info("pixel cache %s does not match this manifest: rebuilding", path)
@@ -141,7 +132,7 @@ def build_pixel_cache(records: Sequence[Record], path: str | Path, size: int, fi
     log.info("pixel cache %s: %d cached rows, decoding %d", path, n_old, n - n_old)
     if n == 0:
         atomic_save_npy(path, np.zeros((0, size, size, 3), np.uint8))
-        atomic_write_json(meta_path, {"rows": 0, "size": size, "fit": fit, "ids_sha256": _ids_hash([]), "failed": []})
+        atomic_write_json(meta_path, {"rows": 0, "size": size, "fit": fit, "ids_sha256": ids_sha256([]), "failed": []})
         return np.load(path)
 
     with atomic_path(path, suffix=".npy") as tmp:
@@ -168,7 +159,7 @@ def build_pixel_cache(records: Sequence[Record], path: str | Path, size: int, fi
     if errors:
         log.warning("pixel cache: %d row(s) could not be decoded and are black: %s", len(errors),
                     "; ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
-    atomic_write_json(meta_path, {"rows": n, "size": size, "fit": fit, "ids_sha256": _ids_hash(ids),
+    atomic_write_json(meta_path, {"rows": n, "size": size, "fit": fit, "ids_sha256": ids_sha256(ids),
                                   "failed": failed})
     return np.load(path, mmap_mode="r")
 
@@ -267,7 +258,7 @@ def extract_features(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray
     cached = load_features(paths, key)
     n_old = 0
     if cached is not None and cached.fingerprint == fingerprint and cached.rows <= n:
-        ids_ok = row_ids is None or meta.get("ids_sha256") in (None, _ids_hash(row_ids[:cached.rows]))
+        ids_ok = row_ids is None or meta.get("ids_sha256") in (None, ids_sha256(row_ids[:cached.rows]))
         if ids_ok:
             n_old = cached.rows
         else:
@@ -325,7 +316,7 @@ def extract_features(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray
             module.train(was_training)
     meta_out: dict[str, Any] = {"fingerprint": fingerprint, "rows": n, "dim": int(dim), "num_classes": int(num_classes)}
     if row_ids is not None:
-        meta_out["ids_sha256"] = _ids_hash(row_ids)
+        meta_out["ids_sha256"] = ids_sha256(row_ids)
     atomic_write_json(paths.features_meta(key), meta_out)
     fresh = load_features(paths, key)
     assert fresh is not None

@@ -26,7 +26,7 @@ from webkd.pipeline.config import IndexConfig
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import (NEAR_DUPLICATE, OK, QuarantineRow, load_manifest, load_quarantine, save_manifest,
                                     save_quarantine)
-from webkd.pipeline.storage import atomic_path, atomic_write_json, read_json
+from webkd.pipeline.storage import atomic_path, atomic_write_json, ids_sha256, read_json
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def _index_inputs(paths: RunPaths, key: str, cfg: IndexConfig, records: list, pi
 
     cand = [r.id for r in records if r.status in (OK, NEAR_DUPLICATE)]
     parts = [read_json(paths.features_meta(key), default=None), cfg.model_dump(mode="json"),
-             hashlib.sha256("\n".join(cand).encode()).hexdigest(),
+             ids_sha256(cand),
              list(pixels.shape) if pixels is not None and cfg.near_dup_space == "pixels" else None]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -88,3 +88,12 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
         for chunk in iter(lambda: fh.read(block), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def ids_sha256(ids) -> str:
+    """Order-sensitive hash of a list of record ids (a manifest, a pool, a validation split)."""
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(str(i).encode())
+        h.update(b"\n")
+    return h.hexdigest()

@@ -43,7 +43,7 @@ import numpy as np
 
 from webkd.pipeline.paths import RunPaths, ledgers_in
 from webkd.pipeline.report import pct
-from webkd.pipeline.storage import atomic_write_json, atomic_write_text, locked, read_json, sha256_file
+from webkd.pipeline.storage import atomic_write_json, atomic_write_text, ids_sha256, locked, read_json, sha256_file  # noqa: F401 (ids_sha256: registry.ids_sha256)
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,6 @@ class RegistryError(ValueError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def ids_sha256(ids: Sequence[str]) -> str:
-    """Order-sensitive hash of a list of record ids (a pool or a validation split)."""
-    h = hashlib.sha256()
-    for i in ids:
-        h.update(str(i).encode())
-        h.update(b"\n")
-    return h.hexdigest()
 
 
 def pool_state(ids: Sequence[str], overrides: Mapping[str, str], config_fingerprint: str) -> dict[str, Any]:
