@@ -85,7 +85,7 @@ DEFAULT_ROWS = ["upper_bound", "vanilla_kd", "function_matching", "paper_kd3", "
 # the random row copies the kept share of the product's selection; while the default selects
 # nothing (mode none) it copies the first of these rows that does select
 RANDOM_SIZE_FROM = ["default", "default_sel", "paper_kd3"]
-SAME = ("pool_size", "epochs", "batch_size", "test_size", "teacher", "set")  # settings a resumed run must share
+SAME = ("pool_size", "epochs", "steps_per_epoch", "batch_size", "test_size", "teacher", "set")  # settings a resumed run must share
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pool-size", type=int, default=8000, help="Tiny ImageNet images in the web pool (of 60,600)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--steps-per-epoch", type=int, default=None,
+                    help="the step budget per epoch of every row (default: one pass over the pool's training share); "
+                         "with a pool larger than the budget, selection chooses what the steps are spent on")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--fresh", action="store_true", help="forget recorded results and run directories")
@@ -140,7 +143,9 @@ def write_data(args) -> dict[str, Path]:
 
 
 def steps_per_epoch(args, cfg) -> int:
-    """The one step budget of every row: one pass over the pool's training share."""
+    """The one step budget of every row: --steps-per-epoch, or one pass over the pool's training share."""
+    if args.steps_per_epoch:
+        return args.steps_per_epoch
     return max(1, int(args.pool_size * (1 - cfg.data.val_fraction)) // args.batch_size)
 
 
