@@ -91,6 +91,14 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
         None, "web", ["train.method=kd", FUNMATCH, "selection.mode=balanced", f"selection.budget.keep={k}",
                       "selection.relevance.ood_weight=0.0", "selection.relevance.discrepancy_weight=1.0"])
        for k in (0.25, 0.5)},
+    **{f"kd_disc{int(100 * k)}": (
+        f"vanilla KD, balanced budgets keep {k:g} on teacher-student discrepancy (re-scored every epoch)",
+        None, "web", ["train.method=kd", "selection.mode=balanced", NO_ARGS, f"selection.budget.keep={k}",
+                      "selection.relevance.ood_weight=0.0", "selection.relevance.discrepancy_weight=1.0"])
+       for k in (0.25, 0.5)},
+    "kd_bal_q25": ("vanilla KD, balanced budgets keep 0.25, energy + query prior", None, "web",
+                   ["train.method=kd", "selection.mode=balanced", NO_ARGS, "selection.budget.keep=0.25",
+                    "selection.relevance.query_weight=1.0"]),
 }
 DEFAULT_ROWS = ["upper_bound", "vanilla_kd", "function_matching", "paper_kd3", "default", "default_sel",
                 "random_selection", "kd3_nosel"]
