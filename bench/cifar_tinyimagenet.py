@@ -124,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--fresh", action="store_true", help="forget recorded results and run directories")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="train nothing: print the table and write --results from the runs recorded in --out "
+                         "(and in each --merge-from folder's results.json recorded under the same settings)")
+    ap.add_argument("--merge-from", type=Path, nargs="*", default=[],
+                    help="other --out folders of the same settings (parallel jobs) whose runs are added")
     ap.add_argument("--test-size", type=int, default=None, help="a seeded subset of CIFAR-10 test (tests only)")
     ap.add_argument("--train-teacher", action="store_true", help="train (or reuse the cached) teacher, not the shipped one")
     ap.add_argument("--ship-teacher", action="store_true", help="copy the trained teacher into flows/assets/")
@@ -266,6 +271,24 @@ def run_rows(args, weights: Path, paths: dict[str, Path]) -> dict[str, list[dict
     return results
 
 
+def recorded(args, weights: Path) -> dict[str, list[dict]]:
+    """The runs recorded in --out and the --merge-from folders under this invocation's settings
+    (one record per row and seed, --out first)."""
+    settings = {k: (str(weights.resolve()) if k == "teacher" else vars(args)[k]) for k in SAME}
+    out: dict[str, list[dict]] = {}
+    for folder in [args.out, *args.merge_from]:
+        rec = read_json(folder / "results.json", None)
+        if not rec:
+            continue
+        if rec.get("settings") != settings:
+            raise SystemExit(f"{folder / 'results.json'}: recorded under other settings ({rec.get('settings')}), "
+                             f"not {settings}")
+        for row, runs in rec["results"].items():
+            have = {r["seed"] for r in out.get(row, [])}
+            out.setdefault(row, []).extend(r for r in runs if r["seed"] not in have)
+    return out
+
+
 def table(results: dict[str, list[dict]], rows: list[str]) -> str:
     def ms(vals):
         v = np.array([x for x in vals if x is not None], float)
@@ -291,8 +314,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher_only:
         print(f"teacher: {weights}: {t_metrics}")
         return {"teacher": t_metrics}
-    paths = write_data(args)
-    results = run_rows(args, weights, paths)
+    if args.summary_only:
+        results = recorded(args, weights)
+    else:
+        paths = write_data(args)
+        results = run_rows(args, weights, paths)
     rows = args.rows.split(",")
     print("\n" + table(results, rows))
     any_run = next((r for row in rows if ROWS[row][2] == "web" for r in results.get(row, [])), None)

@@ -114,6 +114,9 @@ ROWS = {
        for k in (0.25, 0.5)
        for obj, label, over in (("kd", "vanilla KD", ["train.method=kd", NO_ARGS]),
                                 ("kd3p", "KD^3 + logit KD", ["train.method=kd3", KD3P]))},
+    "kd_reldisc50": ("vanilla KD, balanced budgets keep 0.5 on teacher energy + web query prior + discrepancy",
+                     ["train.method=kd", NO_ARGS, "selection.mode=balanced", "selection.budget.keep=0.5",
+                      "selection.relevance.query_weight=1.0", "selection.relevance.discrepancy_weight=1.0"]),
     "kd_rand50": ("vanilla KD, a fixed random 50% of the candidates", ["train.method=kd", NO_ARGS,
                                                                       "selection.mode=random", "selection.random_keep=0.5"]),
 }
@@ -188,8 +191,9 @@ def main() -> None:
     if res_file.exists():
         old = json.loads(res_file.read_text())
         if all(old["args"].get(k, ap.get_default(k)) == vars(args)[k] for k in same):  # keys added later: defaults
-            for row in rows:
-                results[row] = [r for r in old["results"].get(row, []) if r["seed"] in args.seeds]
+            # every recorded run is kept (other rows and seeds too: a later call with other --rows/--seeds adds to it)
+            results = {row: list(recs) for row, recs in old["results"].items()} | {
+                row: list(old["results"].get(row, [])) for row in rows}
     base_web, base_fm = OUT / f"base_web{pool_tag}", OUT / f"base_fmnist{pool_tag}"
     # every run's extra settings: the step budget, and the pool's query map when it has more queries
     pool_set = ([f"train.steps_per_epoch={args.steps_per_epoch}"] if args.steps_per_epoch else []) + (
