@@ -31,7 +31,7 @@ from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import (DUPLICATE, OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine,
                                     read_bytes, save_manifest, save_quarantine)
 from webkd.pipeline.sources import Entry, iter_source
-from webkd.pipeline.storage import atomic_write_table
+from webkd.pipeline.storage import atomic_write_table, commit_files, recover_files
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,9 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
     offset, outcome); an unchanged entry is not read again, new records are appended (existing
     rows keep their order), and every new row carries `batch` = this round's number.
     """
+    recovered = recover_files(paths.ingest_stage)   # a round killed mid-commit: finish it or drop it
+    if recovered:
+        log.warning("%s: an interrupted ingest round was %s", paths.root, recovered)
     records = load_manifest(paths.manifest)
     quarantine = load_quarantine(paths.quarantine)
     state = _load_state(paths.ingest_state)
@@ -440,9 +443,10 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
         report.kept += 1
 
     if todo or not (paths.manifest.exists() and paths.ingest_state.exists()):  # nothing read: nothing to write
-        save_manifest(paths.manifest, records)
-        save_quarantine(paths.quarantine, quarantine)
-        _save_state(paths.ingest_state, state)               # last: a kill before it re-reads, never skips
+        # one commit for the round's three files: a kill leaves all old or all new (recover_files)
+        commit_files(paths.ingest_stage, [(paths.manifest, lambda p: save_manifest(p, records)),
+                                          (paths.quarantine, lambda p: save_quarantine(p, quarantine)),
+                                          (paths.ingest_state, lambda p: _save_state(p, state))])
     report.quarantined = dict(quarantined)
     report.total_records, report.total_quarantined = len(records), len(quarantine)
     log.info("ingest round %d: listed %d, kept %d, quarantined %d; %d manifest rows", batch, report.seen, report.kept, report.n_quarantined, report.total_records)  # the CLI prints the table
