@@ -6,6 +6,7 @@ a user error (bad key, missing file, unknown method or model, ...) is one line o
 exit code 2 (`--debug` shows the traceback). Flags and `key.sub=value` overrides mix in any order.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -27,12 +28,23 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. train.epochs=5 run_dir=runs/try1")
 
 
-def _load(args: argparse.Namespace, sources: bool = True):
-    """The checked config: schema at load, then every check that needs no work (flows/checks.py)."""
+def _load(args: argparse.Namespace, sources: bool = True, lock: bool = True):
+    """The checked config: schema at load, then every check that needs no work (flows/checks.py).
+    With `lock` (every verb that writes the run directory) the run directory's lock is taken for
+    the rest of the command (`pipeline.storage.run_lock`): a second writer fails at once."""
     from webkd.flows.checks import check_run
     from webkd.pipeline.config import load_config
 
-    return check_run(load_config(args.config, args.overrides), sources=sources)
+    cfg = check_run(load_config(args.config, args.overrides), sources=sources)
+    if lock:
+        _hold_run_lock(args, cfg.paths)
+    return cfg
+
+
+def _hold_run_lock(args: argparse.Namespace, paths) -> None:
+    from webkd.pipeline.storage import run_lock
+
+    args._stack.enter_context(run_lock(paths.lock, " ".join(["webkd", args.verb] + sys.argv[2:])[:200]))
 
 
 def _counts(d: dict) -> str:
@@ -185,7 +197,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from webkd.flows.schedules import api_url, build_deployments, serve_deployments
 
-    _load(args, sources=False)   # the web sources may be filled before the first scheduled run
+    _load(args, sources=False, lock=False)   # the sources may be filled later; each flow run takes the lock
     deps = build_deployments(args.config, args.overrides)
     for d in deps:
         crons = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in d.schedules) or "no schedule"
@@ -234,6 +246,8 @@ def _run_override(args: argparse.Namespace) -> int:
         print(f"webkd override: {paths.root}: no such run directory", file=sys.stderr)
         return 2
     try:
+        if args.file or args.accept or args.reject or args.remove:
+            _hold_run_lock(args, paths)
         changes = []
         if args.file:
             changes.append(import_overrides_file(paths.overrides, args.file))
@@ -286,15 +300,24 @@ def _run_inspect(args: argparse.Namespace) -> int:
     paths = RunPaths(Path(args.run_dir))
     inputs = [paths.manifest, paths.overrides, paths.student_predictions, *(p for _, p in paths.ledgers())]
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
+    from webkd.pipeline.storage import RunLocked
+
+    busy = None
     try:
         print(summarize_run(paths.root).text())
         stale = paths.gallery.exists() and paths.gallery.stat().st_mtime < newest
         fresh = args.render or stale or not paths.gallery.exists()
         if fresh:
-            render_gallery(paths.root)
+            try:     # rendering writes the run directory: only when no other command is writing it
+                _hold_run_lock(args, paths)
+                render_gallery(paths.root)
+            except RunLocked as exc:
+                busy, fresh, stale = str(exc), False, False
     except GalleryError as exc:
         print(f"webkd inspect: {exc}", file=sys.stderr)
         return 2
+    if busy:
+        print(f"webkd inspect: gallery not rendered: {busy}", file=sys.stderr)
     note = " (re-rendered: older than the ledgers / overrides)" if stale else " (rendered now)" if fresh else ""
     print(f"gallery: {paths.gallery}{note}")
     return 0
@@ -361,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 # library loggers whose INFO lines say nothing a user needs (faiss.loader: which SIMD build loaded)
 QUIET_LOGGERS = ("faiss", "httpx", "httpcore", "urllib3", "PIL", "numexpr", "matplotlib", "filelock")
 # exceptions that are the user's to fix (matched by class name: no heavy imports to catch them)
-USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError"}
+USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError", "RunLocked"}
 
 
 def _user_error(exc: BaseException) -> bool:
@@ -400,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with contextlib.ExitStack() as stack:   # holds the run directory's lock (_load) until the verb ends
+            args._stack = stack
+            return int(args._run(args) or 0)
     except Exception as exc:
         if debug or not _user_error(exc):
             raise
