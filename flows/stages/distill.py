@@ -57,6 +57,22 @@ class DistillResult:
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
+def training_fingerprint(cfg: Config) -> str:
+    """Hash of the config parts that change what a student learns. Left out: names and paths
+    (name, run_dir, data sources: the pool ids stand for the data), device, flows, export,
+    the test set and train.warm_start (a refresh sets it)."""
+    import hashlib
+    import json
+
+    d = cfg.model_dump(mode="json")
+    for k in ("name", "run_dir", "device", "flows", "export"):
+        d.pop(k, None)
+    for k in ("sources", "test_source", "val_source"):
+        d["data"].pop(k, None)
+    d["train"].pop("warm_start", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def command_line() -> str:
     """The command that made this run (`python -m webkd.flows ...` is the same program as `webkd ...`)."""
     return " ".join(shlex.quote(a) for a in ["webkd"] + sys.argv[1:])
@@ -116,23 +132,27 @@ class Trained:
     deployed: Any
     fit: Any                            # training.loop.FitResult
     best_val: dict[str, float]          # validation scores of the chosen checkpoint
+    trained_on: dict[str, Any] = field(default_factory=dict)  # registry.pool_state of the pool it used
 
 
 def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device) -> Trained:
     """Train with the configured method (resumable), then reload the best validation checkpoint."""
     from webkd.training.loop import fit, load_checkpoint
+    from webkd.training.registry import pool_state
 
     teacher_models = [m for _, m, _ in teachers]
     student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))
+    overrides = load_overrides_for(cfg)
     result = fit(student, teacher_models, method, p, cfg.train, cfg.selection, out, seed=cfg.seed,
-                 device=device, overrides=load_overrides_for(cfg), run_fingerprint=cfg.fingerprint(),
+                 device=device, overrides=overrides, run_fingerprint=cfg.fingerprint(),
                  class_names=list(cfg.data.classes) or None)
     best = load_checkpoint(out.best_checkpoint, device)
     student.load_state_dict(best["student"])
     method.load_state_dict(best["method"])
     student.eval()
     method.eval()
-    return Trained(student, method, method.deploy(student, teacher_models).eval(), result, best.get("val", {}))
+    return Trained(student, method, method.deploy(student, teacher_models).eval(), result, best.get("val", {}),
+                   trained_on=pool_state(list(p.ids), overrides, training_fingerprint(cfg)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +221,8 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
             "deploy": trained.method.deploy_info(), "teachers": [k for k, _, _ in teachers],
             "teacher_fingerprints": [fp for _, _, fp in teachers], "metrics": metrics,
             "student_fingerprint": model_fingerprint(trained.student, cfg.student),
-            "config_fingerprint": cfg.fingerprint(), "command": command_line()}
+            "config_fingerprint": cfg.fingerprint(), "command": command_line(),
+            "trained_on": trained.trained_on}
     exp = save_export(trained.deployed.cpu(), out.export_dir, meta, sample_batch(p), onnx=cfg.export.onnx,
                       opset=cfg.export.opset, atol=cfg.export.atol)
     meta = read_json(out.export_dir / "student.json")
