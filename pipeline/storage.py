@@ -38,13 +38,27 @@ KILL_AT_WRITE = "WEBKD_KILL_AT_WRITE"     # tests: SIGKILL this process after it
 _writes = 0
 
 
-def _written() -> None:
+_named: dict[str, int] = {}
+
+
+def _written(target: str | Path = "") -> None:
     """Count one completed write or rename; with WEBKD_KILL_AT_WRITE=N the N-th one kills the
-    process (SIGKILL: no cleanup, no atexit), so a test can stop a run between any two writes."""
+    process (SIGKILL: no cleanup, no atexit), so a test can stop a run between any two writes;
+    WEBKD_KILL_AT_WRITE=NAME (or NAME@K) kills after the first (K-th) write of a file or folder
+    called NAME."""
     global _writes
     _writes += 1
     at = os.environ.get(KILL_AT_WRITE)
-    if at and _writes == int(at):
+    if not at:
+        return
+    if at.isdigit():
+        hit = _writes == int(at)
+    else:
+        name, _, k = at.partition("@")
+        if Path(target).name == name:
+            _named[name] = _named.get(name, 0) + 1
+        hit = Path(target).name == name and _named[name] == int(k or 1)
+    if hit:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -61,7 +75,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-        _written()
+        _written(path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -128,9 +142,9 @@ def _roll_forward(stage: Path) -> None:
         src = stage / name
         if src.exists():
             os.replace(src, stage / rel)
-            _written()
+            _written(stage / rel)
     (stage / COMMIT).unlink()
-    _written()
+    _written(stage / COMMIT)
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -164,9 +178,9 @@ def replace_dir(new: str | Path, target: str | Path) -> None:
     old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
     if target.exists():
         os.replace(target, old)
-        _written()
+        _written(old)
     os.replace(new, target)
-    _written()
+    _written(target)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
 

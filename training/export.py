@@ -205,6 +205,9 @@ def write_model_card(export_dir: str | Path, meta: dict[str, Any], metrics: dict
         f"{lineage.get('validation', 0)} held out for validation, {lineage.get('validation_scored', '?')} of them "
         f"scored); {lineage.get('quarantined', 0)} quarantined at ingest",
         f"- sources: {', '.join(lineage.get('sources', [])) or '-'}",
+        *([f"- trained on: {meta['trained_on'].get('rows', '?')} pool rows (ids sha256 "
+           f"{str(meta['trained_on'].get('ids_sha256', '-'))[:12]}, training config "
+           f"{meta['trained_on'].get('config', '-')})"] if meta.get("trained_on") else []),
         f"- selection at the final epoch ({lineage.get('epoch', '?')}): kept {lineage.get('kept', '?')}, "
         f"rejected {lineage.get('rejected', '?')}, validation {lineage.get('validation', '?')} (never trained on)",
     ]

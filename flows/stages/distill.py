@@ -6,6 +6,7 @@ training task (flows/distill.py); a refresh challenger (flows/stages/refresh.py)
 """
 import logging
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from webkd.pipeline.features import build_pixel_cache, resolve_device
 from webkd.pipeline.ingest import run_ingest
 from webkd.pipeline.records import class_index, load_manifest
 from webkd.pipeline.report import pct
-from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
+from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json, replace_dir
 from webkd.training.pool import Pool, sample_batch
 
 log = logging.getLogger(__name__)
@@ -223,17 +224,22 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
             "student_fingerprint": model_fingerprint(trained.student, cfg.student),
             "config_fingerprint": cfg.fingerprint(), "command": command_line(),
             "trained_on": trained.trained_on}
-    exp = save_export(trained.deployed.cpu(), out.export_dir, meta, sample_batch(p), onnx=cfg.export.onnx,
+    # built in a hidden folder and renamed to export/ when complete: an export is whole or absent
+    stage = out.export_stage
+    shutil.rmtree(stage, ignore_errors=True)           # left by a killed export (we hold the run lock)
+    exp = save_export(trained.deployed.cpu(), stage, meta, sample_batch(p), onnx=cfg.export.onnx,
                       opset=cfg.export.opset, atol=cfg.export.atol)
-    meta = read_json(out.export_dir / "student.json")
+    meta = read_json(stage / "student.json")
     with torch.no_grad():   # one pass over the pool: the page shows the exported student's predictions
         logits = predict_logits(lambda x: trained.deployed(x), p.pixels, np.arange(len(p)), torch.device("cpu"),
                                 cfg.train.eval_batch_size, desc="student predictions")
-    save_student_predictions(out.export_dir, p.ids, logits, f"{cfg.name}: {out.root.name}")
+    save_student_predictions(stage, p.ids, logits, f"{cfg.name}: {out.root.name}")
     final_epoch = max(e for e in range(cfg.train.epochs) if out.ledger(e).exists())
-    card = write_model_card(out.export_dir, meta, metrics, _lineage(cfg, final_epoch, out), command_line())
+    card = write_model_card(stage, meta, metrics, _lineage(cfg, final_epoch, out), command_line())
+    replace_dir(stage, out.export_dir)
+    exp.export_dir, exp.files = out.export_dir, [out.export_dir / f.name for f in exp.files]
     atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
-    return exp, card
+    return exp, out.export_dir / card.name
 
 
 def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None, p: Pool | None = None) -> DistillResult:

@@ -163,8 +163,12 @@ def register_distilled(cfg: Config, result: DistillResult, p: Pool | None = None
 
     paths = cfg.paths
     reg = registry.load_registry(paths.registry)
-    version = registry.allocate_version(paths, reuse=False)
-    export = registry.archive_export(paths, version, result.export_dir)
+    # an archive left by a run killed before it registered this very student is reused, not orphaned
+    version = registry.unregistered_version(paths, registry.weights_sha256(result.export_dir))
+    if version is None:
+        version = registry.allocate_version(paths, reuse=False)
+        registry.archive_export(paths, version, result.export_dir)
+    export = registry.student_dir(paths, version).export_dir
     validation = _compare(cfg, export, reg.champion, p)
     prev = "" if reg.champion is None else f", previous champion {reg.champion}: " + \
         ("not comparable" if validation["champion_score"] is None else f"{validation['champion_score']:.4f}")
