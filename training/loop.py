@@ -35,7 +35,7 @@ from webkd.selection import policy
 from webkd.selection.counts import collapsed_classes, kept_per_class
 from webkd.selection.overrides import apply_overrides
 from webkd.training.methods import Method
-from webkd.training.pool import Pool
+from webkd.training.pool import Pool, pool_state
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def checkpoint_identity(pool: Pool, overrides: dict[str, str] | None, run_fingerprint: str) -> dict[str, Any]:
     """What a checkpoint was trained on: the pool (ids hash), the overrides and the run's config
-    fingerprint (`training.registry.pool_state`, the registry's `trained_on`). A checkpoint is
+    fingerprint (`training.pool.pool_state`, the registry's `trained_on`). A checkpoint is
     resumed only by a run with the same identity: a grown pool starts a new training."""
-    from webkd.training.registry import pool_state
-
     return pool_state(list(pool.ids), overrides or {}, run_fingerprint)
 
 

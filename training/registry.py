@@ -26,18 +26,16 @@ File format (`version` 1)::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -45,6 +43,7 @@ from webkd.pipeline.paths import RunPaths, ledgers_in
 from webkd.pipeline.report import pct
 from webkd.pipeline.storage import (atomic_write_json, atomic_write_text, ids_sha256, locked, read_json,  # noqa: F401 (ids_sha256: registry.ids_sha256)
                                    replace_dir, sha256_file)
+from webkd.training.pool import pool_state  # noqa: F401 (registry.pool_state: what a student is trained on)
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,6 @@ class RegistryError(ValueError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def pool_state(ids: Sequence[str], overrides: Mapping[str, str], config_fingerprint: str) -> dict[str, Any]:
-    """What a student is trained on: the pool (ids), the human overrides and the training config.
-    Two trainings with the same state would learn the same thing, so a refresh skips the second."""
-    ov = hashlib.sha256(json.dumps(dict(sorted(overrides.items())), sort_keys=True).encode()).hexdigest()
-    return {"rows": len(ids), "ids_sha256": ids_sha256(ids), "overrides_sha256": ov,
-            "config": str(config_fingerprint)}
 
 
 # --------------------------------------------------------------------------------------------

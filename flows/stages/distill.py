@@ -133,13 +133,13 @@ class Trained:
     deployed: Any
     fit: Any                            # training.loop.FitResult
     best_val: dict[str, float]          # validation scores of the chosen checkpoint
-    trained_on: dict[str, Any] = field(default_factory=dict)  # registry.pool_state of the pool it used
+    trained_on: dict[str, Any] = field(default_factory=dict)  # training.pool.pool_state of the pool it used
 
 
 def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device) -> Trained:
     """Train with the configured method (resumable), then reload the best validation checkpoint."""
     from webkd.training.loop import fit, load_checkpoint
-    from webkd.training.registry import pool_state
+    from webkd.training.pool import pool_state
 
     teacher_models = [m for _, m, _ in teachers]
     student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))

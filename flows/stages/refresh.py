@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def pool_state(cfg: Config) -> dict[str, Any]:
     """What a student trained now would be trained on (pool ids, overrides, training config)."""
-    from webkd.training.registry import pool_state as state
+    from webkd.training.pool import pool_state as state
 
     return state([r.id for r in load_manifest(cfg.paths.manifest)], load_overrides_for(cfg),
                  training_fingerprint(cfg))
