@@ -44,7 +44,8 @@ def _load(args: argparse.Namespace, sources: bool = True, lock: bool = True):
 def _hold_run_lock(args: argparse.Namespace, paths) -> None:
     from webkd.pipeline.storage import run_lock
 
-    args._stack.enter_context(run_lock(paths.lock, " ".join(["webkd", args.verb] + sys.argv[2:])[:200]))
+    words = [a for a in getattr(args, "_argv", []) if a != args.verb]
+    args._stack.enter_context(run_lock(paths.lock, " ".join(["webkd", args.verb, *words])[:200]))
 
 
 def _counts(d: dict) -> str:
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with contextlib.ExitStack() as stack:   # holds the run directory's lock (_load) until the verb ends
-            args._stack = stack
+            args._stack, args._argv = stack, argv
             return int(args._run(args) or 0)
     except Exception as exc:
         if debug or not _user_error(exc):
