@@ -79,6 +79,18 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
         "sel_soft": ("default objective, soft relevance weights, energy + query prior",
                      ["selection.mode=soft", "selection.relevance.query_weight=1.0"]),
     }.items()},
+    # [project] the same budgets on the function-matching objective (KD, mixup, same view, T 1)
+    **{name: (label, None, "web", ["train.method=kd", FUNMATCH] + sel) for name, (label, sel) in {
+        f"fm_bal{'_q' if q else ''}{int(100 * k)}": (
+            f"function matching, balanced budgets keep {k:g}, energy{' + query prior' if q else ''}",
+            ["selection.mode=balanced", f"selection.budget.keep={k}"] + (["selection.relevance.query_weight=1.0"] if q else []))
+        for k in (0.1, 0.25, 0.5) for q in (False, True)}.items()},
+    # [project] the student in the loop: per pseudo-class budgets on KL(p_T || p_S) at each reselection
+    **{f"fm_disc{int(100 * k)}": (
+        f"function matching, balanced budgets keep {k:g} on teacher-student discrepancy (re-scored every epoch)",
+        None, "web", ["train.method=kd", FUNMATCH, "selection.mode=balanced", f"selection.budget.keep={k}",
+                      "selection.relevance.ood_weight=0.0", "selection.relevance.discrepancy_weight=1.0"])
+       for k in (0.25, 0.5)},
 }
 DEFAULT_ROWS = ["upper_bound", "vanilla_kd", "function_matching", "paper_kd3", "default", "default_sel",
                 "random_selection", "kd3_nosel"]

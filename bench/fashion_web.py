@@ -113,7 +113,7 @@ CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pi
 
 def base_overrides(args, teacher_weights: Path, source: Path) -> list[str]:
     return [f"teachers.0.weights={teacher_weights}", f"data.sources=['folder:{source}']",
-            f"data.test_source=folder:{OUT / 'data' / 'test'}", f"train.epochs={args.epochs}",
+            f"data.test_source=folder:{args.test_dir}", f"train.epochs={args.epochs}",
             f"data.image_size={args.image_size}"]
 
 
@@ -145,6 +145,10 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--pacs", type=int, default=1500, help="PACS images in the pool (off-class noise)")
     ap.add_argument("--teacher-epochs", type=int, default=4)
+    ap.add_argument("--tiny-clothing", action="store_true",
+                    help="add the Tiny ImageNet clothing queries to the pool (datasets.TINY_CLOTHING_TO_FMNIST)")
+    ap.add_argument("--steps-per-epoch", type=int, default=None,
+                    help="train.steps_per_epoch of every row (the same step budget whatever each row keeps)")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config overrides for every run")
     ap.add_argument("--tag", default="", help="suffix for run directories and the results file (ablations)")
     ap.add_argument("--summary-only", action="store_true",
@@ -154,11 +158,13 @@ def main() -> None:
     cfg_path = ROOT / "flows" / "configs" / "fashion_web.yaml"
     t_all = time.time()
     if args.summary_only:
-        write_summary(json.loads((OUT / f"results{args.tag}.json").read_text())["results"], rows)
+        write_summary(json.loads((OUT / f"results{'_tiny' if args.tiny_clothing else ''}{args.tag}.json")
+                                 .read_text())["results"], rows)
         return
 
-    data = OUT / "data"
-    scen = datasets.write_fashion_web(data, pacs_images=args.pacs)
+    pool_tag = "_tiny" if args.tiny_clothing else ""
+    data = OUT / f"data{pool_tag}"
+    scen = datasets.write_fashion_web(data, pacs_images=args.pacs, tiny_clothing=args.tiny_clothing)
     t0 = time.time()
     teacher_weights, teacher_metrics = demo.train_fmnist_teacher(epochs=args.teacher_epochs)
     print(f"teacher: {teacher_metrics} ({time.time() - t0:.0f}s, cached after the first run)")
@@ -167,18 +173,22 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {r: [] for r in rows}
     # resume: runs already recorded under the same settings are kept (a killed benchmark picks up where it was)
-    res_file = OUT / f"results{args.tag}.json"
-    same = ("epochs", "image_size", "pacs", "teacher_epochs", "set")
+    res_file = OUT / f"results{'_tiny' if args.tiny_clothing else ''}{args.tag}.json"
+    same = ("epochs", "image_size", "pacs", "teacher_epochs", "set", "tiny_clothing", "steps_per_epoch")
     if res_file.exists():
         old = json.loads(res_file.read_text())
-        if all(old["args"].get(k) == vars(args)[k] for k in same):
+        if all(old["args"].get(k, ap.get_default(k)) == vars(args)[k] for k in same):  # keys added later: defaults
             for row in rows:
                 results[row] = [r for r in old["results"].get(row, []) if r["seed"] in args.seeds]
-    base_web, base_fm = OUT / "base_web", OUT / "base_fmnist"
-    common = base_overrides(args, teacher_weights, scen.web_dir) + args.set
+    base_web, base_fm = OUT / f"base_web{pool_tag}", OUT / f"base_fmnist{pool_tag}"
+    # every run's extra settings: the step budget, and the pool's query map when it has more queries
+    pool_set = ([f"train.steps_per_epoch={args.steps_per_epoch}"] if args.steps_per_epoch else []) + (
+        [f"data.label_map={json.dumps(scen.label_map)}"] if args.tiny_clothing else [])
+    args.test_dir = scen.test_dir
+    common = base_overrides(args, teacher_weights, scen.web_dir) + pool_set + args.set
     print(f"curate web pool: {curate_once(cfg_path, common, base_web):.0f}s")
     if "kd_fmnist" in rows:
-        fm_over = base_overrides(args, teacher_weights, fm_dir) + args.set
+        fm_over = base_overrides(args, teacher_weights, fm_dir) + pool_set + args.set
         print(f"curate FMNIST subset: {curate_once(cfg_path, fm_over, base_fm):.0f}s")
     for seed in args.seeds:
         for row in rows:
@@ -186,9 +196,9 @@ def main() -> None:
             if any(r["seed"] == seed for r in results[row]):
                 continue
             base, src = (base_fm, fm_dir) if row == "kd_fmnist" else (base_web, scen.web_dir)
-            run_dir = OUT / f"{row}{args.tag}_s{seed}"
+            run_dir = OUT / f"{row}{pool_tag}{args.tag}_s{seed}"
             clone_curated(base, run_dir)
-            cfg = load_config(cfg_path, base_overrides(args, teacher_weights, src) + over + args.set +
+            cfg = load_config(cfg_path, base_overrides(args, teacher_weights, src) + over + pool_set + args.set +
                               [f"seed={seed}", f"run_dir={run_dir}"])
             t0 = time.time()
             res = distill_stages.distill(cfg)
@@ -199,7 +209,8 @@ def main() -> None:
             results[row].append(rec)
             print(f"[{row} seed {seed}] test {res.test_acc:.4f} val {res.val_acc:.4f} kept {res.kept}/{res.candidates} "
                   f"({rec['seconds']:.0f}s)", flush=True)
-            atomic_write_json(res_file, {"args": vars(args), "results": results})
+            atomic_write_json(res_file, {"args": {k: v for k, v in vars(args).items() if k != "test_dir"},
+                                         "results": results})
 
     def ms(vals):
         v = np.array([x for x in vals if x is not None], float)

@@ -181,6 +181,10 @@ class RelevanceConfig(_Section):
     query_weight: float = Field(
         0.0, ge=0.0, description="weight of the web query prior g: +1 query class = teacher top-1, "
                                  "-1 off-class query (web_class -1), 0 otherwise (0: off)")
+    discrepancy_weight: float = Field(
+        0.0, ge=0.0, description="weight of the student-in-the-loop term: clipped robust z of KL(p_T || p_S) "
+                                 "on the scoring view at each reselection (the images the student has not "
+                                 "yet matched; 0: off; > 0 scores the pool with the student every reselection)")
 
 
 class BudgetConfig(_Section):

@@ -151,6 +151,17 @@ CLOTHING_TO_FMNIST: dict[str, str | None] = {
     "outwear": "Coat", "shirt": "Shirt", "shoes": "Sneaker", "hat": None, "shorts": None, "skirt": None,
 }
 FOOTWEAR = ["Sandal", "Sneaker", "Ankle boot"]   # "shoes" photos may be any of these
+# Tiny ImageNet queries a person looking for Fashion-MNIST classes would collect (issue 11, item 5),
+# mapped from the class names alone, before any run: sandal, cardigan (a knitted sweater), fur coat and
+# backpack name a Fashion-MNIST class; the rest are clothing-adjacent queries left off-class because the
+# name alone does not pick one class (a poncho or kimono is neither clearly Coat nor Dress; Fashion-MNIST
+# has no skirt, sock, hat, swimwear or tie class).
+TINY_CLOTHING_TO_FMNIST: dict[str, str | None] = {
+    "sandal": "Sandal", "cardigan": "Pullover", "fur coat": "Coat", "backpack": "Bag",
+    "poncho": None, "kimono": None, "miniskirt": None, "sock": None, "Christmas stocking": None,
+    "bow tie": None, "sombrero": None, "swimming trunks": None, "bikini": None, "apron": None,
+    "academic gown": None, "military uniform": None, "vestment": None,
+}
 
 
 def safe_name(label: str) -> str:
@@ -170,12 +181,13 @@ class Scenario:
 
 def write_fashion_web(out_dir: str | Path, data_dir: str | Path | None = None, pacs_images: int = 1500,
                       clothing_fraction: float = 1.0, test_images: int | None = None, seed: int = 0,
-                      write_test: bool = True, invert_fmnist: bool = True) -> Scenario:
+                      write_test: bool = True, invert_fmnist: bool = True, tiny_clothing: bool = False) -> Scenario:
     """Write the fashion-web pool as real image files (idempotent: existing files are kept).
 
     - web/<query>/*.jpg: clothing photos (all splits; JPEG q90 of the 64 px images) under their
       own query names, plus `pacs_images` PACS images (real JPEGs, all four domains) under the
-      PACS class names as off-class queries;
+      PACS class names as off-class queries; with `tiny_clothing`, also the Tiny ImageNet images of
+      the TINY_CLOTHING_TO_FMNIST queries (stored JPEG bytes) under their class names;
     - test/<class>/*.png: Fashion-MNIST test (the teacher's domain), read once at the end. With
       `invert_fmnist` the images are stored dark-on-white ("photo polarity", like the web photos),
       for models whose preprocessing inverts (see flows/demo.py).
@@ -208,6 +220,17 @@ def write_fashion_web(out_dir: str | Path, data_dir: str | Path | None = None, p
         counts[q] = counts.get(q, 0) + 1
     label_map: dict[str, str | None] = dict(CLOTHING_TO_FMNIST)
     label_map.update({c: None for c in meta.class_names})
+    if tiny_clothing:
+        tblobs, tmeta = tinyimagenet_jpeg_bytes(data_dir)
+        wanted = {tmeta.class_names.index(q): q for q in TINY_CLOTHING_TO_FMNIST}
+        for i in np.flatnonzero(np.isin(tmeta.labels, list(wanted))):
+            q = wanted[int(tmeta.labels[i])]
+            p = web / safe_name(q) / f"tiny_{tmeta.domain_names[int(tmeta.labels[i])]}_{i:05d}.jpg"
+            if not p.exists():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(tblobs[i])
+            counts[safe_name(q)] = counts.get(safe_name(q), 0) + 1
+        label_map.update(TINY_CLOTHING_TO_FMNIST)
     test_dir = None
     if write_test:
         test_dir = write_fmnist_folder(out_dir / "test", "test", test_images, seed, invert_fmnist, data_dir)

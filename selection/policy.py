@@ -37,8 +37,8 @@ from webkd.pipeline.records import (BELOW_BUDGET, BELOW_CLASS_THRESHOLD, FALLBAC
                                     LOW_RELEVANCE, NO_SELECTION, NOT_SAMPLED, OFF_CLASS, OK, SELECTED, VALIDATION)
 from webkd.pipeline.storage import atomic_write_table
 from webkd.selection.budgets import budget_keep, class_budgets, percentile_rank, soft_weights
-from webkd.selection.scores import (as_numpy, combine_logits, knn_agreement, prediction, relevance,
-                                    teacher_share_progress, top2)
+from webkd.selection.scores import (as_numpy, combine_logits, knn_agreement, prediction, relevance, robust_z,
+                                    teacher_share_progress, teacher_student_kl, top2)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
 
     [project] cfg.mode balanced / soft (selection/budgets.py): R = `relevance(z_T, ...)` from
     cfg.relevance, pseudo-class = teacher top-1 (cfg.budget.refresh: argmax of z_bar with alpha >=
-    refresh_alpha_min), and first match wins: validation / near_duplicate, off_class
+    refresh_alpha_min), plus with relevance.discrepancy_weight the clipped robust z of
+    KL(p_T || p_S) when student logits are given (`teacher_student_kl`), and first match wins: validation / near_duplicate, off_class
     (cfg.query_top2), knn_disagree (cfg.knn.enabled), selected (inside the class budget n_c),
     else below_budget (balanced: weight 0) or low_relevance (soft: trained with its weight).
     Mode soft weights every eligible candidate w_min + (1 - w_min) u^power, selected rows included.
@@ -230,6 +231,9 @@ def select(teacher_logits: Any, student_logits: Any | None, progress: float, cfg
                        knn_k=cfg.knn.k, web_class=web_class, query_weight=r.query_weight, clip=r.clip,
                        knn_source=r.knn_source, ood_weight=r.ood_weight)
         rel = rv.score
+        if r.discrepancy_weight > 0 and zs is not None:  # the student in the loop: where it is furthest from the teacher
+            d = robust_z(teacher_student_kl(zt, zs), cand)
+            rel = rel + r.discrepancy_weight * (d if r.clip is None else np.clip(d, -r.clip, r.clip))
         if r.knn_weight > 0 and not cfg.knn.enabled:
             agree = rv.knn_agree
         eligible = cand & ~off & ~knn_bad

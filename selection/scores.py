@@ -142,6 +142,17 @@ def ood_score(logits: Any, kind: str = "energy", temperature: float = 1.0) -> np
     return temperature * (m[:, 0] + np.log(np.exp(y - m).sum(axis=1)))
 
 
+def teacher_student_kl(teacher_logits: Any, student_logits: Any) -> np.ndarray:
+    """(N,) KL(p_T || p_S) >= 0 at temperature 1, computed stably in log space: how far the student
+    is from the teacher on each row (0 where they agree exactly)."""
+    zt, zs = as_numpy(teacher_logits), as_numpy(student_logits)
+    lt = zt - zt.max(axis=1, keepdims=True)
+    lt = lt - np.log(np.exp(lt).sum(axis=1, keepdims=True))
+    ls = zs - zs.max(axis=1, keepdims=True)
+    ls = ls - np.log(np.exp(ls).sum(axis=1, keepdims=True))
+    return np.maximum((np.exp(lt) * (lt - ls)).sum(axis=1), 0.0)
+
+
 def robust_z(x: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
     """(x - median) / (1.4826 MAD) with median and MAD of x[ref] (all rows when ref is None);
     the standard deviation when the MAD is 0, and 1 when that is 0 too."""

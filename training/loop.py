@@ -270,7 +270,9 @@ def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: n
                                         pool.pixels, rows, device, batch_size, desc="teacher scoring")
         _restore_mode(teachers, states)
     student_logits = None
-    if epoch > 0 and (cfg.mode == "kd3" or (cfg.mode in ("balanced", "soft") and cfg.budget.refresh)):
+    in_loop = cfg.mode in ("balanced", "soft") and cfg.relevance.discrepancy_weight > 0  # scored at epoch 0 too
+    if (epoch > 0 or in_loop) and (cfg.mode == "kd3" or (cfg.mode in ("balanced", "soft") and cfg.budget.refresh)
+                                   or in_loop):
         mods = [student, method]
         states = _eval_mode(mods)
         student_logits = predict_logits(lambda x: method.predict(student, teachers, x), pool.pixels, rows,
