@@ -213,6 +213,7 @@ def test_predict_manifest_shards_and_broken_files(run, tmp_path, capsys):
     (["{tmp}/nowhere", "{test}"], "no such folder; give a run directory"),
     (["{tmp}", "{test}"], "no student.json here or in"),
     (["{run}", "{tmp}/nothing"], "no such file or folder; give a folder of images"),
+    (["{run}", "{tmp}", "--out", "{tmp}/p.parquet"], "no images found (file names ending in .jpg"),
     (["{run}", "{test}", "--out", "{tmp}/p.txt"], "write .parquet or .csv"),
     (["{run}", "{test}", "--top-k", "0"], "--top-k 0: must be >= 1"),
     (["{run}", "{test}", "--int8", "--backend", "torch"], "--int8 runs student.int8.onnx"),
@@ -226,3 +227,22 @@ def test_predict_user_errors_are_one_line(run, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("webkd predict: ") and message in err, err
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_portable_keeps_file_names_only():
+    from webkd.training.card import portable
+
+    assert portable("folder:/data/web/shirts") == "folder:shirts"
+    assert portable("webkd distill --no-flow /home/ann/cfg.yaml run_dir=/tmp/r1 'x=/a b'") == \
+        "webkd distill --no-flow cfg.yaml run_dir=r1 'x=a b'"
+    assert portable("wds:/srv/shards/{00000..00009}.tar") == "wds:{00000..00009}.tar"
+    assert portable("see https://host.example/path/file.jpg") == "see https:file.jpg"
+    assert portable("/abs/x.yaml, http://host.example/") == "x.yaml, http:."
+    assert portable("uint8 / 255 and int8 / fp32, [0, 1], ~/x/y.yaml") == "uint8 / 255 and int8 / fp32, [0, 1], y.yaml"
+
+
+def test_int8_needs_onnx_at_config_load():
+    from webkd.pipeline.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="export.int8=true quantizes student.onnx: set export.onnx=true"):
+        build_config({"export": {"int8": True, "onnx": False}})

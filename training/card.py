@@ -32,14 +32,17 @@ METRIC_NAMES = {
     "teacher_test_acc": "teacher test accuracy",
 }
 # an absolute path (or a URL's //host/path) after a start, space, '=', ':', quote or bracket
-_ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[\s=:'\"(\[,]))(?:~?/[^\s'\",)\]]*)")
+_ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[\s=:'\"(\[,]))~?/[^\s'\",)\]]+")
 
 
 def portable(text: str) -> str:
     """`text` with every absolute path (and `~/...`, and a URL's `//host/path`) replaced by its
     last component: `folder:/data/web` -> `folder:web`, `run_dir=/tmp/r1` -> `run_dir=r1`."""
     def name(m: re.Match) -> str:
-        return PurePosixPath(m.group(0).rstrip("/")).name or "."
+        path = m.group(0)
+        if path.startswith("//"):                             # a URL: the host goes too
+            path = "/" + path[2:].partition("/")[2]
+        return PurePosixPath(path.rstrip("/")).name or "."
     return _ABSOLUTE.sub(name, str(text))
 
 

@@ -152,6 +152,9 @@ def list_images(source: str) -> list[Entry]:
     root = os.path.abspath(spec.partition(":")[2])
     if len(entries) == 1 and entries[0].error and entries[0].uri == root:   # the source itself failed
         raise PredictError(f"{source}: {entries[0].error[1]}")
+    if not entries:
+        raise PredictError(f"{source}: no images found (file names ending in "
+                           f"{', '.join(PREDICT_INGEST.extensions)}); check the path")
     return entries
 
 
