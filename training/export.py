@@ -92,6 +92,9 @@ def save_export(model: nn.Module, export_dir: str | Path, metadata: dict[str, An
         diff = export_onnx(model, export_dir / ONNX, sample, opset=opset, atol=atol, properties=onnx_properties(meta))
         meta["onnx"] = {"file": ONNX, "opset": opset, "max_abs_diff": diff, "input": "image", "output": "logits"}
         files.append(export_dir / ONNX)
+    else:   # a previous export's graph would be another student under this one's metadata
+        for name in (ONNX, ONNX_INT8):
+            (export_dir / name).unlink(missing_ok=True)
     atomic_write_json(export_dir / META, meta)
     files.append(export_dir / META)
     return ExportResult(export_dir=export_dir, files=files, parameters=params, onnx_max_abs_diff=diff)

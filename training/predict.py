@@ -16,6 +16,7 @@ once, as ingest merges them), which is how the test accuracy of the model card i
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -141,8 +142,6 @@ def source_spec(source: str) -> str:
 
 def list_images(source: str) -> list[Entry]:
     """Every image the source lists (listing failures included, as entries with an error)."""
-    import os
-
     spec = source_spec(source)
     if spec.startswith("file:"):
         path = os.path.abspath(spec[5:])

@@ -203,8 +203,8 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
 
     from webkd.pipeline.storage import ids_sha256
     from webkd.training.card import write_model_card
-    from webkd.training.export import (META, pixel_preprocessing, quantize_int8, save_example, save_export,
-                                       save_student_predictions)
+    from webkd.training.export import (META, ONNX_INT8, pixel_preprocessing, quantize_int8, save_example,
+                                       save_export, save_student_predictions)
     from webkd.training.loop import predict_logits
     from webkd.training.models import fingerprint as model_fingerprint
 
@@ -234,6 +234,8 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
             metrics.update(int8_test_acc=info["test_acc_int8"], int8_test_acc_change=info["test_acc_change"])
         meta.update(int8=info, metrics=metrics)
         atomic_write_json(out.export_dir / META, meta)
+    else:   # an earlier export's int8 file would be a different student under this one's name
+        (out.export_dir / ONNX_INT8).unlink(missing_ok=True)
     with torch.no_grad():   # one pass over the pool: the page shows the exported student's predictions
         logits = predict_logits(lambda x: trained.deployed(x), p.pixels, np.arange(len(p)), torch.device("cpu"),
                                 cfg.train.eval_batch_size, desc="student predictions")
