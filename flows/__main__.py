@@ -329,6 +329,37 @@ verb("inspect", "Print a run's summary (records, quarantine, kept/rejected per c
      "webkd inspect runs/web1 --render", _run_inspect, _inspect_args)
 
 
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export", metavar="RUN_OR_EXPORT_DIR", help="a run directory or its export/ folder")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a folder of images (query sub-folders are read as labels), a .csv/.parquet manifest, "
+                        ".tar shards (brace ranges allowed), one image file, or folder:/manifest:/wds: as in configs")
+    p.add_argument("--out", default="predictions.parquet", metavar="FILE",
+                   help="output table, .parquet or .csv (default predictions.parquet)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--top-k", type=int, default=5, help="classes listed per image (default 5)")
+    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                   help="onnx: student.onnx through onnxruntime (default); torch: the PyTorch student")
+    p.add_argument("--int8", action="store_true", help="run student.int8.onnx (exported with export.int8=true)")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from webkd.training.predict import predict
+
+    report = predict(args.export, args.source, out=args.out, batch_size=args.batch_size, top_k=args.top_k,
+                     backend=args.backend, int8=args.int8)
+    print(report.summary())
+    return 0
+
+
+verb("predict", "Classify images with an exported student (ONNX through onnxruntime by default): one row per "
+     "image (id, path, label, class, probability, top-k classes and probabilities, error for an unreadable "
+     "file) in Parquet or CSV, and the accuracy where the source's labels name the classes.",
+     "webkd predict runs/web1 photos/ --out predictions.parquet\n"
+     "webkd predict runs/web1/export shots.csv --out preds.csv --top-k 3 --backend torch", _run_predict,
+     _predict_args)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from webkd.flows import demo
 
@@ -385,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 # library loggers whose INFO lines say nothing a user needs (faiss.loader: which SIMD build loaded)
 QUIET_LOGGERS = ("faiss", "httpx", "httpcore", "urllib3", "PIL", "numexpr", "matplotlib", "filelock")
 # exceptions that are the user's to fix (matched by class name: no heavy imports to catch them)
-USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError", "RunLocked"}
+USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError", "RunLocked",
+               "PredictError"}
 
 
 def _user_error(exc: BaseException) -> bool:

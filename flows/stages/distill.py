@@ -206,36 +206,67 @@ def _lineage(cfg: Config, final_epoch: int, out: RunPaths | None = None) -> dict
             "collapsed": [x.line(name(x.pseudo_label)) for x in c.collapsed]}
 
 
+def _curation_settings(cfg: Config) -> dict[str, Any]:
+    """What decided which web images trained the student (the model card's curation settings)."""
+    data = cfg.data.model_dump(mode="json", include={"classes", "label_map", "class_groups", "image_size", "fit",
+                                                     "val_fraction"})
+    return {"data": data, "ingest": cfg.ingest.model_dump(mode="json", exclude={"extensions"}),
+            "index": cfg.index.model_dump(mode="json"), "selection": cfg.selection.model_dump(mode="json"),
+            "train": {"method": cfg.train.method, "args": cfg.train.args, "label_source": cfg.train.label_source,
+                      "epochs": cfg.train.epochs, "val_metric": cfg.train.val_metric}}
+
+
 def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metrics: dict[str, Any],
                    out: RunPaths):
-    """Export the deployed student (safetensors, ONNX, metadata), write the model card and the
-    final metrics. Returns (ExportResult, model card path)."""
+    """Export the deployed student (safetensors, ONNX, metadata, int8 ONNX when configured),
+    write the model card and the final metrics. Returns (ExportResult, model card path)."""
     import torch
 
-    from webkd.training.export import save_export, save_student_predictions, write_model_card
+    from webkd.pipeline.storage import ids_sha256
+    from webkd.training.card import write_model_card
+    from webkd.training.export import (META, pixel_preprocessing, quantize_int8, save_example,
+                                       save_export, save_student_predictions)
     from webkd.training.loop import predict_logits
     from webkd.training.models import fingerprint as model_fingerprint
 
+    specs = {t.cache_key: t for t in cfg.teachers}
     meta = {"name": cfg.name, "method": cfg.train.method, "classes": list(cfg.data.classes),
+            "label_map": dict(cfg.data.label_map),
+            "preprocess": pixel_preprocessing(cfg.data.image_size, cfg.data.fit,
+                                              cfg.student.preprocess.model_dump(mode="json")),
             "student_spec": cfg.student.model_dump(mode="json"),
             "student_num_classes": cfg.student.num_classes or len(cfg.data.classes),
             "deploy": trained.method.deploy_info(), "teachers": [k for k, _, _ in teachers],
+            "teacher_models": [{"key": k, "library": specs[k].library, "name": specs[k].name,
+                                "pretrained": specs[k].pretrained} if k in specs else {"key": k}
+                               for k, _, _ in teachers],
             "teacher_fingerprints": [fp for _, _, fp in teachers], "metrics": metrics,
             "student_fingerprint": model_fingerprint(trained.student, cfg.student),
-            "config_fingerprint": cfg.fingerprint(), "command": command_line(),
+            "config_fingerprint": cfg.fingerprint(), "command": command_line(), "torch_version": torch.__version__,
             "trained_on": trained.trained_on}
     # built in a hidden folder and renamed to export/ when complete: an export is whole or absent
     stage = out.export_stage
     shutil.rmtree(stage, ignore_errors=True)           # left by a killed export (we hold the run lock)
     exp = save_export(trained.deployed.cpu(), stage, meta, sample_batch(p), onnx=cfg.export.onnx,
                       opset=cfg.export.opset, atol=cfg.export.atol)
-    meta = read_json(stage / "student.json")
+    meta = read_json(stage / META)
+    val_rows = p.validation_rows
+    save_example(stage, p.pixels[val_rows[0] if len(val_rows) else 0])
+    if cfg.export.int8:
+        info = quantize_int8(stage, p.pixels[val_rows[:cfg.export.int8_calibration]], test_set(cfg))
+        metrics = {**metrics, "int8_size_ratio": info["size_ratio"]}
+        if "test_acc_change" in info:
+            metrics.update(int8_test_acc=info["test_acc_int8"], int8_test_acc_change=info["test_acc_change"])
+        meta.update(int8=info, metrics=metrics)
+        atomic_write_json(stage / META, meta)
     with torch.no_grad():   # one pass over the pool: the page shows the exported student's predictions
         logits = predict_logits(lambda x: trained.deployed(x), p.pixels, np.arange(len(p)), torch.device("cpu"),
                                 cfg.train.eval_batch_size, desc="student predictions")
     save_student_predictions(stage, p.ids, logits, f"{cfg.name}: {out.root.name}")
     final_epoch = max(e for e in range(cfg.train.epochs) if out.ledger(e).exists())
-    card = write_model_card(stage, meta, metrics, _lineage(cfg, final_epoch, out), command_line())
+    lineage = {**_lineage(cfg, final_epoch, out), "test_source": cfg.data.test_source,
+               "pool_ids_sha256": ids_sha256(p.ids), "curation": _curation_settings(cfg)}
+    card = write_model_card(stage, meta, metrics, lineage, command_line(), license=cfg.export.license)
     replace_dir(stage, out.export_dir)
     exp.export_dir, exp.files = out.export_dir, [out.export_dir / f.name for f in exp.files]
     atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
