@@ -106,6 +106,16 @@ ROWS = {
                         ["selection.mode=soft", "selection.relevance.query_weight=1.0",
                          "selection.relevance.knn_weight=1.0"]),
     }.items()},
+    # [project] the student in the loop (issue 11): per pseudo-class budgets on KL(p_T || p_S), re-scored each epoch
+    **{f"{obj}_disc{int(100 * k)}": (
+        f"{label}, balanced budgets keep {k:g} on teacher-student discrepancy (re-scored every epoch)",
+        over + ["selection.mode=balanced", f"selection.budget.keep={k}", "selection.relevance.ood_weight=0.0",
+                "selection.relevance.discrepancy_weight=1.0"])
+       for k in (0.25, 0.5)
+       for obj, label, over in (("kd", "vanilla KD", ["train.method=kd", NO_ARGS]),
+                                ("kd3p", "KD^3 + logit KD", ["train.method=kd3", KD3P]))},
+    "kd_rand50": ("vanilla KD, a fixed random 50% of the candidates", ["train.method=kd", NO_ARGS,
+                                                                      "selection.mode=random", "selection.random_keep=0.5"]),
 }
 DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce", "kd3p", "kd3p_nosel", "kd3p_nomd"]
 CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pixels", "features", "index", "test"]

@@ -97,9 +97,12 @@ def test_bench_tiny_scale_and_resume(tmp_path, monkeypatch, one_thread, tiny_met
 def test_random_row_copies_the_size_of_a_selecting_row():
     bench = _bench()
     res = {"default": [{"seed": 0, "kept_fraction": 1.0}], "paper_kd3": [{"seed": 0, "kept_fraction": 0.42}]}
-    assert bench.random_size(res, 0) == (0.42, "paper_kd3")       # the default selects nothing (mode none)
+    assert bench.random_size(res, 0) == (0.42, "paper_kd3")       # a default that selects nothing is skipped
+    assert bench.random_size(res, 1) == (0.42, "paper_kd3")       # the share is the config's: any seed's run
+    res["default"] = [{"seed": 1, "kept_fraction": 0.5}]
+    assert bench.random_size(res, 0) == (0.5, "default") == bench.random_size(res, 1)
     with pytest.raises(SystemExit, match="random_selection needs"):
-        bench.random_size(res, 1)
+        bench.random_size({"default": [{"seed": 0, "kept_fraction": 1.0}]}, 0)
     recs = {"vanilla_kd": [{"seed": 1, "test_acc": 0.5, "kept_fraction": 1.0, "seconds": 60},
                            {"seed": 0, "test_acc": 0.6, "kept_fraction": 1.0, "seconds": 120}]}
     s = bench.summarize(recs, ["vanilla_kd", "default"], {"vanilla_kd": "vanilla_kd", "default": "default"}, "cmd")

@@ -321,3 +321,78 @@ def test_kd3_ignores_the_new_sections_and_budget_modes_fall_back(web_pool):
         cand = split == "train"
         np.testing.assert_array_equal(sel.keep, cand)
         assert set(sel.reason[cand]) == {"fallback"} and (sel.weight[cand] == 1).all()
+
+
+def test_teacher_student_kl_matches_its_definition():
+    from webkd.selection.scores import teacher_student_kl
+
+    rng = np.random.default_rng(3)
+    zt, zs = rng.normal(0, 3, (50, 7)), rng.normal(0, 3, (50, 7))
+    pt = np.exp(zt - logsumexp(zt, 1, True))
+    ps = np.exp(zs - logsumexp(zs, 1, True))
+    ref = (pt * (np.log(pt) - np.log(ps))).sum(1)
+    np.testing.assert_allclose(teacher_student_kl(zt, zs), ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(teacher_student_kl(zt, zt + 5.0), 0.0, atol=1e-12)  # shift-invariant, KL(p||p) = 0
+    assert (teacher_student_kl(zt * 100, zs * 100) >= 0).all()                      # stable with huge logits
+
+
+def test_discrepancy_term_keeps_the_rows_the_student_has_not_matched():
+    """R = discrepancy_weight * clip(robust z of KL(p_T||p_S)): with the OOD term off, each pseudo-class
+    keeps its rows where the student is furthest from the teacher; no student (epoch 0 of another
+    mode) leaves R unchanged."""
+    rng = np.random.default_rng(0)
+    k, n = 4, 400
+    y = rng.integers(0, k, n)
+    zt = rng.normal(0, 1, (n, k)) + 5.0 * np.eye(k)[y]
+    zs = zt.copy()
+    far = rng.random(n) < 0.3
+    zs[far] = rng.normal(0, 1, (far.sum(), k))            # the student has not matched these rows
+    cfg = _cfg("balanced", budget={"keep": 0.3, "cap_median": None},
+               relevance={"ood_weight": 0.0, "discrepancy_weight": 1.0, "clip": None})
+    sel = pol.select(zt, zs, 0.5, cfg)
+    assert sel.keep[far].mean() > 0.8 and sel.keep[~far].mean() < 0.1
+    np.testing.assert_array_equal(sel.pseudo_label, zt.argmax(1))   # groups stay the teacher's top-1
+    # per class the kept rows are the highest KL ones
+    from webkd.selection.scores import teacher_student_kl
+
+    d = teacher_student_kl(zt, zs)
+    for c in range(k):
+        rows = np.flatnonzero(sel.pseudo_label == c)
+        kept, dropped = rows[sel.keep[rows]], rows[~sel.keep[rows]]
+        assert d[kept].min() >= d[dropped].max()
+    base = pol.select(zt, None, 0.5, cfg)
+    np.testing.assert_array_equal(base.relevance, np.zeros(n))
+
+
+def test_loop_scores_the_pool_with_the_student_when_the_discrepancy_term_is_on(web_pool):
+    import torch
+
+    from webkd.training.loop import reselect
+    from webkd.training.pool import Pool
+
+    zt, web_class, _, split, _ = web_pool
+    n, k = zt.shape
+    pool = Pool(pixels=np.random.default_rng(0).integers(0, 255, (n, 4, 4, 3), dtype=np.uint8),
+                ids=[f"{i:04d}" for i in range(n)], split=split, status=np.full(n, "ok", dtype=object),
+                labels=web_class, web_labels=[None] * n, web_class=web_class, val_labels=np.full(n, -1),
+                teacher_logits=zt.astype(np.float32))
+
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(48, k)
+
+    class Method(torch.nn.Module):
+        calls = 0
+
+        def predict(self, student, teachers, x):
+            Method.calls += 1
+            return student.lin(x.flatten(1))
+
+    student, method = Student(), Method()
+    cfg = _cfg("balanced", budget={"keep": 0.5}, relevance={"ood_weight": 0.0, "discrepancy_weight": 1.0})
+    cpu = torch.device("cpu")
+    sel, train = reselect(0, 0.1, pool, method, student, [], cfg, cpu, None, None, 64)
+    assert Method.calls > 0                                   # scored at epoch 0 too (a fresh student)
+    assert np.isfinite(sel.relevance).all() and np.unique(sel.relevance).size > 10
+    assert train.sum() < (split == "train").sum()
