@@ -6,6 +6,7 @@ a user error (bad key, missing file, unknown method or model, ...) is one line o
 exit code 2 (`--debug` shows the traceback). Flags and `key.sub=value` overrides mix in any order.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -27,12 +28,24 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. train.epochs=5 run_dir=runs/try1")
 
 
-def _load(args: argparse.Namespace, sources: bool = True):
-    """The checked config: schema at load, then every check that needs no work (flows/checks.py)."""
+def _load(args: argparse.Namespace, sources: bool = True, lock: bool = True):
+    """The checked config: schema at load, then every check that needs no work (flows/checks.py).
+    With `lock` (every verb that writes the run directory) the run directory's lock is taken for
+    the rest of the command (`pipeline.storage.run_lock`): a second writer fails at once."""
     from webkd.flows.checks import check_run
     from webkd.pipeline.config import load_config
 
-    return check_run(load_config(args.config, args.overrides), sources=sources)
+    cfg = check_run(load_config(args.config, args.overrides), sources=sources)
+    if lock:
+        _hold_run_lock(args, cfg.paths)
+    return cfg
+
+
+def _hold_run_lock(args: argparse.Namespace, paths) -> None:
+    from webkd.pipeline.storage import run_lock
+
+    words = [a for a in getattr(args, "_argv", []) if a != args.verb]
+    args._stack.enter_context(run_lock(paths.lock, " ".join(["webkd", args.verb, *words])[:200]))
 
 
 def _counts(d: dict) -> str:
@@ -185,7 +198,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from webkd.flows.schedules import api_url, build_deployments, serve_deployments
 
-    _load(args, sources=False)   # the web sources may be filled before the first scheduled run
+    _load(args, sources=False, lock=False)   # the sources may be filled later; each flow run takes the lock
     deps = build_deployments(args.config, args.overrides)
     for d in deps:
         crons = ", ".join(f"{s.schedule.cron} ({s.schedule.timezone})" for s in d.schedules) or "no schedule"
@@ -234,6 +247,8 @@ def _run_override(args: argparse.Namespace) -> int:
         print(f"webkd override: {paths.root}: no such run directory", file=sys.stderr)
         return 2
     try:
+        if args.file or args.accept or args.reject or args.remove:
+            _hold_run_lock(args, paths)
         changes = []
         if args.file:
             changes.append(import_overrides_file(paths.overrides, args.file))
@@ -286,15 +301,24 @@ def _run_inspect(args: argparse.Namespace) -> int:
     paths = RunPaths(Path(args.run_dir))
     inputs = [paths.manifest, paths.overrides, paths.student_predictions, *(p for _, p in paths.ledgers())]
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
+    from webkd.pipeline.storage import RunLocked
+
+    busy = None
     try:
         print(summarize_run(paths.root).text())
         stale = paths.gallery.exists() and paths.gallery.stat().st_mtime < newest
         fresh = args.render or stale or not paths.gallery.exists()
         if fresh:
-            render_gallery(paths.root)
+            try:     # rendering writes the run directory: only when no other command is writing it
+                _hold_run_lock(args, paths)
+                render_gallery(paths.root)
+            except RunLocked as exc:
+                busy, fresh, stale = str(exc), False, False
     except GalleryError as exc:
         print(f"webkd inspect: {exc}", file=sys.stderr)
         return 2
+    if busy:
+        print(f"webkd inspect: gallery not rendered: {busy}", file=sys.stderr)
     note = " (re-rendered: older than the ledgers / overrides)" if stale else " (rendered now)" if fresh else ""
     print(f"gallery: {paths.gallery}{note}")
     return 0
@@ -303,6 +327,37 @@ def _run_inspect(args: argparse.Namespace) -> int:
 verb("inspect", "Print a run's summary (records, quarantine, kept/rejected per class, reasons, "
      "overrides) and the path of its gallery page, rendering the page if missing.",
      "webkd inspect runs/web1 --render", _run_inspect, _inspect_args)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export", metavar="RUN_OR_EXPORT_DIR", help="a run directory or its export/ folder")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a folder of images (query sub-folders are read as labels), a .csv/.parquet manifest, "
+                        ".tar shards (brace ranges allowed), one image file, or folder:/manifest:/wds: as in configs")
+    p.add_argument("--out", default="predictions.parquet", metavar="FILE",
+                   help="output table, .parquet or .csv (default predictions.parquet)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--top-k", type=int, default=5, help="classes listed per image (default 5)")
+    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                   help="onnx: student.onnx through onnxruntime (default); torch: the PyTorch student")
+    p.add_argument("--int8", action="store_true", help="run student.int8.onnx (exported with export.int8=true)")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from webkd.training.predict import predict
+
+    report = predict(args.export, args.source, out=args.out, batch_size=args.batch_size, top_k=args.top_k,
+                     backend=args.backend, int8=args.int8)
+    print(report.summary())
+    return 0
+
+
+verb("predict", "Classify images with an exported student (ONNX through onnxruntime by default): one row per "
+     "image (id, path, label, class, probability, top-k classes and probabilities, error for an unreadable "
+     "file) in Parquet or CSV, and the accuracy where the source's labels name the classes.",
+     "webkd predict runs/web1 photos/ --out predictions.parquet\n"
+     "webkd predict runs/web1/export shots.csv --out preds.csv --top-k 3 --backend torch", _run_predict,
+     _predict_args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -361,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 # library loggers whose INFO lines say nothing a user needs (faiss.loader: which SIMD build loaded)
 QUIET_LOGGERS = ("faiss", "httpx", "httpcore", "urllib3", "PIL", "numexpr", "matplotlib", "filelock")
 # exceptions that are the user's to fix (matched by class name: no heavy imports to catch them)
-USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError"}
+USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError", "RunLocked",
+               "PredictError"}
 
 
 def _user_error(exc: BaseException) -> bool:
@@ -400,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with contextlib.ExitStack() as stack:   # holds the run directory's lock (_load) until the verb ends
+            args._stack, args._argv = stack, argv
+            return int(args._run(args) or 0)
     except Exception as exc:
         if debug or not _user_error(exc):
             raise

@@ -77,6 +77,46 @@ def _check_name(where: str, spec: ModelSpec) -> None:
             raise ConfigError(f"{where}.name: open_clip has no model {spec.name!r}{suggest(spec.name, names)}")
 
 
+def _teacher_outputs(spec: ModelSpec, k: int | None, classes: list[str]) -> int | None:
+    """How many classes a (non open_clip) teacher predicts: its spec's num_classes, else the rows
+    of the classifier in its weights file; None when neither says."""
+    from webkd.training.models import ModelLoadError, build_model, read_state_dict
+
+    if spec.num_classes:
+        return spec.num_classes
+    if not spec.weights:
+        return None
+    try:
+        model = build_model(spec.model_copy(update={"weights": None}), num_classes=k or 1, class_names=classes)
+        clf = getattr(model, "classifier", None)
+        wkey = next((n for n, p in model.named_parameters() if clf is not None and p is clf.weight), None)
+        if wkey is None:
+            return None
+        keys = [wkey] + [f for f, w in (getattr(model, "native_keys", None) or {}).items() if w == wkey]
+        sd = read_state_dict(spec.weights)
+    except ModelLoadError:
+        return None    # reported by the weights check below
+    hit = next((sd[key] for key in keys if key in sd), None)
+    return int(hit.shape[0]) if hit is not None and hit.ndim == 2 else None
+
+
+def check_teacher_classes(cfg: Config) -> None:
+    """data.classes names every output of each teacher, in order: a teacher predicting more (or
+    fewer) classes than data.classes lists would have its logits read against the wrong names."""
+    k = len(cfg.data.classes)
+    if not k:
+        return
+    for i, spec in enumerate(cfg.teachers):
+        if spec.library == "open_clip":    # its classifier is built from data.classes: always k
+            continue
+        n = _teacher_outputs(spec, k, list(cfg.data.classes))
+        if n is not None and n != k:
+            src = f"num_classes={n}" if spec.num_classes else f"its weights {spec.weights}"
+            raise ConfigError(f"data.classes: lists {k} classes but teachers.{i} predicts {n} ({src}); list the "
+                              f"teacher's {n} class names in data.classes, in its output order (data.label_map "
+                              f"maps web queries onto them), or use a teacher trained on these {k} classes")
+
+
 def check_models(cfg: Config) -> None:
     """Model names exist; weights files load into their model; an open_clip pretrained tag is
     available (cached locally, or the network reachable)."""
@@ -107,5 +147,6 @@ def check_run(cfg: Config, sources: bool = True) -> Config:
     `sources=False` leaves the web sources' existence to the runs (webkd serve)."""
     check_paths(cfg, sources=sources)
     check_method(cfg)
+    check_teacher_classes(cfg)
     check_models(cfg)
     return cfg

@@ -27,6 +27,7 @@ from prefect.tasks import Task
 from webkd.flows.checks import check_run
 from webkd.flows.stages import curate as curate_stages
 from webkd.pipeline.config import Config, load_config
+from webkd.pipeline.storage import run_lock
 from webkd.selection.counts import query_shares_line
 
 log = logging.getLogger(__name__)
@@ -161,14 +162,15 @@ def curate_flow(config_path: str, overrides: list[str] | None = None) -> dict[st
     """Curate the web pool of a config: ingest new images, embed new rows, index, decide with
     the teacher (and the overrides store) what to keep, render the gallery, publish a summary."""
     cfg = check_run(load_config(config_path, overrides or []))  # every user error before any work
-    out = curation_stages(cfg)
-    page = gallery_stage(cfg, out)
-    summary = run_stage(summary_task, cfg)
-    publish_curation(cfg, summary, page)
-    out.update(run_dir=str(cfg.paths.root), gallery=str(page), kept=summary.kept, rejected=summary.rejected)
-    print(f"curated {out['records']} records ({out['new_records']} new), kept {summary.kept}, "
-          f"rejected {summary.rejected}; gallery: {page}")
-    return out
+    with run_lock(cfg.paths.lock, "webkd curate (Prefect flow)"):   # one writer per run directory
+        out = curation_stages(cfg)
+        page = gallery_stage(cfg, out)
+        summary = run_stage(summary_task, cfg)
+        publish_curation(cfg, summary, page)
+        out.update(run_dir=str(cfg.paths.root), gallery=str(page), kept=summary.kept, rejected=summary.rejected)
+        print(f"curated {out['records']} records ({out['new_records']} new), kept {summary.kept}, "
+              f"rejected {summary.rejected}; gallery: {page}")
+        return out
 
 
 def run_flow(fn: Callable[..., Any], config_path: str, overrides: list[str] | None = None) -> Any:

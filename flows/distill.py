@@ -20,6 +20,7 @@ from webkd.flows.stages import distill as distill_stages
 from webkd.flows.stages import refresh as refresh_stages
 from webkd.pipeline.config import load_config
 from webkd.pipeline.report import pct
+from webkd.pipeline.storage import run_lock
 
 
 @task(name="distill", cache_policy=NO_CACHE)
@@ -52,24 +53,25 @@ def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
     """Curate (cached stages), distill the configured student, make it the champion, and
     publish the selection table, the gallery and the model card as artifacts."""
     cfg = check_run(load_config(config_path, overrides or []))  # every user error before any work
-    curated = curation_stages(cfg)
-    result = distill_task(cfg)
-    verdict = with_retries(register_task, cfg)(cfg, result)
-    page = gallery_stage(cfg, curated)
-    summary = run_stage(summary_task, cfg)
-    publish_curation(cfg, summary, page)
-    card = cfg.paths.export_dir / "model_card.md"
-    publish_model_card(cfg, card)
-    create_markdown_artifact(markdown=distill_markdown(result, verdict), key=artifact_key(cfg, "distill"),
-                             description=f"student distilled in {cfg.paths.root}")
-    print(f"distilled {verdict['version']}: validation accuracy {pct(result.val_acc)}; {verdict['decision']}")
-    return {"run_dir": str(cfg.paths.root), "version": verdict["version"], "method": result.method,
-            "val_acc": result.val_acc, "teacher_val_acc": result.teacher_val_acc, "test_acc": result.test_acc,
-            "teacher_test_acc": result.teacher_test_acc, "parameters": result.parameters,
-            "best_epoch": result.best_epoch, "kept": result.kept, "candidates": result.candidates,
-            "export_dir": str(cfg.paths.export_dir), "model_card": str(card), "gallery": str(page),
-            "new_records": curated["new_records"], "computed": curated["computed"],
-            "val_agreement": result.val_agreement, "metric": verdict["metric"], "score": verdict["score"],
-            "champion_before": verdict.get("champion"), "champion_score": verdict.get("champion_score"),
-            "decision": verdict["decision"], "seconds": result.seconds, "resumed_from": result.resumed_from,
-            "summary": result.summary()}
+    with run_lock(cfg.paths.lock, "webkd distill (Prefect flow)"):   # one writer per run directory
+        curated = curation_stages(cfg)
+        result = distill_task(cfg)
+        verdict = with_retries(register_task, cfg)(cfg, result)
+        page = gallery_stage(cfg, curated)
+        summary = run_stage(summary_task, cfg)
+        publish_curation(cfg, summary, page)
+        card = cfg.paths.export_dir / "model_card.md"
+        publish_model_card(cfg, card)
+        create_markdown_artifact(markdown=distill_markdown(result, verdict), key=artifact_key(cfg, "distill"),
+                                 description=f"student distilled in {cfg.paths.root}")
+        print(f"distilled {verdict['version']}: validation accuracy {pct(result.val_acc)}; {verdict['decision']}")
+        return {"run_dir": str(cfg.paths.root), "version": verdict["version"], "method": result.method,
+                "val_acc": result.val_acc, "teacher_val_acc": result.teacher_val_acc, "test_acc": result.test_acc,
+                "teacher_test_acc": result.teacher_test_acc, "parameters": result.parameters,
+                "best_epoch": result.best_epoch, "kept": result.kept, "candidates": result.candidates,
+                "export_dir": str(cfg.paths.export_dir), "model_card": str(card), "gallery": str(page),
+                "new_records": curated["new_records"], "computed": curated["computed"],
+                "val_agreement": result.val_agreement, "metric": verdict["metric"], "score": verdict["score"],
+                "champion_before": verdict.get("champion"), "champion_score": verdict.get("champion_score"),
+                "decision": verdict["decision"], "seconds": result.seconds, "resumed_from": result.resumed_from,
+                "summary": result.summary()}

@@ -27,6 +27,7 @@ from webkd.flows.checks import check_run
 from webkd.flows.stages import refresh as refresh_stages
 from webkd.pipeline.config import load_config
 from webkd.pipeline.report import pct
+from webkd.pipeline.storage import run_lock
 
 
 @task(name="refresh-plan", cache_policy=NO_CACHE)
@@ -64,30 +65,31 @@ def refresh_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
     challenger and promote it only if it beats the champion on the same validation split."""
     t0 = time.time()
     cfg = check_run(load_config(config_path, overrides or []))  # every user error before any work
-    curated = curation_stages(cfg)
-    plan = with_retries(plan_task, cfg)(cfg)
-    verdict: dict[str, Any] = {}
-    if plan["train"]:
-        result = challenger_task(cfg, plan)
-        verdict = with_retries(judge_task, cfg)(cfg, plan, result)
-    page = gallery_stage(cfg, curated)
-    summary = run_stage(summary_task, cfg)
-    out = {"run_dir": str(cfg.paths.root), **{k: curated[k] for k in ("new_records", "records", "computed", "up_to_date")},
-           "trained": bool(plan["train"]), "reason": plan["reason"], "version": plan["version"],
-           "warm_start": plan["warm_start"], "warm_note": plan["warm_note"], "champion": plan["champion"],
-           "metric": verdict.get("metric"), "validation_rows": verdict.get("rows"),
-           "champion_score": verdict.get("champion_score"), "challenger_score": verdict.get("score"),
-           "promoted": bool(verdict.get("promoted")),
-           "decision": verdict.get("decision", "no challenger"),
-           "champion_now": verdict.get("champion_now", plan["champion"]), "gallery": str(page),
-           "model_card": str(cfg.paths.export_dir / "model_card.md"), "kept": summary.kept,
-           "rejected": summary.rejected}
-    out["seconds"] = time.time() - t0
-    publish_curation(cfg, summary, page)
-    if (cfg.paths.export_dir / "model_card.md").exists():
-        publish_model_card(cfg, cfg.paths.export_dir / "model_card.md")
-    create_markdown_artifact(markdown=refresh_markdown(out), key=artifact_key(cfg, "refresh"),
-                             description=f"refresh of {cfg.paths.root}")
-    print(f"refresh: {out['new_records']} new records, embedded {out['computed']}; "
-          + (f"{out['version']}: {out['decision']}" if out["trained"] else f"no training ({out['reason']})"))
-    return out
+    with run_lock(cfg.paths.lock, "webkd refresh (Prefect flow)"):   # one writer per run directory
+        curated = curation_stages(cfg)
+        plan = with_retries(plan_task, cfg)(cfg)
+        verdict: dict[str, Any] = {}
+        if plan["train"]:
+            result = challenger_task(cfg, plan)
+            verdict = with_retries(judge_task, cfg)(cfg, plan, result)
+        page = gallery_stage(cfg, curated)
+        summary = run_stage(summary_task, cfg)
+        out = {"run_dir": str(cfg.paths.root), **{k: curated[k] for k in ("new_records", "records", "computed", "up_to_date")},
+               "trained": bool(plan["train"]), "reason": plan["reason"], "version": plan["version"],
+               "warm_start": plan["warm_start"], "warm_note": plan["warm_note"], "champion": plan["champion"],
+               "metric": verdict.get("metric"), "validation_rows": verdict.get("rows"),
+               "champion_score": verdict.get("champion_score"), "challenger_score": verdict.get("score"),
+               "promoted": bool(verdict.get("promoted")),
+               "decision": verdict.get("decision", "no challenger"),
+               "champion_now": verdict.get("champion_now", plan["champion"]), "gallery": str(page),
+               "model_card": str(cfg.paths.export_dir / "model_card.md"), "kept": summary.kept,
+               "rejected": summary.rejected}
+        out["seconds"] = time.time() - t0
+        publish_curation(cfg, summary, page)
+        if (cfg.paths.export_dir / "model_card.md").exists():
+            publish_model_card(cfg, cfg.paths.export_dir / "model_card.md")
+        create_markdown_artifact(markdown=refresh_markdown(out), key=artifact_key(cfg, "refresh"),
+                                 description=f"refresh of {cfg.paths.root}")
+        print(f"refresh: {out['new_records']} new records, embedded {out['computed']}; "
+              + (f"{out['version']}: {out['decision']}" if out["trained"] else f"no training ({out['reason']})"))
+        return out

@@ -301,6 +301,17 @@ class ExportConfig(_Section):
     onnx: bool = True
     opset: int = Field(18, ge=18, description="ONNX opset (the dynamo exporter needs >= 18)")
     atol: float = 1e-4
+    int8: bool = Field(False, description="also write student.int8.onnx (onnxruntime static quantization, "
+                                          "calibrated on validation images); needs export.onnx")
+    int8_calibration: int = Field(256, ge=1, description="validation images the int8 calibration reads (at most)")
+    license: str = Field("unknown", description="license id of the exported student in the model card metadata "
+                                                "(e.g. apache-2.0); mind the teacher's and the web images' terms")
+
+    @model_validator(mode="after")
+    def _int8_needs_onnx(self) -> "ExportConfig":
+        if self.int8 and not self.onnx:
+            raise ValueError("export.int8=true quantizes student.onnx: set export.onnx=true too (or export.int8=false)")
+        return self
 
 
 class FlowsConfig(_Section):

@@ -6,7 +6,8 @@ Two parts, in reading order (listing the sources is `pipeline.sources`):
    decompression-bomb guard, full load so truncated data fails here and not in a training
    batch, EXIF transpose, one conversion to 8-bit RGB. Every refusal is a `Rejected` with a
    reason code from `pipeline.records.REASONS`.
-2. `run_ingest`: reads each listed `Entry`'s bytes, content-hash ids, exact-duplicate merging,
+2. `load_entry` (one listed `Entry` -> content id + decoded image; ingest and `webkd predict`
+   both read through it) and `run_ingest`: content-hash ids, exact-duplicate merging,
    quarantine, incremental re-runs.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import (DUPLICATE, OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine,
                                     read_bytes, save_manifest, save_quarantine)
 from webkd.pipeline.sources import Entry, iter_source
-from webkd.pipeline.storage import atomic_write_table
+from webkd.pipeline.storage import atomic_write_table, commit_files, recover_files
 
 log = logging.getLogger(__name__)
 
@@ -314,20 +315,31 @@ def _read_entry(entry: Entry, cfg: IngestConfig) -> bytes:
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc}") from None
 
 
+def load_entry(entry: Entry, cfg: IngestConfig, on_id: Callable[[str], None] | None = None) -> tuple[str, Decoded]:
+    """(content id, decoded image) of one listed entry: the one read + decode path of ingest and of
+    `webkd predict`. A listing failure or a refused image raises `Rejected`; `on_id` hears the id
+    as soon as the bytes are hashed (before decoding), so a refusal can still name its bytes."""
+    if entry.error:
+        raise Rejected(*entry.error)
+    data = _read_entry(entry, cfg)
+    cid = content_id(data)
+    if on_id is not None:
+        on_id(cid)
+    return cid, decode_image(data, cfg)
+
+
 def _process(entry: Entry, cfg: IngestConfig) -> _Outcome:
     """Read, hash and validate one entry (runs in a worker thread; never raises)."""
     if entry.error:
         return _Outcome(entry, reason=entry.error[0], detail=entry.error[1])
-    cid = None
+    seen: list[str] = []                                     # the content id, once hashed
     try:
-        data = _read_entry(entry, cfg)
-        cid = content_id(data)
-        dec = decode_image(data, cfg)
+        cid, dec = load_entry(entry, cfg, on_id=seen.append)
     except Rejected as rej:
-        return _Outcome(entry, id=cid, reason=rej.reason, detail=rej.detail)
+        return _Outcome(entry, id=next(iter(seen), None), reason=rej.reason, detail=rej.detail)
     except Exception as exc:  # anything unforeseen in a decoder: this file, not the run
         log.exception("unexpected error on %s", entry.uri)
-        return _Outcome(entry, id=cid, reason="truncated", detail=f"unexpected {type(exc).__name__}: {exc}")
+        return _Outcome(entry, id=next(iter(seen), None), reason="truncated", detail=f"unexpected {type(exc).__name__}: {exc}")
     return _Outcome(entry, id=cid, width=dec.width, height=dec.height, format=dec.format, mode=dec.mode)
 
 
@@ -377,6 +389,9 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
     offset, outcome); an unchanged entry is not read again, new records are appended (existing
     rows keep their order), and every new row carries `batch` = this round's number.
     """
+    recovered = recover_files(paths.ingest_stage)   # a round killed mid-commit: finish it or drop it
+    if recovered:
+        log.warning("%s: an interrupted ingest round was %s", paths.root, recovered)
     records = load_manifest(paths.manifest)
     quarantine = load_quarantine(paths.quarantine)
     state = _load_state(paths.ingest_state)
@@ -440,9 +455,10 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
         report.kept += 1
 
     if todo or not (paths.manifest.exists() and paths.ingest_state.exists()):  # nothing read: nothing to write
-        save_manifest(paths.manifest, records)
-        save_quarantine(paths.quarantine, quarantine)
-        _save_state(paths.ingest_state, state)               # last: a kill before it re-reads, never skips
+        # one commit for the round's three files: a kill leaves all old or all new (recover_files)
+        commit_files(paths.ingest_stage, [(paths.manifest, lambda p: save_manifest(p, records)),
+                                          (paths.quarantine, lambda p: save_quarantine(p, quarantine)),
+                                          (paths.ingest_state, lambda p: _save_state(p, state))])
     report.quarantined = dict(quarantined)
     report.total_records, report.total_quarantined = len(records), len(quarantine)
     log.info("ingest round %d: listed %d, kept %d, quarantined %d; %d manifest rows", batch, report.seen, report.kept, report.n_quarantined, report.total_records)  # the CLI prints the table

@@ -64,6 +64,18 @@ class RunPaths:
         return self.root / "ingest_state.parquet"
 
     @property
+    def ingest_stage(self) -> Path:
+        """`.ingest_round/`: one ingest round's manifest, quarantine and state before they are
+        committed together (`pipeline.storage.commit_files`); absent between rounds."""
+        return self.root / ".ingest_round"
+
+    @property
+    def lock(self) -> Path:
+        """`run.lock`: the run directory's writer lock (`pipeline.storage.run_lock`); who holds it
+        is in `run.lock.json` beside it."""
+        return self.root / "run.lock"
+
+    @property
     def features_dir(self) -> Path:
         return self.root / "features"
 
@@ -134,6 +146,11 @@ class RunPaths:
     @property
     def export_dir(self) -> Path:
         return self.root / "export"
+
+    @property
+    def export_stage(self) -> Path:
+        """`.export.build/`: an export being written; renamed to `export/` only when complete."""
+        return self.root / ".export.build"
 
     @property
     def student_predictions(self) -> Path:

@@ -1,22 +1,65 @@
 """Atomic writes (temp file in the same folder + rename) for every artifact in a run directory,
-the lock for read-modify-write of shared files, and the sha256 of a file.
+groups of files committed together, folders swapped in whole, the lock of a run directory and
+of read-modify-write of shared files, and the sha256 of a file.
 
 A killed run never leaves a half-written manifest, feature cache, ledger or checkpoint: readers
-see either the old file or the new one. Two writers that read, merge and write back the same
-file (the overrides store, the registry) hold `locked(path)`, so neither loses the other's change.
+see either the old file or the new one. Files that only make sense together (one ingest round's
+manifest, quarantine and state) are written with `commit_files`: staged, then one small commit
+file, then moved into place, and `recover_files` rolls a committed group forward (or drops an
+uncommitted one) after a kill. A folder that must be complete or absent (an export) is built
+beside its target and swapped in with `replace_dir`. Two writers that read, merge and write back
+the same file (the overrides store, the registry) hold `locked(path)`, so neither loses the
+other's change; every command that writes a run directory holds `run_lock` for its whole run.
+
+Tests kill a process between two writes with `WEBKD_KILL_AT_WRITE=N` (SIGKILL after the N-th
+completed write or rename made through these helpers).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import shutil
+import signal
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
+
+KILL_AT_WRITE = "WEBKD_KILL_AT_WRITE"     # tests: SIGKILL this process after its N-th write
+_writes = 0
+
+
+_named: dict[str, int] = {}
+
+
+def _written(target: str | Path = "") -> None:
+    """Count one completed write or rename; with WEBKD_KILL_AT_WRITE=N the N-th one kills the
+    process (SIGKILL: no cleanup, no atexit), so a test can stop a run between any two writes;
+    WEBKD_KILL_AT_WRITE=NAME (or NAME@K) kills after the first (K-th) write of a file or folder
+    called NAME."""
+    global _writes
+    _writes += 1
+    at = os.environ.get(KILL_AT_WRITE)
+    if not at:
+        return
+    if at.isdigit():
+        hit = _writes == int(at)
+    else:
+        name, _, k = at.partition("@")
+        if Path(target).name == name:
+            _named[name] = _named.get(name, 0) + 1
+        hit = Path(target).name == name and _named[name] == int(k or 1)
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -32,6 +75,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+        _written(path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -68,6 +112,167 @@ def atomic_write_table(path: str | Path, table: Any) -> None:
 
     with atomic_path(path, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# groups of files committed together, folders swapped in whole
+# --------------------------------------------------------------------------------------------
+COMMIT = "COMMIT.json"
+
+
+def commit_files(stage: str | Path, writes: Sequence[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write several files as one change: each `write(staged_path)` writes the new version of its
+    target into the folder `stage`, then `stage/COMMIT.json` (the commit point, written last)
+    lists them, then they are moved over their targets and the folder is removed. A kill before
+    the commit file leaves every target as it was (the staged files are dropped by
+    `recover_files`); a kill after it is completed by `recover_files`."""
+    stage = Path(stage)
+    recover_files(stage)
+    stage.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for target, write in writes:
+        write(stage / Path(target).name)
+        files[Path(target).name] = os.path.relpath(Path(target), stage)
+    atomic_write_json(stage / COMMIT, {"files": files})
+    _roll_forward(stage)
+
+
+def _roll_forward(stage: Path) -> None:
+    for name, rel in read_json(stage / COMMIT)["files"].items():
+        src = stage / name
+        if src.exists():
+            os.replace(src, stage / rel)
+            _written(stage / rel)
+    (stage / COMMIT).unlink()
+    _written(stage / COMMIT)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def recover_files(stage: str | Path) -> str | None:
+    """Finish or drop the group of files a killed `commit_files` left in `stage`: 'completed'
+    (it had committed: the rest is moved into place), 'dropped' (it had not: the targets are
+    the old ones), None (nothing left over)."""
+    stage = Path(stage)
+    if (stage / COMMIT).exists():
+        try:
+            read_json(stage / COMMIT)
+        except ValueError:   # cannot happen with the atomic write; be safe: treat as uncommitted
+            shutil.rmtree(stage, ignore_errors=True)
+            return "dropped"
+        _roll_forward(stage)
+        return "completed"
+    if stage.exists():
+        shutil.rmtree(stage, ignore_errors=True)
+        return "dropped"
+    return None
+
+
+def replace_dir(new: str | Path, target: str | Path) -> None:
+    """Put the complete folder `new` in place of `target` (renames only; the old folder, moved
+    aside to a hidden `.<name>.old-*` beside it, is deleted after). A kill leaves `target`
+    either the old folder, the new one, or absent, never a mix; `.old-*` leftovers are removed
+    by the next call for the same target."""
+    new, target = Path(new), Path(target)
+    for leftover in target.parent.glob(f".{target.name}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+    if target.exists():
+        os.replace(target, old)
+        _written(old)
+    os.replace(new, target)
+    _written(target)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# locks
+# --------------------------------------------------------------------------------------------
+class RunLocked(RuntimeError):
+    """Another live process holds the lock of a run directory (a user error: one line)."""
+
+
+_HELD: dict[str, list] = {}   # lock file -> [FileLock, depth]: re-entrant within a process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:   # a zombie (killed, not yet reaped) holds nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _holder(info: Path) -> dict[str, Any] | None:
+    try:
+        h = read_json(info)
+    except (ValueError, OSError):
+        return None
+    return h if isinstance(h, dict) and isinstance(h.get("pid"), int) else None
+
+
+def _describe(h: dict[str, Any] | None) -> str:
+    if not h:
+        return "another process (holder unknown)"
+    return (f"`{h.get('command') or 'webkd'}` (pid {h['pid']} on host {h.get('host', '?')}, "
+            f"started {h.get('started', '?')})")
+
+
+@contextlib.contextmanager
+def run_lock(lock_file: str | Path, command: str = "") -> Iterator[None]:
+    """Hold the exclusive lock of a run directory (`RunPaths.lock`) for a whole command. A second
+    writer fails at once with `RunLocked`, one line naming the holder (pid, host, start time,
+    command, from the `<lock>.json` beside the lock file). The lock is an OS lock (`filelock`), so
+    a process that dies (SIGKILL, OOM) releases it; its holder file is then stale (a pid not
+    alive on this host) and the next run takes over with a warning. Re-entrant in one process
+    (the CLI holds it and the flow it runs takes it again)."""
+    lock_file = Path(lock_file)
+    key = str(lock_file.resolve())
+    held = _HELD.get(key)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    info = lock_file.with_name(lock_file.name + ".json")
+    lock = FileLock(str(lock_file), timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        h = _holder(info)
+        for _ in range(20):   # the new holder may not have written its name yet
+            if h is not None and _alive(h["pid"]):
+                break
+            time.sleep(0.05)
+            h = _holder(info)
+        raise RunLocked(f"{lock_file.parent} is in use by {_describe(h)}; wait for it to finish "
+                        f"(or stop it{' with kill ' + str(h['pid']) if h else ''}) and run again") from None
+    try:
+        before = _holder(info)
+        host = socket.gethostname()
+        if before is not None and before["pid"] != os.getpid():
+            if before.get("host") == host and not _alive(before["pid"]):
+                log.warning("%s: taking over the lock left by %s, which is no longer running",
+                            lock_file.parent, _describe(before))
+        atomic_write_json(info, {"pid": os.getpid(), "host": host, "command": command,
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S%z")})
+        _HELD[key] = [lock, 1]
+        try:
+            yield
+        finally:
+            _HELD.pop(key, None)
+            with contextlib.suppress(OSError):
+                info.unlink()
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager

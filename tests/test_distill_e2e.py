@@ -76,7 +76,7 @@ def _distill(scenario: Path, run: Path) -> subprocess.Popen:
 
 def _checkpoint_epoch(run: Path) -> int:
     try:
-        return int(torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"])
+        return int(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"])
     except Exception:
         return -1
 

@@ -92,6 +92,22 @@ def test_weights_that_do_not_fit(web, tmp_path, capsys):
     user_error(capsys, tmp_path, ["curate", cfg, "--no-flow"], "teachers.0.weights", "junk.pt")
 
 
+def test_data_classes_shorter_than_the_teacher(web, tmp_path, capsys):
+    """A teacher predicting 3 classes with data.classes listing 2 would have its logits read
+    against the wrong names (issue 12): refused at load, whether the weights or num_classes say so."""
+    from webkd.pipeline.config import ModelSpec
+    from webkd.training.models import build_model, save_weights
+
+    w = tmp_path / "three.safetensors"
+    save_weights(build_model(ModelSpec(name="cnn_tiny"), num_classes=3), w)
+    cfg = write_cfg(tmp_path, web, teachers=[{"key": "t", "name": "cnn_tiny", "weights": str(w)}])
+    err = user_error(capsys, tmp_path, ["distill", cfg, "--no-flow"], "data.classes", "teachers.0", "predicts 3",
+                     "three.safetensors")
+    assert "lists 2" in err and "class names" in err
+    cfg = write_cfg(tmp_path, web, teachers=[{"key": "t", "name": "cnn_tiny", "num_classes": 3}])
+    user_error(capsys, tmp_path, ["ingest", cfg], "data.classes", "teachers.0", "num_classes=3")
+
+
 def test_unknown_method_and_arch(web, tmp_path, capsys):
     cfg = write_cfg(tmp_path, web)
     err = user_error(capsys, tmp_path, ["distill", cfg, "--no-flow", "train.method=kd33"], "train.method", "kd3")

@@ -3,16 +3,20 @@
 A function, not a class tree. Everything random is drawn from generators seeded by
 (seed, epoch), and the checkpoint holds models, optimiser, scheduler, the previous selection
 and the metric history, so a run killed at any point resumes from its last checkpoint and ends
-with the same ledgers and metrics as an uninterrupted one (seeded, CPU).
+with the same ledgers and metrics as an uninterrupted one (seeded, CPU). A checkpoint is tied to
+what it was trained on (`checkpoint_identity`: pool ids hash, overrides, config fingerprint) and
+holds tensors and plain values only, read back with `torch.load(weights_only=True)`; one of
+another pool or config, or one that is truncated, foreign or refused, is ignored with a warning.
 
 The best checkpoint is chosen on the validation split only; the test set never enters here.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +35,7 @@ from webkd.selection import policy
 from webkd.selection.counts import collapsed_classes, kept_per_class
 from webkd.selection.overrides import apply_overrides
 from webkd.training.methods import Method
-from webkd.training.pool import Pool
+from webkd.training.pool import Pool, pool_state
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class FitResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     kept_last: int = 0
+    trained_on: dict[str, Any] = field(default_factory=dict)   # checkpoint_identity: the pool it used
 
     def summary(self) -> str:
         last = self.history[-1] if self.history else {}
@@ -166,13 +171,66 @@ def _restore_mode(modules: list[nn.Module], states: list[bool]) -> None:
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, truncated, not a webkd checkpoint, or
+    holding anything but tensors and plain values (refused unread by `weights_only=True`)."""
+
+
+def _plain(obj: Any) -> Any:
+    """Tensors and plain values only (what `torch.load(weights_only=True)` reads back): numpy
+    arrays become tensors, numpy scalars Python numbers."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(state, tmp)
+        torch.save(_plain(state), tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """A checkpoint written by `fit`, read with `torch.load(weights_only=True)`: tensors and plain
+    containers only, so a planted file cannot run code. Raises `CheckpointError` (one line) for a
+    missing, truncated, foreign or refused file."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as exc:   # UnpicklingError (objects refused), RuntimeError / EOFError (junk, truncated)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: not a readable webkd checkpoint ({type(exc).__name__}: {first[:200]})") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("student"), dict) or not isinstance(ck.get("epoch"), int):
+        raise CheckpointError(f"{path}: not a webkd checkpoint (no epoch and student state)")
+    return ck
+
+
+def checkpoint_identity(pool: Pool, overrides: dict[str, str] | None, run_fingerprint: str) -> dict[str, Any]:
+    """What a checkpoint was trained on: the pool (ids hash), the overrides and the run's config
+    fingerprint (`training.pool.pool_state`, the registry's `trained_on`). A checkpoint is
+    resumed only by a run with the same identity: a grown pool starts a new training."""
+    return pool_state(list(pool.ids), overrides or {}, run_fingerprint)
+
+
+def _why_not(ck: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """None when `ck` belongs to this run; otherwise what differs."""
+    before = ck.get("trained_on")
+    if not isinstance(before, dict):
+        return "it records no pool (an older or foreign checkpoint)"
+    if before.get("config") != identity["config"]:
+        return "it belongs to another run configuration"
+    if before.get("ids_sha256") != identity["ids_sha256"]:
+        return f"it was trained on another pool ({before.get('rows')} rows, now {identity['rows']})"
+    if before.get("overrides_sha256") != identity["overrides_sha256"]:
+        return "the overrides changed since it was written"
+    return None
 
 
 def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -270,7 +328,9 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
         overrides: dict[str, str] | None = None, run_fingerprint: str = "",
         class_names: list[str] | None = None) -> FitResult:
     """Distill `student` on the pool. Resumes from `paths.last_checkpoint` when it belongs to the
-    same run (same `run_fingerprint`, e.g. a hash of the resolved config). `class_names` name the
+    same run: same `run_fingerprint` (e.g. a hash of the resolved config), same pool ids and
+    overrides (`checkpoint_identity`); any other checkpoint, or one that is unreadable or not
+    plain tensors, is ignored with a warning and training starts fresh. `class_names` name the
     classes in the warning about a class that lost its kept images."""
     device = torch.device(device)
     t0 = time.time()
@@ -290,20 +350,14 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
     keep: np.ndarray | None = None            # the selection in force (candidates only)
     weights: np.ndarray | None = None
     last = paths.last_checkpoint
+    identity = checkpoint_identity(pool, overrides, run_fingerprint)
     if last.exists():
-        ck = load_checkpoint(last, device)
-        if ck.get("run_fingerprint") == run_fingerprint and ck["epoch"] + 1 <= train_cfg.epochs:
-            student.load_state_dict(ck["student"])
-            method.load_state_dict(ck["method"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            history, best_val, best_epoch = ck["history"], ck["best_val"], ck["best_epoch"]
-            keep, weights = ck["keep"], ck["weights"]
-            resumed_from = ck["epoch"]
+        resumed = _resume(last, paths.best_checkpoint, identity, train_cfg.epochs, student, method, opt, sched,
+                          device)
+        if resumed is not None:
+            history, best_val, best_epoch, keep, weights, resumed_from = resumed
             start = resumed_from + 1
             log.info("resuming after epoch %d from %s", resumed_from, last)
-        else:
-            log.warning("ignoring %s: it belongs to another run configuration", last)
 
     val_rows = pool.validation_rows
     metric = val_metric_name(train_cfg.val_metric, method, pool)
@@ -345,18 +399,59 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
             best_val, best_epoch = (score if not math.isnan(score) else best_val), epoch
             _save_checkpoint(paths.best_checkpoint, {"epoch": epoch, "student": student.state_dict(),
                                                      "method": method.state_dict(), "val": scores,
-                                                     "run_fingerprint": run_fingerprint})
+                                                     "run_fingerprint": run_fingerprint, "trained_on": identity})
         # ---- checkpoint --------------------------------------------------------------------
         _save_checkpoint(last, {"epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                 "history": history, "best_val": best_val, "best_epoch": best_epoch,
-                                "keep": keep, "weights": weights, "run_fingerprint": run_fingerprint})
-        atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val})
+                                "keep": keep, "weights": weights, "run_fingerprint": run_fingerprint,
+                                "trained_on": identity})
+        atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val,
+                                          "trained_on": identity})
         log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f agreement %.4f", epoch, stats["loss"], len(rows),
                  record["candidates"], scores["val_acc"], scores["val_agreement"])
     return FitResult(history=history, best_epoch=best_epoch, best_val=best_val, paths=paths,
                      resumed_from=resumed_from, seconds=time.time() - t0,
-                     kept_last=history[-1]["kept"] if history else 0)
+                     kept_last=history[-1]["kept"] if history else 0, trained_on=identity)
+
+
+def _resume(last: Path, best: Path, identity: dict[str, Any], epochs: int, student: nn.Module, method: Method,
+            opt: torch.optim.Optimizer, sched, device: torch.device):
+    """(history, best_val, best_epoch, keep, weights, epoch) from `last` when it (and the best
+    checkpoint beside it) belong to this run (`checkpoint_identity`); None, with a warning, for
+    a checkpoint of another pool or config, or one that is unreadable, truncated or refused by
+    `weights_only=True`: training starts fresh, with the models as they were."""
+    try:
+        ck = load_checkpoint(last, device)
+        why = _why_not(ck, identity)
+        if why is None and ck["epoch"] + 1 > epochs:
+            why = f"it is past the configured {epochs} epochs"
+        if why is None:
+            why = _why_not(load_checkpoint(best, device), identity)
+            why = None if why is None else f"{best.name} beside it: {why}"
+    except CheckpointError as exc:
+        log.warning("ignoring %s, training from scratch: %s", last, exc)
+        return None
+    if why is not None:
+        log.warning("ignoring %s, training from scratch: %s", last, why)
+        return None
+    before = [copy.deepcopy(m.state_dict()) for m in (student, method, opt, sched)]
+    try:
+        student.load_state_dict(ck["student"])
+        method.load_state_dict(ck["method"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        keep = np.asarray(ck["keep"].cpu().numpy() if torch.is_tensor(ck["keep"]) else ck["keep"], bool)
+        weights = np.asarray(ck["weights"].cpu().numpy() if torch.is_tensor(ck["weights"]) else ck["weights"],
+                             np.float32)
+        out = (list(ck["history"]), float(ck["best_val"]), int(ck["best_epoch"]), keep, weights, int(ck["epoch"]))
+    except Exception as exc:   # a checkpoint with the right identity but the wrong content
+        for m, state in zip((student, method, opt, sched), before):
+            m.load_state_dict(state)
+        log.warning("ignoring %s, training from scratch: its content does not fit this run (%s: %s)", last,
+                    type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
+        return None
+    return out
 
 
 def train_one_epoch(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Pool, rows: np.ndarray,

@@ -7,9 +7,11 @@ the refresh's champion/challenger comparison all read the pool through it, once 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -17,6 +19,7 @@ from webkd.pipeline.config import DataConfig
 from webkd.pipeline.features import build_pixel_cache, load_features
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import class_index, load_manifest
+from webkd.pipeline.storage import ids_sha256
 from webkd.selection.counts import scored_validation
 
 log = logging.getLogger(__name__)
@@ -151,3 +154,11 @@ def sample_batch(pool: Pool, n: int = 8):
     import torch
 
     return torch.from_numpy(np.array(pool.pixels[:n])).permute(0, 3, 1, 2).float() / 255
+
+
+def pool_state(ids: Sequence[str], overrides: Mapping[str, str], config_fingerprint: str) -> dict[str, Any]:
+    """What a student is trained on: the pool (ids), the human overrides and the training config.
+    Two trainings with the same state would learn the same thing, so a refresh skips the second."""
+    ov = hashlib.sha256(json.dumps(dict(sorted(overrides.items())), sort_keys=True).encode()).hexdigest()
+    return {"rows": len(ids), "ids_sha256": ids_sha256(ids), "overrides_sha256": ov,
+            "config": str(config_fingerprint)}

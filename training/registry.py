@@ -26,24 +26,24 @@ File format (`version` 1)::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from webkd.pipeline.paths import RunPaths, ledgers_in
 from webkd.pipeline.report import pct
-from webkd.pipeline.storage import atomic_write_json, atomic_write_text, ids_sha256, locked, read_json, sha256_file  # noqa: F401 (ids_sha256: registry.ids_sha256)
+from webkd.pipeline.storage import (atomic_write_json, atomic_write_text, ids_sha256, locked, read_json,  # noqa: F401 (ids_sha256: registry.ids_sha256)
+                                   replace_dir, sha256_file)
+from webkd.training.pool import pool_state  # noqa: F401 (registry.pool_state: what a student is trained on)
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,6 @@ class RegistryError(ValueError):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def pool_state(ids: Sequence[str], overrides: Mapping[str, str], config_fingerprint: str) -> dict[str, Any]:
-    """What a student is trained on: the pool (ids), the human overrides and the training config.
-    Two trainings with the same state would learn the same thing, so a refresh skips the second."""
-    ov = hashlib.sha256(json.dumps(dict(sorted(overrides.items())), sort_keys=True).encode()).hexdigest()
-    return {"rows": len(ids), "ids_sha256": ids_sha256(ids), "overrides_sha256": ov,
-            "config": str(config_fingerprint)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,12 +273,37 @@ def _clean_leftovers(paths: RunPaths) -> None:
 
 def _swap_in(tmp: Path, target: Path) -> None:
     """Replace the folder `target` with `tmp`: two renames, the old folder deleted after."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, target)
+
+
+def export_complete(export_dir: str | Path) -> bool:
+    """An export folder with everything `save_export` writes (weights, readable metadata, the
+    ONNX file when the metadata names one). `training.export` builds exports beside their
+    target and renames them in whole, so only an old or hand-made folder can be partial."""
+    d = Path(export_dir)
+    if not (d / "student.safetensors").is_file():
+        return False
+    try:
+        meta = read_json(d / "student.json", default=None)
+    except (ValueError, OSError):
+        return False
+    if not isinstance(meta, dict) or "student_spec" not in meta or "deploy" not in meta:
+        return False
+    onnx = (meta.get("onnx") or {}).get("file")
+    return not onnx or (d / onnx).is_file()
+
+
+def unregistered_version(paths: RunPaths, sha: str | None) -> str | None:
+    """A `students/<version>/` the registry does not list whose export holds the weights `sha`:
+    an export archived by a run killed before it registered it (reused, not left an orphan)."""
+    if sha is None:
+        return None
+    known = {e["version"] for e in load_registry(paths.registry).entries}
+    for p in sorted(paths.students_dir.glob("v*"), key=lambda p: p.name):
+        if p.is_dir() and _VERSION_RE.match(p.name) and p.name not in known \
+                and export_complete(p / "export") and weights_sha256(p / "export") == sha:
+            return p.name
+    return None
 
 
 def _card_note(card: Path, entry: Mapping[str, Any]) -> None:
@@ -338,8 +355,8 @@ def promote(paths: RunPaths, version: str) -> Path:
 def sync_export(paths: RunPaths) -> bool:
     """Repair `<run>/export/` after a crash mid-promotion: when it is missing, incomplete or
     marked as another version than the registry's champion, copy the champion back. Returns
-    True when it had to. (An export rewritten in place by a library `distill` keeps the marker
-    but not the weights: `adopt_export` takes care of that one.)"""
+    True when it had to. (A complete export without a marker, or with the champion's marker but
+    other weights, was written by a library `distill`: `adopt_export` takes care of that one.)"""
     with locked(paths.registry):
         _clean_leftovers(paths)
         reg = load_registry(paths.registry)
@@ -347,9 +364,9 @@ def sync_export(paths: RunPaths) -> bool:
         if entry is None:
             return False
         marker = read_json(paths.export_dir / MARKER, default=None) or {}
-        if marker.get("version") == reg.champion and (paths.export_dir / "student.safetensors").exists() \
-                and (paths.export_dir / "student.json").exists():
-            return False
+        complete = export_complete(paths.export_dir)
+        if complete and marker.get("version") in (reg.champion, None):
+            return False          # the champion, or a complete export written outside the flows (adopt_export)
         _install(paths, entry)
     log.warning("export/ did not hold the champion %s: restored it from %s", reg.champion, entry["export"])
     return True
@@ -359,8 +376,8 @@ def archive_export(paths: RunPaths, version: str, source: str | Path | None = No
     """Copy an export folder (default `<run>/export/`) into `students/<version>/export/`, so a
     student trained in the run directory itself has a version folder like any challenger."""
     src = Path(source) if source is not None else paths.export_dir
-    if not (src / "student.safetensors").exists():
-        raise RegistryError(f"{src}: not an export folder (no student.safetensors)")
+    if not export_complete(src):
+        raise RegistryError(f"{src}: not a complete export folder (student.safetensors, student.json)")
     dst = student_dir(paths, version).export_dir
     tmp = _copy_export(src, dst.parent, version, marker=False)
     _swap_in(tmp, dst)
@@ -375,11 +392,17 @@ def adopt_export(paths: RunPaths) -> str | None:
     sha = weights_sha256(paths.export_dir)
     if sha is None:
         return None
+    if not export_complete(paths.export_dir):
+        log.warning("%s is incomplete (an export interrupted before it was finished): not adopted",
+                    paths.export_dir)
+        return None
     reg = load_registry(paths.registry)
     if any(e.get("weights_sha256") == sha for e in reg.entries if e["version"] == reg.champion):
         return None
-    version = allocate_version(paths, reuse=False)
-    archive_export(paths, version)
+    version = unregistered_version(paths, sha)
+    if version is None:
+        version = allocate_version(paths, reuse=False)
+        archive_export(paths, version)
     meta = read_json(paths.export_dir / "student.json", default={}) or {}
     register(paths, version, kind="adopted", metrics=meta.get("metrics", {}), trained_on=None,
              decision="promoted: adopted export/ written outside the flows")

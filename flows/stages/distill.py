@@ -6,6 +6,7 @@ training task (flows/distill.py); a refresh challenger (flows/stages/refresh.py)
 """
 import logging
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from webkd.pipeline.features import build_pixel_cache, resolve_device
 from webkd.pipeline.ingest import run_ingest
 from webkd.pipeline.records import class_index, load_manifest
 from webkd.pipeline.report import pct
-from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
+from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json, replace_dir
 from webkd.training.pool import Pool, sample_batch
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,22 @@ class DistillResult:
                 ("model card", str(self.model_card)), ("time", f"{self.seconds:.0f}s")]
         w = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def training_fingerprint(cfg: Config) -> str:
+    """Hash of the config parts that change what a student learns. Left out: names and paths
+    (name, run_dir, data sources: the pool ids stand for the data), device, flows, export,
+    the test set and train.warm_start (a refresh sets it)."""
+    import hashlib
+    import json
+
+    d = cfg.model_dump(mode="json")
+    for k in ("name", "run_dir", "device", "flows", "export"):
+        d.pop(k, None)
+    for k in ("sources", "test_source", "val_source"):
+        d["data"].pop(k, None)
+    d["train"].pop("warm_start", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def command_line() -> str:
@@ -116,23 +133,27 @@ class Trained:
     deployed: Any
     fit: Any                            # training.loop.FitResult
     best_val: dict[str, float]          # validation scores of the chosen checkpoint
+    trained_on: dict[str, Any] = field(default_factory=dict)  # training.pool.pool_state of the pool it used
 
 
 def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device) -> Trained:
     """Train with the configured method (resumable), then reload the best validation checkpoint."""
     from webkd.training.loop import fit, load_checkpoint
+    from webkd.training.pool import pool_state
 
     teacher_models = [m for _, m, _ in teachers]
     student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))
+    overrides = load_overrides_for(cfg)
     result = fit(student, teacher_models, method, p, cfg.train, cfg.selection, out, seed=cfg.seed,
-                 device=device, overrides=load_overrides_for(cfg), run_fingerprint=cfg.fingerprint(),
+                 device=device, overrides=overrides, run_fingerprint=cfg.fingerprint(),
                  class_names=list(cfg.data.classes) or None)
     best = load_checkpoint(out.best_checkpoint, device)
     student.load_state_dict(best["student"])
     method.load_state_dict(best["method"])
     student.eval()
     method.eval()
-    return Trained(student, method, method.deploy(student, teacher_models).eval(), result, best.get("val", {}))
+    return Trained(student, method, method.deploy(student, teacher_models).eval(), result, best.get("val", {}),
+                   trained_on=pool_state(list(p.ids), overrides, training_fingerprint(cfg)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,34 +206,71 @@ def _lineage(cfg: Config, final_epoch: int, out: RunPaths | None = None) -> dict
             "collapsed": [x.line(name(x.pseudo_label)) for x in c.collapsed]}
 
 
+def _curation_settings(cfg: Config) -> dict[str, Any]:
+    """What decided which web images trained the student (the model card's curation settings)."""
+    data = cfg.data.model_dump(mode="json", include={"classes", "label_map", "class_groups", "image_size", "fit",
+                                                     "val_fraction"})
+    return {"data": data, "ingest": cfg.ingest.model_dump(mode="json", exclude={"extensions"}),
+            "index": cfg.index.model_dump(mode="json"), "selection": cfg.selection.model_dump(mode="json"),
+            "train": {"method": cfg.train.method, "args": cfg.train.args, "label_source": cfg.train.label_source,
+                      "epochs": cfg.train.epochs, "val_metric": cfg.train.val_metric}}
+
+
 def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metrics: dict[str, Any],
                    out: RunPaths):
-    """Export the deployed student (safetensors, ONNX, metadata), write the model card and the
-    final metrics. Returns (ExportResult, model card path)."""
+    """Export the deployed student (safetensors, ONNX, metadata, int8 ONNX when configured),
+    write the model card and the final metrics. Returns (ExportResult, model card path)."""
     import torch
 
-    from webkd.training.export import save_export, save_student_predictions, write_model_card
+    from webkd.pipeline.storage import ids_sha256
+    from webkd.training.card import write_model_card
+    from webkd.training.export import (META, pixel_preprocessing, quantize_int8, save_example,
+                                       save_export, save_student_predictions)
     from webkd.training.loop import predict_logits
     from webkd.training.models import fingerprint as model_fingerprint
 
+    specs = {t.cache_key: t for t in cfg.teachers}
     meta = {"name": cfg.name, "method": cfg.train.method, "classes": list(cfg.data.classes),
+            "label_map": dict(cfg.data.label_map),
+            "preprocess": pixel_preprocessing(cfg.data.image_size, cfg.data.fit,
+                                              cfg.student.preprocess.model_dump(mode="json")),
             "student_spec": cfg.student.model_dump(mode="json"),
             "student_num_classes": cfg.student.num_classes or len(cfg.data.classes),
             "deploy": trained.method.deploy_info(), "teachers": [k for k, _, _ in teachers],
+            "teacher_models": [{"key": k, "library": specs[k].library, "name": specs[k].name,
+                                "pretrained": specs[k].pretrained} if k in specs else {"key": k}
+                               for k, _, _ in teachers],
             "teacher_fingerprints": [fp for _, _, fp in teachers], "metrics": metrics,
             "student_fingerprint": model_fingerprint(trained.student, cfg.student),
-            "config_fingerprint": cfg.fingerprint(), "command": command_line()}
-    exp = save_export(trained.deployed.cpu(), out.export_dir, meta, sample_batch(p), onnx=cfg.export.onnx,
+            "config_fingerprint": cfg.fingerprint(), "command": command_line(), "torch_version": torch.__version__,
+            "trained_on": trained.trained_on}
+    # built in a hidden folder and renamed to export/ when complete: an export is whole or absent
+    stage = out.export_stage
+    shutil.rmtree(stage, ignore_errors=True)           # left by a killed export (we hold the run lock)
+    exp = save_export(trained.deployed.cpu(), stage, meta, sample_batch(p), onnx=cfg.export.onnx,
                       opset=cfg.export.opset, atol=cfg.export.atol)
-    meta = read_json(out.export_dir / "student.json")
+    meta = read_json(stage / META)
+    val_rows = p.validation_rows
+    save_example(stage, p.pixels[val_rows[0] if len(val_rows) else 0])
+    if cfg.export.int8:
+        info = quantize_int8(stage, p.pixels[val_rows[:cfg.export.int8_calibration]], test_set(cfg))
+        metrics = {**metrics, "int8_size_ratio": info["size_ratio"]}
+        if "test_acc_change" in info:
+            metrics.update(int8_test_acc=info["test_acc_int8"], int8_test_acc_change=info["test_acc_change"])
+        meta.update(int8=info, metrics=metrics)
+        atomic_write_json(stage / META, meta)
     with torch.no_grad():   # one pass over the pool: the page shows the exported student's predictions
         logits = predict_logits(lambda x: trained.deployed(x), p.pixels, np.arange(len(p)), torch.device("cpu"),
                                 cfg.train.eval_batch_size, desc="student predictions")
-    save_student_predictions(out.export_dir, p.ids, logits, f"{cfg.name}: {out.root.name}")
+    save_student_predictions(stage, p.ids, logits, f"{cfg.name}: {out.root.name}")
     final_epoch = max(e for e in range(cfg.train.epochs) if out.ledger(e).exists())
-    card = write_model_card(out.export_dir, meta, metrics, _lineage(cfg, final_epoch, out), command_line())
+    lineage = {**_lineage(cfg, final_epoch, out), "test_source": cfg.data.test_source,
+               "pool_ids_sha256": ids_sha256(p.ids), "curation": _curation_settings(cfg)}
+    card = write_model_card(stage, meta, metrics, lineage, command_line(), license=cfg.export.license)
+    replace_dir(stage, out.export_dir)
+    exp.export_dir, exp.files = out.export_dir, [out.export_dir / f.name for f in exp.files]
     atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
-    return exp, card
+    return exp, out.export_dir / card.name
 
 
 def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None, p: Pool | None = None) -> DistillResult:

@@ -3,7 +3,6 @@ refresh trains (`refresh_plan`), the challenger's config and training, and the c
 champion and challenger on the same validation rows (`judge_challenger`); `register_distilled`
 versions an explicit distill. Used by flows/refresh.py and flows/distill.py (no Prefect here).
 """
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from webkd.flows.stages.curate import load_overrides_for, pool
-from webkd.flows.stages.distill import DistillResult, distill
+from webkd.flows.stages.distill import DistillResult, distill, training_fingerprint  # noqa: F401 (refresh_stages.training_fingerprint)
 from webkd.pipeline.config import Config
 from webkd.pipeline.features import resolve_device
 from webkd.pipeline.records import load_manifest
@@ -22,24 +21,9 @@ from webkd.training.pool import Pool
 log = logging.getLogger(__name__)
 
 
-def training_fingerprint(cfg: Config) -> str:
-    """Hash of the config parts that change what a student learns. Left out: names and paths
-    (name, run_dir, data sources: the pool ids stand for the data), device, flows, export,
-    the test set and train.warm_start (a refresh sets it)."""
-    import json
-
-    d = cfg.model_dump(mode="json")
-    for k in ("name", "run_dir", "device", "flows", "export"):
-        d.pop(k, None)
-    for k in ("sources", "test_source", "val_source"):
-        d["data"].pop(k, None)
-    d["train"].pop("warm_start", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def pool_state(cfg: Config) -> dict[str, Any]:
     """What a student trained now would be trained on (pool ids, overrides, training config)."""
-    from webkd.training.registry import pool_state as state
+    from webkd.training.pool import pool_state as state
 
     return state([r.id for r in load_manifest(cfg.paths.manifest)], load_overrides_for(cfg),
                  training_fingerprint(cfg))
@@ -179,14 +163,19 @@ def register_distilled(cfg: Config, result: DistillResult, p: Pool | None = None
 
     paths = cfg.paths
     reg = registry.load_registry(paths.registry)
-    version = registry.allocate_version(paths, reuse=False)
-    export = registry.archive_export(paths, version, result.export_dir)
+    # an archive left by a run killed before it registered this very student is reused, not orphaned
+    version = registry.unregistered_version(paths, registry.weights_sha256(result.export_dir))
+    if version is None:
+        version = registry.allocate_version(paths, reuse=False)
+        registry.archive_export(paths, version, result.export_dir)
+    export = registry.student_dir(paths, version).export_dir
     validation = _compare(cfg, export, reg.champion, p)
     prev = "" if reg.champion is None else f", previous champion {reg.champion}: " + \
         ("not comparable" if validation["champion_score"] is None else f"{validation['champion_score']:.4f}")
     decision = f"promoted: explicit distill ({validation['metric']} {validation['score']:.4f}{prev})"
     meta = read_json(export / "student.json", default={}) or {}
-    registry.register(paths, version, kind="distill", metrics=meta.get("metrics", {}), trained_on=pool_state(cfg),
+    registry.register(paths, version, kind="distill", metrics=meta.get("metrics", {}),   # the pool it used
+                      trained_on=meta.get("trained_on") or pool_state(cfg),
                       validation=validation, decision=decision,
                       extra={"epochs": cfg.train.epochs, "warm_start": cfg.train.warm_start})
     registry.promote(paths, version)
