@@ -244,9 +244,17 @@ class TrainConfig(_Section):
     label_source: Literal["web", "refined"] = "web"
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
-    steps_per_epoch: int | None = Field(
-        None, ge=1, description="optimisation steps per epoch, whatever the kept set's size (reshuffled passes "
-                                "over the kept rows); default: one pass over them. Equal budgets across selections")
+    steps_per_epoch: int | Literal["candidates"] | None = Field(
+        None, description="optimisation steps per epoch, whatever the kept set's size (reshuffled passes over the "
+                          "kept rows): a number, or `candidates` (as many as one pass over every training candidate, "
+                          "the budget of no selection); default: one pass over the kept rows")
+
+    @field_validator("steps_per_epoch")
+    @classmethod
+    def _positive_steps(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("steps_per_epoch must be >= 1 or 'candidates'")
+        return v
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = 0.9

@@ -42,3 +42,8 @@ def test_steps_per_epoch_fixes_the_budget_whatever_the_kept_set(pacs32, one_thre
     train_one_epoch(model, [], method, pool, rows, np.ones(40, np.float32), cfg.model_copy(update={"steps_per_epoch": None}),
                     opt, 0, 0.0, 0, torch.device("cpu"))
     assert len(seen) == 3                                        # one pass: 4 + 4 + 2
+    seen.clear()
+    n_train = int((pool.candidates & (pool.split == "train")).sum())
+    train_one_epoch(model, [], method, pool, rows, np.ones(40, np.float32),
+                    cfg.model_copy(update={"steps_per_epoch": "candidates"}), opt, 0, 0.0, 0, torch.device("cpu"))
+    assert len(seen) == -(-n_train // 4) and set(np.concatenate(seen)) == set(rows)  # the no-selection budget

@@ -465,7 +465,11 @@ def train_one_epoch(student: nn.Module, teachers: list[nn.Module], method: Metho
     g_order, g_aug, g_method = (_generator(seed, epoch, s) for s in range(3))
     order = rows[torch.randperm(len(rows), generator=g_order).numpy()] if len(rows) else rows
     if cfg.steps_per_epoch and len(rows) >= 2:  # a fixed step budget: further reshuffled passes, cut to length
-        need = cfg.steps_per_epoch * cfg.batch_size
+        if cfg.steps_per_epoch == "candidates":    # the budget of one pass over every training candidate
+            n_train = int((pool.candidates & (pool.split == "train")).sum())
+            need = max(len(rows), -(-n_train // cfg.batch_size) * cfg.batch_size)
+        else:
+            need = cfg.steps_per_epoch * cfg.batch_size
         passes = [order] + [rows[torch.randperm(len(rows), generator=g_order).numpy()]
                             for _ in range(-(-need // len(rows)) - 1)]
         order = np.concatenate(passes)[:need]
