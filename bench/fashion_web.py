@@ -172,7 +172,7 @@ def main() -> None:
     t_all = time.time()
     if args.summary_only:
         write_summary(json.loads((OUT / f"results{'_tiny' if args.tiny_clothing else ''}{args.tag}.json")
-                                 .read_text())["results"], rows)
+                                 .read_text())["results"], rows, args.tiny_clothing)
         return
 
     pool_tag = "_tiny" if args.tiny_clothing else ""
@@ -242,18 +242,20 @@ def main() -> None:
     any_run = next((r for row, rs in results.items() if row != "kd_fmnist" for r in rs),
                    next(r for rs in results.values() for r in rs))  # teacher_val_acc: the web validation rows
     if not args.tag:  # ablation runs (--tag) keep their own results file only
-        write_summary(results, rows)
+        write_summary(results, rows, args.tiny_clothing)
     print(f"\nteacher: FMNIST test {100 * teacher_metrics['test_acc']:.2f}%, web val {100 * (any_run['teacher_val_acc'] or 0):.2f}%;"
           f" student parameters {any_run['parameters']:,}; seeds {args.seeds}; epochs {args.epochs}; "
           f"total {(time.time() - t_all) / 60:.0f} min")
 
 
-def write_summary(results: dict[str, list[dict]], rows: list[str]) -> None:
-    """bench/results/fashion_web.json (bench/summary.py's shape) from the per-run records."""
+def write_summary(results: dict[str, list[dict]], rows: list[str], tiny: bool = False) -> None:
+    """bench/results/fashion_web.json (bench/summary.py's shape) from the per-run records; the pool
+    with the Tiny ImageNet clothing queries writes fashion_web_tiny.json."""
     command = " ".join(["python", "bench/fashion_web.py"] + sys.argv[1:])
     out = summarize(results, rows, {r: ROLES.get(r) for r in rows}, command)
-    atomic_write_json(SUMMARY, out)
-    print(f"summary: {SUMMARY}")
+    path = SUMMARY.with_name("fashion_web_tiny.json") if tiny else SUMMARY
+    atomic_write_json(path, out)
+    print(f"summary: {path}")
 
 
 if __name__ == "__main__":
