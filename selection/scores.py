@@ -77,6 +77,13 @@ def softmax(logits: Any) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def log_softmax(logits: Any) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis, float64 numpy."""
+    z = as_numpy(logits)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def prediction(logits: Any) -> tuple[np.ndarray, np.ndarray]:
     """(argmax int64 (N,), max softmax probability float64 (N,)); ties go to the lower class."""
     p = softmax(logits)  # (N, K)
@@ -145,11 +152,7 @@ def ood_score(logits: Any, kind: str = "energy", temperature: float = 1.0) -> np
 def teacher_student_kl(teacher_logits: Any, student_logits: Any) -> np.ndarray:
     """(N,) KL(p_T || p_S) >= 0 at temperature 1, computed stably in log space: how far the student
     is from the teacher on each row (0 where they agree exactly)."""
-    zt, zs = as_numpy(teacher_logits), as_numpy(student_logits)
-    lt = zt - zt.max(axis=1, keepdims=True)
-    lt = lt - np.log(np.exp(lt).sum(axis=1, keepdims=True))
-    ls = zs - zs.max(axis=1, keepdims=True)
-    ls = ls - np.log(np.exp(ls).sum(axis=1, keepdims=True))
+    lt, ls = log_softmax(teacher_logits), log_softmax(student_logits)
     return np.maximum((np.exp(lt) * (lt - ls)).sum(axis=1), 0.0)
 
 

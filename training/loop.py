@@ -252,6 +252,14 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
 # --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
+def _scores_student(epoch: int, cfg: SelectionConfig) -> bool:
+    """Whether this reselection needs the student's logits: the student-in-the-loop term (balanced /
+    soft with discrepancy_weight > 0) from epoch 0 on; KD^3 and refreshed budgets after epoch 0."""
+    if cfg.mode in ("balanced", "soft") and cfg.relevance.discrepancy_weight > 0:
+        return True
+    return epoch > 0 and (cfg.mode == "kd3" or (cfg.mode in ("balanced", "soft") and cfg.budget.refresh))
+
+
 def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: nn.Module,
              teachers: list[nn.Module], cfg: SelectionConfig, device: torch.device,
              previous_keep: np.ndarray | None, overrides: dict[str, str] | None,
@@ -270,9 +278,7 @@ def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: n
                                         pool.pixels, rows, device, batch_size, desc="teacher scoring")
         _restore_mode(teachers, states)
     student_logits = None
-    in_loop = cfg.mode in ("balanced", "soft") and cfg.relevance.discrepancy_weight > 0  # scored at epoch 0 too
-    if (epoch > 0 or in_loop) and (cfg.mode == "kd3" or (cfg.mode in ("balanced", "soft") and cfg.budget.refresh)
-                                   or in_loop):
+    if _scores_student(epoch, cfg):
         mods = [student, method]
         states = _eval_mode(mods)
         student_logits = predict_logits(lambda x: method.predict(student, teachers, x), pool.pixels, rows,
