@@ -102,9 +102,20 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
         None, "web", ["train.method=kd", "selection.mode=balanced", NO_ARGS, f"selection.budget.keep={k}",
                       "selection.relevance.ood_weight=0.0", "selection.relevance.discrepancy_weight=1.0"])
        for k in (0.25, 0.5)},
-    "kd_bal_q25": ("vanilla KD, balanced budgets keep 0.25, energy + query prior", None, "web",
-                   ["train.method=kd", "selection.mode=balanced", NO_ARGS, "selection.budget.keep=0.25",
-                    "selection.relevance.query_weight=1.0"]),
+    # [project] relevance (teacher energy + web query prior) on the vanilla KD objective, alone and with the
+    # student in the loop (R + D: relevant images the student has not matched yet)
+    **{f"kd_bal_q{int(100 * k)}": (
+        f"vanilla KD, balanced budgets keep {k:g}, energy + query prior", None, "web",
+        ["train.method=kd", "selection.mode=balanced", NO_ARGS, f"selection.budget.keep={k}",
+         "selection.relevance.query_weight=1.0"]) for k in (0.1, 0.25, 0.5)},
+    **{f"kd_qdisc{int(100 * k)}": (
+        f"vanilla KD, balanced budgets keep {k:g}, energy + query prior + teacher-student discrepancy", None, "web",
+        ["train.method=kd", "selection.mode=balanced", NO_ARGS, f"selection.budget.keep={k}",
+         "selection.relevance.query_weight=1.0", "selection.relevance.discrepancy_weight=1.0"]) for k in (0.25, 0.5)},
+    # [project] the KD temperature, chosen on validation (the default objective uses T 4)
+    **{f"vanilla_t{t}": (f"vanilla KD at T {t}, whole pool", None, "web",
+                         ["train.method=kd", "selection.mode=none", f"train.method_args={{kd: {{temperature: {t}.0}}}}"])
+       for t in (1, 2, 8)},
 }
 DEFAULT_ROWS = ["upper_bound", "vanilla_kd", "function_matching", "paper_kd3", "default", "random_selection"]
 # the random row copies the kept share of the product's selection; while the default selects
