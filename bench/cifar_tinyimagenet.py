@@ -112,6 +112,10 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
         f"vanilla KD, balanced budgets keep {k:g}, energy + query prior + teacher-student discrepancy", None, "web",
         ["train.method=kd", "selection.mode=balanced", NO_ARGS, f"selection.budget.keep={k}",
          "selection.relevance.query_weight=1.0", "selection.relevance.discrepancy_weight=1.0"]) for k in (0.25, 0.5)},
+    # fixed random subsets of a stated share (selection.random_seed = the run's seed)
+    **{f"random_{int(100 * k)}": (f"vanilla KD, a fixed random {k:g} of the candidates", None, "web",
+                                  ["train.method=kd", NO_ARGS, "selection.mode=random", f"selection.random_keep={k}"])
+       for k in (0.25, 0.5)},
     # [project] the KD temperature, chosen on validation (the default objective uses T 4)
     **{f"vanilla_t{t}": (f"vanilla KD at T {t}, whole pool", None, "web",
                          ["train.method=kd", "selection.mode=none", f"train.method_args={{kd: {{temperature: {t}.0}}}}"])
@@ -265,6 +269,8 @@ def run_rows(args, weights: Path, paths: dict[str, Path]) -> dict[str, list[dict
                 over = over + ["selection.mode=random", f"selection.random_keep={frac:.6f}",
                                f"selection.random_seed={seed}"]
                 extra = {"random_keep": frac, "random_keep_from": ref}
+            elif row.startswith("random_"):
+                over = over + [f"selection.random_seed={seed}"]
             run_dir = args.out / f"{row}_s{seed}"
             clone_curated(bases[base], run_dir)
             cfg = load_config(cifar.CONFIG, base_overrides(args, weights, paths[base], paths["test"]) + over + budget
