@@ -126,7 +126,8 @@ class IngestConfig(_Section):
     url_column: str = "url"
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"],
-        description="file names considered images in folders and shards",
+        description="names that usually hold images (messages only: every file and tar member is "
+                    "listed and decided by its content, none is skipped by its name)",
     )
 
 
