@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote_to_bytes
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from webkd.pipeline.report import printable
 from webkd.pipeline.storage import atomic_write_table
 
 # --------------------------------------------------------------------------------------------
@@ -116,8 +117,7 @@ def name_to_text(name: str) -> str:
     escaped (a folder named with invalid UTF-8 is still a web query; its uri keeps the bytes)."""
     if _PLAIN.fullmatch(name):
         return name
-    text = os.fsencode(name).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return printable(os.fsencode(name).decode("utf-8", "backslashreplace"))
 
 
 @dataclass
