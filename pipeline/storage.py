@@ -173,8 +173,31 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, backup: bool = False) -> None:
+    """Write `obj` as JSON atomically; with `backup` (records a user owns: the registry, the
+    overrides store) the same text also goes to `<name>.bak`, the last good copy that
+    `repair_hint` points to when the file itself is later found damaged."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write_text(path, text)
+    if backup:
+        atomic_write_text(backup_path(path), text)
+
+
+def backup_path(path: str | Path) -> Path:
+    """`registry.json` -> `registry.json.bak` (written by `atomic_write_json(..., backup=True)`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".bak")
+
+
+def repair_hint(path: str | Path) -> str:
+    """How to repair a damaged JSON record a user owns, for its one-line error: restore the last
+    good copy beside it when there is one that parses, else fix or move the file aside."""
+    path, bak = Path(path), backup_path(path)
+    try:
+        json.loads(bak.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"fix it by hand, or move it aside (mv {path} {path}.broken) to start a new one"
+    return f"restore the last good copy with `cp {bak} {path}` (or move {path.name} aside to start a new one)"
 
 
 def read_json(path: str | Path, default: Any = None) -> Any:

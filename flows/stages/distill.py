@@ -271,7 +271,9 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
     card = write_model_card(stage, meta, metrics, lineage, command_line(), license=cfg.export.license)
     replace_dir(stage, out.export_dir)
     exp.export_dir, exp.files = out.export_dir, [out.export_dir / f.name for f in exp.files]
-    atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
+    from webkd.training.loop import read_metrics
+
+    atomic_write_json(out.metrics, {**(read_metrics(out.metrics) or {}), "final": metrics})
     return exp, out.export_dir / card.name
 
 
