@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET_LOGGERS = ("faiss", "httpx", "httpcore", "urllib3", "PIL", "numexpr", "matplotlib", "filelock")
 # exceptions that are the user's to fix (matched by class name: no heavy imports to catch them)
 USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError", "RunLocked",
-               "PredictError"}
+               "PredictError", "RegistryError", "DiskFull"}
 
 
 def _user_error(exc: BaseException) -> bool:

@@ -65,8 +65,9 @@ class RunPaths:
 
     @property
     def ingest_stage(self) -> Path:
-        """`.ingest_round/`: one ingest round's manifest, quarantine and state before they are
-        committed together (`pipeline.storage.commit_files`); absent between rounds."""
+        """`.ingest_round/`: one ingest round's manifest, quarantine and state (or the pixel stage's
+        `source_missing` marks in manifest and quarantine) before they are committed together
+        (`pipeline.storage.commit_files`); absent between rounds."""
         return self.root / ".ingest_round"
 
     @property

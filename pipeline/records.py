@@ -27,9 +27,10 @@ from webkd.pipeline.storage import atomic_write_table
 OK = "ok"
 DUPLICATE = "duplicate"              # quarantine: same bytes as an earlier record
 NEAR_DUPLICATE = "near_duplicate"    # manifest status + quarantine (index stage) + ledger reason
+SOURCE_MISSING = "source_missing"    # manifest status + quarantine (pixel stage) + ledger reason
 
-# Quarantine reasons (`Rejected` at ingest, `duplicate`, and the index stage's `near_duplicate`);
-# a manifest row's status is OK or NEAR_DUPLICATE.
+# Quarantine reasons (`Rejected` at ingest, `duplicate`, the index stage's `near_duplicate` and the
+# pixel stage's `source_missing`); a manifest row's status is OK, NEAR_DUPLICATE or SOURCE_MISSING.
 REASONS = {
     "not_found": "file listed but missing",
     "unreadable": "file exists but cannot be read (permissions, I/O error)",
@@ -46,9 +47,11 @@ REASONS = {
     "bad_row": "manifest row without a usable path (empty, NUL byte, invalid UTF-8, ragged)",
     DUPLICATE: "same bytes as an earlier record (labels merged into it)",
     NEAR_DUPLICATE: "embedding cosine above the threshold to a kept representative",
+    SOURCE_MISSING: "file gone or changed since ingest: its pixels are unknown, it is not trained on",
 }
-# Reasons of a quarantine row written at ingest (everything but the index stage's near_duplicate).
-INGEST_REASONS = tuple(r for r in REASONS if r != NEAR_DUPLICATE)
+# Reasons of a quarantine row written at ingest (all but the index stage's near_duplicate and the
+# pixel stage's source_missing, whose rows stay in the manifest with that status).
+INGEST_REASONS = tuple(r for r in REASONS if r not in (NEAR_DUPLICATE, SOURCE_MISSING))
 
 # Ledger reasons (selection/policy.py, selection/overrides.py): why a row is kept or not.
 SELECTED = "selected"

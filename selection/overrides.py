@@ -28,7 +28,7 @@ import numpy as np
 
 from webkd.pipeline.records import OVERRIDE, VALIDATION
 from webkd.pipeline.report import printable
-from webkd.pipeline.storage import atomic_write_json, locked
+from webkd.pipeline.storage import atomic_write_json, locked, repair_hint
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,10 @@ def load_entries(path: str | Path) -> dict[str, dict[str, str]]:
     path = Path(path)
     if not path.exists():
         return {}
-    return _parse(_read_json(path), str(path), full=True)
+    try:
+        return _parse(_read_json(path), str(path), full=True)
+    except OverridesError as exc:   # the store is the user's record: say how to get it back
+        raise OverridesError(f"{exc}; {repair_hint(path)}") from None
 
 
 def load_overrides(path: str | Path) -> dict[str, str]:
@@ -192,7 +195,8 @@ def _merge(path: Path, updates: Mapping[str, dict[str, str]], remove: Iterable[s
                 ch.missing.append(i)
         ch.total = len(entries)
         if ch.any or updates:
-            atomic_write_json(path, {"version": VERSION, "entries": dict(sorted(entries.items()))})
+            atomic_write_json(path, {"version": VERSION, "entries": dict(sorted(entries.items()))},
+                              backup=True)   # overrides.json.bak: the last good copy
     return ch
 
 

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from webkd.pipeline.config import Config, save_resolved_config
-from webkd.pipeline.features import build_pixel_cache, extract_features, load_features, resolve_device
+from webkd.pipeline.features import extract_features, load_features, resolve_device
 from webkd.pipeline.index import index_run
 from webkd.pipeline.ingest import IngestReport, run_ingest
+from webkd.pipeline.pixels import pixel_cache
 from webkd.pipeline.records import OVERRIDE, class_index, load_manifest
 from webkd.training.pool import NeighborSearch, Pool, build_pool, splits_of
 
@@ -28,10 +29,10 @@ def ingest(cfg: Config) -> IngestReport:
 
 
 def pixels(cfg: Config, records: list | None = None) -> np.ndarray:
-    """The run's decoded pixel cache, (N, S, S, 3) uint8, row-aligned with the manifest."""
+    """The run's decoded pixel cache, (N, S, S, 3) uint8, row-aligned with the manifest (rows
+    whose source file is gone are quarantined, `source_missing`)."""
     records = load_manifest(cfg.paths.manifest) if records is None else records
-    return build_pixel_cache(records, cfg.paths.pixels(cfg.data.image_size, cfg.data.fit),
-                             cfg.data.image_size, cfg.data.fit)
+    return pixel_cache(cfg.paths, records, cfg.data.image_size, cfg.data.fit)
 
 
 def build_teachers(cfg: Config, device: str = "cpu") -> list[tuple[str, Any, str]]:
