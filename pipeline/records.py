@@ -23,9 +23,11 @@ from webkd.pipeline.storage import atomic_write_table
 OK = "ok"
 DUPLICATE = "duplicate"              # quarantine: same bytes as an earlier record
 NEAR_DUPLICATE = "near_duplicate"    # manifest status + quarantine (index stage) + ledger reason
+EVAL_DUPLICATE = "eval_duplicate"    # manifest status + quarantine (decontamination, pipeline/decontam.py)
 
-# Quarantine reasons (`Rejected` at ingest, `duplicate`, and the index stage's `near_duplicate`);
-# a manifest row's status is OK or NEAR_DUPLICATE.
+# Quarantine reasons (`Rejected` at ingest, `duplicate`, the index stage's `near_duplicate` and the
+# decontamination stage's `eval_duplicate`); a manifest row's status is OK, NEAR_DUPLICATE or
+# EVAL_DUPLICATE (a non-ok row is never a training candidate and never a scored validation row).
 REASONS = {
     "not_found": "file listed but missing",
     "unreadable": "file exists but cannot be read (permissions, I/O error)",
@@ -40,9 +42,11 @@ REASONS = {
     "bad_row": "manifest row without a usable path",
     DUPLICATE: "same bytes as an earlier record (labels merged into it)",
     NEAR_DUPLICATE: "embedding cosine above the threshold to a kept representative",
+    EVAL_DUPLICATE: "exact or near duplicate of an evaluation image (data.decontaminate / decontam.test_source)",
 }
-# Reasons of a quarantine row written at ingest (everything but the index stage's near_duplicate).
-INGEST_REASONS = tuple(r for r in REASONS if r != NEAR_DUPLICATE)
+# Reasons of a quarantine row written at ingest (not the later stages' near_duplicate / eval_duplicate:
+# those rows stay in the manifest, with that status).
+INGEST_REASONS = tuple(r for r in REASONS if r not in (NEAR_DUPLICATE, EVAL_DUPLICATE))
 
 # Ledger reasons (selection/policy.py, selection/overrides.py): why a row is kept or not.
 SELECTED = "selected"
