@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
 import sys
 import time
@@ -46,9 +45,8 @@ from PIL import Image  # noqa: E402
 
 from webkd.pipeline import datasets  # noqa: E402
 from webkd.pipeline.config import DecontamConfig, load_config  # noqa: E402
-from webkd.pipeline.decontam import EvalSet, embedding_nearest, find_eval_duplicates, phash  # noqa: E402
+from webkd.pipeline.decontam import EvalSet, embedding_nearest, find_eval_duplicates, phash_nearest  # noqa: E402
 from webkd.pipeline.features import fit_square  # noqa: E402
-from webkd.pipeline.index import hamming_knn  # noqa: E402
 from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -110,15 +108,13 @@ def embed(model, pix: np.ndarray, batch: int = 512) -> np.ndarray:
     return np.concatenate(out)
 
 
-def phash_nearest(eval_pix: np.ndarray, pool_pix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(bits (N,), eval row (N,)) of each pool image's nearest evaluation hash over the crops."""
-    hashed = [phash(eval_pix, crop=c) for c in CROPS]
-    codes = np.concatenate([h for h, _ in hashed])
-    keep = np.flatnonzero(np.concatenate([v for _, v in hashed]))
-    pc, pv = phash(pool_pix)
-    d, j = hamming_knn(codes[keep], pc, 1)
-    d = np.where(pv, d[:, 0], 64)
-    return d, keep[j[:, 0]] % len(eval_pix)
+VERIFY = [-1.0, 0.8, 0.85, 0.9, 0.95]      # thumbnail cosine behind a pHash match (-1: no check)
+
+
+def phash_hits(eval_pix: np.ndarray, pool_pix: np.ndarray) -> dict[tuple[int, float], np.ndarray]:
+    """(bits, verify) -> (N,) bool: pool images matched by pHash (the product's code path)."""
+    d, _, cos = phash_nearest(eval_pix, pool_pix, CROPS)
+    return {(b, v): (d <= b) & (cos >= v) for b in BITS for v in VERIFY}
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,20 +126,19 @@ def measure_set(name: str, images: list, n_eval: int, n_neg: int, model, seed: i
     E = cache([to_img(images[i]) for i in ev])
     N = cache([to_img(images[i]) for i in neg])
     e_emb, n_emb = embed(model, E), embed(model, N)
-    nd, _ = phash_nearest(E, N)
+    nhit = phash_hits(E, N)
     out = {"eval": len(ev), "negatives": len(neg), "fpr": {}, "transforms": {}}
-    out["fpr"]["phash"] = {b: float((nd <= b).mean()) for b in BITS}
+    out["fpr"]["phash"] = {f"{b}|{v}": float(h.mean()) for (b, v), h in nhit.items()}
     per = {}
     for tname, f in TRANSFORMS.items():
         P = cache([f(to_img(images[i])) for i in ev])
-        pd, pj = phash_nearest(E, P)
+        phit = phash_hits(E, P)
         pool_emb = np.concatenate([n_emb, embed(model, P)])      # centred on this pool's mean
         cos, j = embedding_nearest(pool_emb, e_emb)
         ncos, pcos = cos[:len(neg)], cos[len(neg):]
-        per[tname] = (pd, pcos, ncos)
+        per[tname] = (phit, nhit, pcos, ncos)
         out["transforms"][tname] = {
-            "phash_recall": {b: float((pd <= b).mean()) for b in BITS},
-            "phash_right_image": float((pj == np.arange(len(ev)))[pd <= 6].mean()) if (pd <= 6).any() else None,
+            "phash_recall": {f"{b}|{v}": float(h.mean()) for (b, v), h in phit.items()},
             "embedding_recall": {c: float((pcos >= c).mean()) for c in COSINES},
             "embedding_fpr": {c: float((ncos >= c).mean()) for c in COSINES},
         }
@@ -155,9 +150,15 @@ def measure_set(name: str, images: list, n_eval: int, n_neg: int, model, seed: i
 
 
 def choose(sets: dict) -> dict:
-    bits = max([b for b in BITS if all(s["fpr"]["phash"][b] <= MAX_FPR for s in sets.values())], default=0)
+    """pHash: among (bits, verify) with FPR <= MAX_FPR on every set, the highest mean recall (over
+    sets and transforms; ties: fewer bits, stricter check). Embedding: the loosest such cosine."""
+    def recall(key: str) -> float:
+        return float(np.mean([t["phash_recall"][key] for s in sets.values() for t in s["transforms"].values()]))
+    ok = [(b, v) for b in BITS for v in VERIFY if all(s["fpr"]["phash"][f"{b}|{v}"] <= MAX_FPR for s in sets.values())]
+    bits, verify = max(ok, key=lambda bv: (recall(f"{bv[0]}|{bv[1]}"), -bv[0], bv[1])) if ok else (0, 0.95)
     cos = min([c for c in COSINES if all(s["fpr"]["embedding"][c] <= MAX_FPR for s in sets.values())], default=1.0)
-    return {"phash_max_bits": bits, "embedding_threshold": cos, "rule": f"loosest with FPR <= {MAX_FPR:.1%} on every set"}
+    return {"phash_max_bits": bits, "phash_verify": verify, "embedding_threshold": cos,
+            "rule": f"FPR <= {MAX_FPR:.1%} on every set; pHash: highest mean recall, embedding: loosest"}
 
 
 def union_table(sets: dict, chosen: dict) -> dict:
@@ -165,9 +166,10 @@ def union_table(sets: dict, chosen: dict) -> dict:
     out = {}
     for name, s in sets.items():
         out[name] = {}
-        for tname, (pd, pcos, ncos) in s["_raw"].items():
-            tp = (pd <= chosen["phash_max_bits"]) | (pcos >= chosen["embedding_threshold"])
-            fp_rate = s["fpr"]["phash"][chosen["phash_max_bits"]] + float((ncos >= chosen["embedding_threshold"]).mean())
+        key = (chosen["phash_max_bits"], chosen["phash_verify"])
+        for tname, (phit, nhit, pcos, ncos) in s["_raw"].items():
+            tp = phit[key] | (pcos >= chosen["embedding_threshold"])
+            fp_rate = float((nhit[key] | (ncos >= chosen["embedding_threshold"])).mean())
             fp = fp_rate * s["negatives"]
             out[name][tname] = {"recall": float(tp.mean()), "precision": float(tp.sum() / max(tp.sum() + fp, 1e-9)),
                                 "false_flags_per_1000": 1000 * fp_rate}
@@ -175,22 +177,25 @@ def union_table(sets: dict, chosen: dict) -> dict:
 
 
 def print_tables(sets: dict, chosen: dict, union: dict) -> None:
-    show_bits = [4, 5, 6, 7, 8, 10]
+    v = chosen["phash_verify"]
+    show = [(b, -1.0) for b in (4, 6, 8)] + [(b, v) for b in (4, 6, 8, 10, 12)]
     show_cos = [0.95, 0.97, 0.98, 0.99, 0.995]
     for name, s in sets.items():
-        print(f"\n## {name}: phash (max bits) recall per transform; FPR on {s['negatives']} distinct images")
-        print("| transform | " + " | ".join(f"<= {b}" for b in show_bits) + " |")
-        print("|---|" + "---:|" * len(show_bits))
-        print("| FPR (negatives) | " + " | ".join(f"{100 * s['fpr']['phash'][b]:.2f}%" for b in show_bits) + " |")
+        print(f"\n## {name}: phash recall per transform (max bits / thumbnail check); FPR on {s['negatives']} "
+              "distinct images")
+        print("| transform | " + " | ".join(f"<= {b} / {'off' if c < 0 else c}" for b, c in show) + " |")
+        print("|---|" + "---:|" * len(show))
+        print("| FPR (negatives) | " + " | ".join(f"{100 * s['fpr']['phash'][f'{b}|{c}']:.2f}%" for b, c in show) + " |")
         for t, r in s["transforms"].items():
-            print(f"| {t} | " + " | ".join(f"{100 * r['phash_recall'][b]:.1f}%" for b in show_bits) + " |")
+            print(f"| {t} | " + " | ".join(f"{100 * r['phash_recall'][f'{b}|{c}']:.1f}%" for b, c in show) + " |")
         print(f"\n## {name}: embedding cosine (CIFAR teacher) recall per transform")
         print("| transform | " + " | ".join(f">= {c}" for c in show_cos) + " |")
         print("|---|" + "---:|" * len(show_cos))
         print("| FPR (negatives) | " + " | ".join(f"{100 * s['fpr']['embedding'][c]:.2f}%" for c in show_cos) + " |")
         for t, r in s["transforms"].items():
             print(f"| {t} | " + " | ".join(f"{100 * r['embedding_recall'][c]:.1f}%" for c in show_cos) + " |")
-    print(f"\nchosen: phash <= {chosen['phash_max_bits']} bits, embedding >= {chosen['embedding_threshold']} "
+    print(f"\nchosen: phash <= {chosen['phash_max_bits']} bits with thumbnail cosine >= {chosen['phash_verify']}, "
+          f"embedding >= {chosen['embedding_threshold']} "
           f"({chosen['rule']})")
     print("\n## union at the chosen thresholds: precision / recall (one copy per evaluation image + the negatives)")
     names = list(union)
@@ -315,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
            "sets": {k: {kk: vv for kk, vv in v.items() if kk != "_raw"} for k, v in sets.items()},
            "chosen": chosen, "union": union}
     if not args.no_counts:
-        cfg = DecontamConfig(phash_max_bits=chosen["phash_max_bits"], embedding_threshold=chosen["embedding_threshold"])
+        cfg = DecontamConfig(phash_max_bits=chosen["phash_max_bits"], phash_verify=chosen["phash_verify"],
+                             embedding_threshold=chosen["embedding_threshold"])
         out["counts"] = {"tinyimagenet_vs_cifar10_test": tiny_vs_cifar(cfg, args.tiny_subset),
                          "fashion_web_vs_fmnist_test": fashion_vs_fmnist(cfg)}
     out["seconds"] = round(time.time() - t0, 1)

@@ -22,9 +22,10 @@ from webkd.pipeline.paths import RunPaths  # noqa: F401  (Config.paths; its home
 
 
 # decontamination defaults, measured by bench/decontam.py (BENCHMARKS.md, decontamination)
-PHASH_MAX_BITS = 8
+PHASH_MAX_BITS = 4
 PHASH_CROPS = (1.0, 0.9, 0.8)
-EMBEDDING_THRESHOLD = 0.95
+PHASH_VERIFY = 0.95
+EMBEDDING_THRESHOLD = 0.99
 
 
 class _Section(BaseModel):
@@ -179,6 +180,9 @@ class DecontamConfig(_Section):
                     "phash_max_bits; embedding: cosine of the encoder's (pool-centred) embeddings through a FAISS "
                     "index, >= embedding_threshold")
     phash_max_bits: int = Field(PHASH_MAX_BITS, ge=0, le=32, description="largest Hamming distance of a pHash match")
+    phash_verify: float = Field(PHASH_VERIFY, ge=-1.0, le=1.0,
+                                description="a pHash match also needs this cosine of the two images' standardised "
+                                            "16 px colour thumbnails (-1: no check)")
     phash_crops: list[float] = Field(
         default_factory=lambda: list(PHASH_CROPS),
         description="each evaluation image is also hashed at these centre crops (share of the side), so a cropped "

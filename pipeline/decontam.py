@@ -10,7 +10,9 @@ features), then every pool row is compared with every evaluation image by up to 
   frequencies against their median) of the pixel cache, matched within `phash_max_bits` bits
   through an exact FAISS binary index (`pipeline.index.hamming_knn`). It survives resizing and
   JPEG re-encoding; crops survive because each evaluation image is also hashed at the centre
-  crops `phash_crops`;
+  crops `phash_crops`. A hash match counts only when the standardised colour thumbnails of the
+  two images (the matched crop) also agree (cosine >= `phash_verify`): distinct line drawings on
+  white share most of their 64 bits;
 - `embedding`: the cosine of the encoder's cached embeddings (both centred on the pool mean, as
   the run's index is), nearest evaluation image through a FAISS index, >= `embedding_threshold`.
 
@@ -80,6 +82,52 @@ def phash(pixels: np.ndarray, block: int = 8192, crop: float = 1.0) -> tuple[np.
         codes[lo:lo + len(g)] = np.packbits(low > np.median(low, axis=1, keepdims=True), axis=1)
         valid[lo:lo + len(g)] = (a @ g @ a.T).reshape(len(g), -1).std(1) > FLAT_STD
     return codes, valid
+
+
+def thumbnails(pixels: np.ndarray, crop: float = 1.0, side: int = 16, block: int = 8192) -> np.ndarray:
+    """Per-image standardised colour thumbnails (side x side, area-averaged from the centre crop
+    `crop`), L2-normalised float32 (N, 3 side^2): the check behind a pHash match. 64 bits of grey
+    DCT signs cannot tell two line drawings on white apart; their colour thumbnails can."""
+    n, s = len(pixels), pixels.shape[1]
+    margin = s * (1 - crop) / 2
+    a = _area_matrix(s, side, margin, s - margin)                                # (side, S)
+    out = np.empty((n, 3 * side * side), np.float32)
+    for lo in range(0, n, block):
+        x = np.asarray(pixels[lo:lo + block], np.float32).transpose(0, 3, 1, 2)   # (B, 3, S, S)
+        t = (a @ x @ a.T).reshape(len(x), -1)                                    # (B, 3 side^2)
+        t -= t.mean(1, keepdims=True)
+        t /= np.linalg.norm(t, axis=1, keepdims=True) + 1e-6
+        out[lo:lo + len(x)] = t
+    return out
+
+
+def phash_nearest(eval_pixels: np.ndarray, pool_pixels: np.ndarray, crops: Sequence[float] = (1.0,)
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each pool image, the evaluation image (any of its centre crops) with the nearest pHash
+    (FAISS binary index): (Hamming bits (N,) int32, 64 for an invalid hash; eval row (N,) int64;
+    thumbnail cosine (N,) float32 between the pool image and that evaluation crop)."""
+    from webkd.pipeline.index import hamming_knn
+
+    m, n = len(eval_pixels), len(pool_pixels)
+    hashed = [phash(eval_pixels, crop=c) for c in crops]                         # (M, 8) codes per crop
+    codes = np.concatenate([c for c, _ in hashed])                               # (C M, 8)
+    keep = np.flatnonzero(np.concatenate([v for _, v in hashed]))
+    pcodes, pvalid = phash(pool_pixels)
+    bits = np.full(n, 64, np.int32)
+    rows = np.full(n, -1, np.int64)
+    cos = np.zeros(n, np.float32)
+    if not len(keep) or not n:
+        return bits, rows, cos
+    d, j = hamming_knn(codes[keep], pcodes, 1)
+    hit = keep[j[:, 0]]                                                          # (N,) row of the C M codes
+    bits = np.where(pvalid, d[:, 0], 64).astype(np.int32)
+    rows = hit % m
+    pt = thumbnails(pool_pixels)
+    for c_idx, c in enumerate(crops):                                            # thumbnail of the matched crop
+        sel = np.flatnonzero(hit // m == c_idx)
+        if len(sel):
+            cos[sel] = np.einsum("nd,nd->n", pt[sel], thumbnails(eval_pixels[rows[sel]], crop=c))
+    return bits, rows, cos
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,9 +206,6 @@ def embedding_nearest(pool_emb: np.ndarray, eval_emb: np.ndarray) -> tuple[np.nd
 def find_eval_duplicates(pool_ids: Sequence[str], pool_pixels: np.ndarray | None, pool_emb: np.ndarray | None,
                          evals: Sequence[EvalSet], cfg: DecontamConfig) -> Matches:
     """Match every pool row against the evaluation sets (concatenated, in order) with cfg.methods."""
-    from webkd.pipeline.index import hamming_knn
-
-    n = len(pool_ids)
     rows: dict[str, np.ndarray] = {}
     sims: dict[str, np.ndarray] = {}
     hamming = None
@@ -172,17 +217,10 @@ def find_eval_duplicates(pool_ids: Sequence[str], pool_pixels: np.ndarray | None
     if "phash" in cfg.methods and eval_ids:
         if pool_pixels is None:
             raise ValueError("decontam method phash needs the pool's pixel cache")
-        epix = np.concatenate([e.pixels for e in evals])
-        hashed = [phash(epix, crop=c) for c in cfg.phash_crops]         # (M, 8) codes per crop
-        ecodes = np.concatenate([c for c, _ in hashed])                  # (C M, 8)
-        keep = np.flatnonzero(np.concatenate([v for _, v in hashed]))
-        pcodes, pvalid = phash(pool_pixels)
-        hamming = np.full(n, -1, np.int32)
-        near = np.full(n, -1, np.int64)
-        if len(keep):
-            d, j = hamming_knn(ecodes[keep], pcodes, 1)
-            ok = pvalid & (d[:, 0] <= cfg.phash_max_bits)
-            near[ok], hamming[ok] = keep[j[ok, 0]] % len(epix), d[ok, 0]
+        bits, near, tcos = phash_nearest(np.concatenate([e.pixels for e in evals]), pool_pixels, cfg.phash_crops)
+        ok = (bits <= cfg.phash_max_bits) & (tcos >= cfg.phash_verify)
+        near = np.where(ok, near, -1)
+        hamming = np.where(ok, bits, -1).astype(np.int32)
         rows["phash"] = near
         sims["phash"] = np.where(near >= 0, 1 - hamming / 64.0, 0).astype(np.float32)
     if "embedding" in cfg.methods and eval_ids:
