@@ -28,9 +28,12 @@ OK = "ok"
 DUPLICATE = "duplicate"              # quarantine: same bytes as an earlier record
 NEAR_DUPLICATE = "near_duplicate"    # manifest status + quarantine (index stage) + ledger reason
 SOURCE_MISSING = "source_missing"    # manifest status + quarantine (pixel stage) + ledger reason
+EVAL_DUPLICATE = "eval_duplicate"    # manifest status + quarantine (decontamination, pipeline/decontam.py)
 
-# Quarantine reasons (`Rejected` at ingest, `duplicate`, the index stage's `near_duplicate` and the
-# pixel stage's `source_missing`); a manifest row's status is OK, NEAR_DUPLICATE or SOURCE_MISSING.
+# Quarantine reasons (`Rejected` at ingest, `duplicate`, the index stage's `near_duplicate`, the pixel
+# stage's `source_missing` and the decontamination stage's `eval_duplicate`); a manifest row's status is
+# OK, NEAR_DUPLICATE, SOURCE_MISSING or EVAL_DUPLICATE (a non-ok row is never a training candidate and
+# never a scored validation row).
 REASONS = {
     "not_found": "file listed but missing",
     "unreadable": "file exists but cannot be read (permissions, I/O error)",
@@ -48,10 +51,11 @@ REASONS = {
     DUPLICATE: "same bytes as an earlier record (labels merged into it)",
     NEAR_DUPLICATE: "embedding cosine above the threshold to a kept representative",
     SOURCE_MISSING: "file gone or changed since ingest: its pixels are unknown, it is not trained on",
+    EVAL_DUPLICATE: "exact or near duplicate of an evaluation image (data.decontaminate / decontam.test_source)",
 }
-# Reasons of a quarantine row written at ingest (all but the index stage's near_duplicate and the
-# pixel stage's source_missing, whose rows stay in the manifest with that status).
-INGEST_REASONS = tuple(r for r in REASONS if r not in (NEAR_DUPLICATE, SOURCE_MISSING))
+# Reasons of a quarantine row written at ingest (not the later stages' near_duplicate / source_missing /
+# eval_duplicate: those rows stay in the manifest, with that status).
+INGEST_REASONS = tuple(r for r in REASONS if r not in (NEAR_DUPLICATE, SOURCE_MISSING, EVAL_DUPLICATE))
 
 # Ledger reasons (selection/policy.py, selection/overrides.py): why a row is kept or not.
 SELECTED = "selected"

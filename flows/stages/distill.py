@@ -84,7 +84,7 @@ def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
     """(pixels, labels) of `data.test_source`, ingested into <run>/test (labels from folder names)."""
     if not cfg.data.test_source:
         return None
-    tpaths = RunPaths(cfg.paths.root / "test")
+    tpaths = RunPaths(cfg.paths.test_dir)
     run_ingest([cfg.data.test_source], tpaths, IngestConfig(min_side=1))
     records = load_manifest(tpaths.manifest)
     pix = pixel_cache(tpaths, records, cfg.data.image_size, cfg.data.fit)
@@ -295,7 +295,7 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None,
     teachers = build_teachers(cfg, str(device))
     if curate_first and cfg.teachers:
         features(cfg, teachers=teachers)
-        index(cfg)
+        index(cfg, teachers)
     p = p if p is not None else pool(cfg)
     trained = fit_student(cfg, p, teachers, out, device)
     metrics = evaluate(cfg, p, trained, teachers, device)
