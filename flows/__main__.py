@@ -240,6 +240,7 @@ def _run_override(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from webkd.pipeline.paths import RunPaths
+    from webkd.pipeline.report import printable
     from webkd.selection.overrides import OverridesError, import_overrides_file, load_entries, record_overrides
 
     paths = RunPaths(Path(args.run_dir))
@@ -258,11 +259,11 @@ def _run_override(args: argparse.Namespace) -> int:
         if not changes:  # nothing to record: list the store
             entries = load_entries(paths.overrides)
             for i, e in entries.items():
-                print(f"{e['action']:<6} {i}  {e['time']}  {e['note']}")
+                print(f"{e['action']:<6} {printable(i)}  {printable(e['time'])}  {printable(e['note'])}")
             print(f"{len(entries)} override(s) in {paths.overrides}")
             return 0
     except OverridesError as exc:
-        print(f"webkd override: {exc}", file=sys.stderr)
+        print(f"webkd override: {printable(exc)}", file=sys.stderr)
         return 2
     touched = {i for c in changes for i in (*c.added, *c.changed)}
     if paths.manifest.exists() and touched:
@@ -270,7 +271,7 @@ def _run_override(args: argparse.Namespace) -> int:
 
         known = set(pq.read_table(paths.manifest, columns=["id"])["id"].to_pylist())
         for i in sorted(touched - known):
-            print(f"warning: {i} is not in the manifest (recorded anyway; check the id)")
+            print(f"warning: {printable(i)} is not in the manifest (recorded anyway; check the id)")
     for c in changes:
         print("\n".join(c.lines()))
     print(f"store: {paths.overrides} (applied at the next curate / refresh)")
@@ -417,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET_LOGGERS = ("faiss", "httpx", "httpcore", "urllib3", "PIL", "numexpr", "matplotlib", "filelock")
 # exceptions that are the user's to fix (matched by class name: no heavy imports to catch them)
 USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError", "RunLocked",
-               "PredictError"}
+               "PredictError", "RegistryError", "DiskFull"}
 
 
 def _user_error(exc: BaseException) -> bool:

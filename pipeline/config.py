@@ -21,6 +21,13 @@ from webkd.pipeline.config_io import ConfigError, apply_overrides, resolve_paths
 from webkd.pipeline.paths import RunPaths  # noqa: F401  (Config.paths; its home is pipeline/paths.py)
 
 
+# decontamination defaults, measured by bench/decontam.py (BENCHMARKS.md, decontamination)
+PHASH_MAX_BITS = 4
+PHASH_CROPS = (1.0, 0.9, 0.8)
+PHASH_VERIFY = 0.95
+EMBEDDING_THRESHOLD = 0.99
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -106,8 +113,12 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held-out slice of the pool")
     val_source: str | None = Field(None, description="optional labelled validation source")
     test_source: str | None = Field(None, description="optional labelled test source, read once")
+    decontaminate: list[str] = Field(
+        default_factory=list,
+        description="evaluation sources (same prefixes as sources) whose exact and near duplicates are taken "
+                    "out of the pool as eval_duplicate (settings: the decontam section)")
 
-    @field_validator("sources")
+    @field_validator("sources", "decontaminate")
     @classmethod
     def _known_prefix(cls, v: list[str]) -> list[str]:
         for s in v:
@@ -126,7 +137,8 @@ class IngestConfig(_Section):
     url_column: str = "url"
     extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"],
-        description="file names considered images in folders and shards",
+        description="names that usually hold images (messages only: every file and tar member is "
+                    "listed and decided by its content, none is skipped by its name)",
     )
 
 
@@ -154,6 +166,38 @@ class IndexConfig(_Section):
     near_dup_side: int = Field(16, ge=4, le=64, description="thumbnail side for near_dup_space=pixels")
     center: bool = Field(True, description="subtract the pool mean before L2-normalising (ReLU features share a direction)")
     use_gpu: Literal["auto", "never"] = "auto"
+
+
+class DecontamConfig(_Section):
+    """Decontamination (pipeline/decontam.py): pool images that are exact or near duplicates of an
+    evaluation image (data.decontaminate, and data.test_source with test_source: true) get status
+    eval_duplicate, so they are never trained on and never scored as validation. Thresholds were
+    measured on real resized / cropped / JPEG re-encoded copies (bench/decontam.py, BENCHMARKS.md)."""
+
+    test_source: bool = Field(False, description="also decontaminate against data.test_source")
+    methods: list[Literal["exact", "phash", "embedding"]] = Field(
+        default_factory=lambda: ["exact", "phash", "embedding"],
+        description="exact: same bytes (sha256); phash: 64-bit DCT perceptual hash of the pixel cache within "
+                    "phash_max_bits; embedding: cosine of the encoder's (pool-centred) embeddings through a FAISS "
+                    "index, >= embedding_threshold")
+    phash_max_bits: int = Field(PHASH_MAX_BITS, ge=0, le=32, description="largest Hamming distance of a pHash match")
+    phash_verify: float = Field(PHASH_VERIFY, ge=-1.0, le=1.0,
+                                description="a pHash match also needs this cosine of the two images' standardised "
+                                            "16 px colour thumbnails (-1: no check)")
+    phash_crops: list[float] = Field(
+        default_factory=lambda: list(PHASH_CROPS),
+        description="each evaluation image is also hashed at these centre crops (share of the side), so a cropped "
+                    "copy in the pool matches; 1.0 = the whole image")
+    embedding_threshold: float = Field(EMBEDDING_THRESHOLD, gt=0.0, le=1.0,
+                                       description="smallest embedding cosine of an embedding match")
+    encoder: str | None = Field(None, description="feature cache key for the embedding method; default: index.encoder")
+
+    @field_validator("phash_crops")
+    @classmethod
+    def _crops_in_range(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.5 <= c <= 1.0 for c in v):
+            raise ValueError(f"phash_crops must be shares of the side in [0.5, 1.0], got {v}")
+        return v
 
 
 class KnnConfig(_Section):
@@ -350,6 +394,7 @@ class Config(_Section):
     student: ModelSpec = Field(default_factory=ModelSpec)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     refine: RefineConfig = Field(default_factory=RefineConfig)
@@ -361,6 +406,9 @@ class Config(_Section):
         keys = [t.cache_key for t in self.teachers]
         if len(set(keys)) != len(keys):
             raise ValueError(f"teacher keys must be unique, got {keys}")
+        if self.decontam.test_source and not self.data.test_source:
+            raise ValueError("decontam.test_source: true needs data.test_source (set it, or list the evaluation "
+                             "sources in data.decontaminate)")
         return self
 
     @property

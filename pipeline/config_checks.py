@@ -128,6 +128,7 @@ def check_paths(cfg: "Config", sources: bool = True) -> None:
     `sources=False` (webkd serve): web sources may be filled before a scheduled run, which checks them."""
     todo = [(f"data.sources.{i}", s) for i, s in enumerate(cfg.data.sources)] if sources else []
     todo += [(f"data.{k}", getattr(cfg.data, k)) for k in ("val_source", "test_source") if getattr(cfg.data, k)]
+    todo += [(f"data.decontaminate.{i}", s) for i, s in enumerate(cfg.data.decontaminate)]
     for key, src in todo:
         why = _missing_source(src)
         if why:

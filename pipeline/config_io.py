@@ -109,8 +109,9 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     data = out.get("data")
     if isinstance(data, dict):
-        if isinstance(data.get("sources"), list):
-            data["sources"] = [fix_source(s) if isinstance(s, str) else s for s in data["sources"]]
+        for key in ("sources", "decontaminate"):
+            if isinstance(data.get(key), list):
+                data[key] = [fix_source(s) if isinstance(s, str) else s for s in data[key]]
         for k in ("val_source", "test_source"):
             if isinstance(data.get(k), str):
                 data[k] = fix_source(data[k])

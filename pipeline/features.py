@@ -1,18 +1,17 @@
-"""The decoded pixel cache and batched, cached, incremental embedding + logit extraction.
+"""Batched, cached, incremental embedding + logit extraction (the pixel cache it reads is
+`pipeline/pixels.py`; its names are importable from here too).
 
-Two row-aligned caches, both keyed so a re-run only computes what is new:
+`extract_features`: an encoder (any callable `(B, 3, S, S) float [0, 1] -> Outputs-like`; this
+layer does not import `training`) applied in batches under `torch.inference_mode()`, writing
+`features/<key>.npy` float16 (N, D), `features/<key>.logits.npy` float16 (N, K) and
+`features/<key>.json` {fingerprint, rows, dim, num_classes, ids_sha256, checksums}. Same
+fingerprint and rows: nothing computed; more rows: only the new ones; another fingerprint:
+everything again.
 
-* `build_pixel_cache`: every manifest row decoded once (`pipeline.ingest.load_rgb`), brought to a
-  square with Lanczos (`squash`, `crop` or `pad`) and stored as uint8 (N, S, S, 3). A sidecar JSON
-  beside it remembers the rows it holds and a hash of their ids, so a grown manifest decodes only
-  the new rows and a different manifest rebuilds.
-* `extract_features`: an encoder (any callable `(B, 3, S, S) float [0, 1] -> Outputs-like`; this
-  layer does not import `training`) applied in batches under `torch.inference_mode()`, writing
-  `features/<key>.npy` float16 (N, D), `features/<key>.logits.npy` float16 (N, K) and
-  `features/<key>.json` {fingerprint, rows, dim, num_classes}. Same fingerprint and rows: nothing
-  computed; more rows: only the new ones; another fingerprint: everything again.
-
-Every file is replaced atomically; a killed run leaves the old cache or the new one.
+Every file is replaced atomically; a killed run leaves the old cache or the new one. The arrays
+are written with plain buffered writes after a free-space check (`storage.DiskFull`) and carry a
+crc32 per block (`pipeline.npyfile`) checked by `load_features`: a cache changed on disk, or a
+damaged sidecar, is recomputed from its first damaged row, with one warning line.
 """
 from __future__ import annotations
 
@@ -24,18 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
-from webkd.pipeline.progress import tqdm
 
+from webkd.pipeline.npyfile import NpyWriter, npy_bytes, read_sidecar, verify_npy
 from webkd.pipeline.paths import RunPaths
-from webkd.pipeline.records import Record
-from webkd.pipeline.storage import atomic_path, atomic_save_npy, atomic_write_json, ids_sha256, read_json
+# the pixel cache moved to pipeline/pixels.py; its names stay importable from here (bench scripts)
+from webkd.pipeline.pixels import FITS, build_pixel_cache, fit_square, pixel_meta_path  # noqa: F401
+from webkd.pipeline.progress import tqdm
+from webkd.pipeline.storage import atomic_path, atomic_write_json, ensure_free_space, ids_sha256
 
 if TYPE_CHECKING:  # torch is imported lazily: pixel caching and the CLI do not need it
     import torch
 
 log = logging.getLogger(__name__)
-
-FITS = ("squash", "crop", "pad")
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,110 +57,6 @@ def resolve_device(name: str | None = "auto") -> "torch.device":
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
     return dev
-
-
-# --------------------------------------------------------------------------------------------
-# pixel cache
-# --------------------------------------------------------------------------------------------
-def fit_square(img: Any, size: int, fit: str = "squash") -> np.ndarray:
-    """PIL RGB image -> uint8 (size, size, 3) with Lanczos.
-
-    squash: resize the whole image, aspect ratio not kept (every part of the object stays);
-    crop: centre crop to a square, then resize; pad: letterbox on black, aspect ratio kept.
-    """
-    from PIL import Image, ImageOps
-
-    lanczos = Image.Resampling.LANCZOS
-    if fit == "squash":
-        out = img.resize((size, size), lanczos)
-    elif fit == "crop":
-        out = ImageOps.fit(img, (size, size), lanczos)
-    elif fit == "pad":
-        out = ImageOps.pad(img, (size, size), lanczos, color=(0, 0, 0))
-    else:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    return np.asarray(out.convert("RGB"), dtype=np.uint8)
-
-
-def pixel_meta_path(path: str | Path) -> Path:
-    """The sidecar of a pixel cache: `pixels/rgb32_squash.json` beside `pixels/rgb32_squash.npy`."""
-    return Path(path).with_suffix(".json")
-
-
-def _decode_row(record: Record, size: int, fit: str) -> tuple[np.ndarray | None, str]:
-    from webkd.pipeline.ingest import load_rgb
-
-    try:
-        return fit_square(load_rgb(record), size, fit), ""
-    except Exception as exc:  # a file gone or changed since ingest: keep the row, flag it
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def build_pixel_cache(records: Sequence[Record], path: str | Path, size: int, fit: str = "squash",
-                      workers: int = 2, block: int = 512) -> np.ndarray:
-    """uint8 (N, S, S, 3) RGB, row i = manifest row i, memory-mapped from `path`.
-
-    Incremental: when the cache holds the first n rows of this manifest (same ids), only rows
-    n.. are decoded. A row whose file can no longer be decoded is left black and listed under
-    `failed` in the sidecar JSON (with a warning), instead of stopping the run.
-    """
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    path, meta_path = Path(path), pixel_meta_path(path)
-    n = len(records)
-    ids = [r.id for r in records]
-    meta = read_json(meta_path, default=None) or {}
-    old: np.ndarray | None = None
-    n_old = 0
-    if path.exists() and meta.get("size") == size and meta.get("fit") == fit:
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as exc:
-            log.warning("pixel cache %s unreadable (%s): rebuilding", path, exc)
-        else:
-            rows = int(meta.get("rows", -1))
-            if arr.shape[1:] == (size, size, 3) and len(arr) == rows and rows <= n \
-                    and meta.get("ids_sha256") == ids_sha256(ids[:rows]):
-                old, n_old = arr, rows
-            else:
-                log.info("pixel cache %s does not match this manifest: rebuilding", path)
-    failed = [int(i) for i in meta.get("failed", []) if int(i) < n_old] if old is not None else []
-    if old is not None and n_old == n:
-        log.info("pixel cache %s up to date (%d rows)", path, n)
-        return old
-    log.info("pixel cache %s: %d cached rows, decoding %d", path, n_old, n - n_old)
-    if n == 0:
-        atomic_save_npy(path, np.zeros((0, size, size, 3), np.uint8))
-        atomic_write_json(meta_path, {"rows": 0, "size": size, "fit": fit, "ids_sha256": ids_sha256([]), "failed": []})
-        return np.load(path)
-
-    with atomic_path(path, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        if n_old:
-            out[:n_old] = old
-        del old
-        errors: list[str] = []
-        with ThreadPoolExecutor(max(1, workers)) as pool, \
-                tqdm(total=n - n_old, desc=f"pixels {size}px {fit}", unit="img", leave=False) as bar:
-            for start in range(n_old, n, block):
-                stop = min(start + block, n)
-                for i, (pix, err) in zip(range(start, stop),
-                                         pool.map(lambda r: _decode_row(r, size, fit), records[start:stop])):
-                    if pix is None:
-                        out[i] = 0
-                        failed.append(i)
-                        errors.append(f"row {i} ({records[i].uri}): {err}")
-                    else:
-                        out[i] = pix
-                bar.update(stop - start)
-        out.flush()
-        del out
-    if errors:
-        log.warning("pixel cache: %d row(s) could not be decoded and are black: %s", len(errors),
-                    "; ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
-    atomic_write_json(meta_path, {"rows": n, "size": size, "fit": fit, "ids_sha256": ids_sha256(ids),
-                                  "failed": failed})
-    return np.load(path, mmap_mode="r")
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,24 +89,38 @@ def _as_paths(paths: RunPaths | str | Path) -> RunPaths:
     return paths if isinstance(paths, RunPaths) else RunPaths(Path(paths))
 
 
-def load_features(paths: RunPaths | str | Path, key: str) -> FeatureCache | None:
-    """The cached features of `key` in a run directory, or None when absent or inconsistent."""
-    paths = _as_paths(paths)
-    meta = read_json(paths.features_meta(key), default=None)
+def _read_features(paths: RunPaths, key: str) -> tuple[FeatureCache | None, dict[str, Any], int]:
+    """(cache or None, its sidecar, rows before the first damaged one): the intact rows are fewer
+    than the cache's when a block of either array does not match its checksum."""
+    meta = read_sidecar(paths.features_meta(key), f"feature cache {key}")
     if not meta or not paths.features(key).exists() or not paths.logits(key).exists():
-        return None
+        return None, {}, 0
     try:
         emb = np.load(paths.features(key), mmap_mode="r")
         logits = np.load(paths.logits(key), mmap_mode="r")
     except (ValueError, OSError) as exc:
-        log.warning("feature cache %s unreadable (%s)", paths.features(key), exc)
-        return None
+        log.warning("feature cache %s unreadable (%s): recomputing it", paths.features(key), exc)
+        return None, {}, 0
     rows = int(meta.get("rows", -1))
     if emb.ndim != 2 or logits.ndim != 2 or len(emb) < rows or len(logits) < rows or rows < 0 \
             or emb.shape[1] != meta.get("dim") or logits.shape[1] != meta.get("num_classes"):
-        return None
-    return FeatureCache(key=key, fingerprint=str(meta.get("fingerprint")), embeddings=emb[:rows],
-                        logits=logits[:rows])
+        return None, {}, 0
+    checks = meta.get("checksums") if isinstance(meta.get("checksums"), dict) else {}
+    damage = [d for name, f, a in (("embeddings", paths.features(key), emb), ("logits", paths.logits(key), logits))
+              if (d := verify_npy(f, checks.get(name), len(a))) is not None]
+    intact = min([rows] + [d.first_row for d in damage])
+    if damage:
+        log.warning("feature cache %s damaged (%s): not used; the features stage recomputes it from row %d",
+                    key, "; ".join(map(str, damage)), intact)
+    cache = FeatureCache(key=key, fingerprint=str(meta.get("fingerprint")), embeddings=emb[:rows], logits=logits[:rows])
+    return cache, meta, intact
+
+
+def load_features(paths: RunPaths | str | Path, key: str) -> FeatureCache | None:
+    """The cached features of `key` in a run directory, or None when absent, inconsistent or
+    damaged (checksums; the warning says which file)."""
+    cache, _, intact = _read_features(_as_paths(paths), key)
+    return cache if cache is not None and intact == cache.rows else None
 
 
 def _batches(pixels: np.ndarray, start: int, batch_size: int, device: "torch.device") -> Iterator[tuple[int, "torch.Tensor"]]:
@@ -254,13 +163,12 @@ def extract_features(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray
         raise ValueError(f"pixels must be uint8 (N, S, S, 3), got {pixels.dtype} {tuple(pixels.shape)}")
     if row_ids is not None and len(row_ids) != n:
         raise ValueError(f"row_ids has {len(row_ids)} entries for {n} pixel rows")
-    meta = read_json(paths.features_meta(key), default=None) or {}
-    cached = load_features(paths, key)
+    cached, meta, intact = _read_features(paths, key)
     n_old = 0
     if cached is not None and cached.fingerprint == fingerprint and cached.rows <= n:
         ids_ok = row_ids is None or meta.get("ids_sha256") in (None, ids_sha256(row_ids[:cached.rows]))
         if ids_ok:
-            n_old = cached.rows
+            n_old = intact           # rows from the first damaged one on are encoded again
         else:
             log.info("feature cache %s: rows belong to another manifest; recomputing", key)
     elif cached is not None:
@@ -279,8 +187,8 @@ def extract_features(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray
         module.to(dev).eval()
     old_emb = cached.embeddings if n_old else None
     old_logits = cached.logits if n_old else None
-    emb_out: np.ndarray | None = None
-    log_out: np.ndarray | None = None
+    emb_out: NpyWriter | None = None
+    log_out: NpyWriter | None = None
     try:
         with contextlib.ExitStack() as stack, torch.inference_mode():
             emb_tmp = stack.enter_context(atomic_path(paths.features(key), suffix=".npy"))
@@ -297,24 +205,25 @@ def extract_features(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray
                     if old_emb is not None and (old_emb.shape[1], old_logits.shape[1]) != (d, k):
                         raise ValueError(f"feature cache {key}: encoder now gives dim {d}/{k} classes, "
                                          f"cache has {old_emb.shape[1]}/{old_logits.shape[1]}; use a new key")
-                    emb_out = np.lib.format.open_memmap(emb_tmp, mode="w+", dtype=np.float16, shape=(n, d))
-                    log_out = np.lib.format.open_memmap(log_tmp, mode="w+", dtype=np.float16, shape=(n, k))
-                    if n_old:
-                        emb_out[:n_old] = old_emb
-                        log_out[:n_old] = old_logits
-                emb_out[i:i + len(e)] = e
-                log_out[i:i + len(e)] = z
+                    # plain buffered writes (a memory map dies of SIGBUS on a full disk), space checked first
+                    ensure_free_space(paths.features(key), npy_bytes((n, d + k), np.float16))
+                    emb_out = NpyWriter(stack.enter_context(open(emb_tmp, "wb")), (n, d), np.float16)
+                    log_out = NpyWriter(stack.enter_context(open(log_tmp, "wb")), (n, k), np.float16)
+                    for j in range(0, n_old, 8192):   # the cached rows, copied in blocks
+                        emb_out.write(old_emb[j:min(j + 8192, n_old)])
+                        log_out.write(old_logits[j:min(j + 8192, n_old)])
+                emb_out.write(e)
+                log_out.write(z)
                 bar.update(len(e))
             assert emb_out is not None and log_out is not None
             dim, num_classes = emb_out.shape[1], log_out.shape[1]
-            emb_out.flush()
-            log_out.flush()
-            emb_out = log_out = None  # close the memory maps before the atomic rename
+            checksums = {"embeddings": emb_out.checks(), "logits": log_out.checks()}
             paths.features_meta(key).unlink(missing_ok=True)  # arrays are replaced next: no stale meta
     finally:
         if module is not None:
             module.train(was_training)
-    meta_out: dict[str, Any] = {"fingerprint": fingerprint, "rows": n, "dim": int(dim), "num_classes": int(num_classes)}
+    meta_out: dict[str, Any] = {"fingerprint": fingerprint, "rows": n, "dim": int(dim), "num_classes": int(num_classes),
+                                "checksums": checksums}
     if row_ids is not None:
         meta_out["ids_sha256"] = ids_sha256(row_ids)
     atomic_write_json(paths.features_meta(key), meta_out)

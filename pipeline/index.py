@@ -213,6 +213,26 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return float(np.mean(hits) / k) if hits else 1.0
 
 
+def hamming_knn(base_codes: np.ndarray, query_codes: np.ndarray, k: int = 1,
+                block_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest base codes of each query by Hamming distance, through an exact FAISS binary index
+    (`IndexBinaryFlat`), in blocks of queries. Codes are packed bits, uint8 (N, B) (B bytes = 8B
+    bits; perceptual hashes from pipeline/decontam.py). Returns (distances int32 (Q, k), ids int64
+    (Q, k)), nearest first; missing neighbours (k > N) have id -1."""
+    base = np.ascontiguousarray(base_codes, np.uint8)      # (N, B)
+    q = np.ascontiguousarray(query_codes, np.uint8)         # (Q, B)
+    if base.ndim != 2 or q.ndim != 2 or base.shape[1] != q.shape[1]:
+        raise ValueError(f"binary codes must be (N, B) uint8 with the same B, got {base.shape} and {q.shape}")
+    index = faiss.IndexBinaryFlat(8 * base.shape[1])
+    index.add(base)
+    dist = np.empty((len(q), k), np.int32)
+    ids = np.full((len(q), k), -1, np.int64)
+    for lo in range(0, len(q), block_size):
+        d, i = index.search(q[lo:lo + block_size], k)
+        dist[lo:lo + block_size], ids[lo:lo + block_size] = d, i
+    return dist, ids
+
+
 # --------------------------------------------------------------------------------------------
 # disk
 # --------------------------------------------------------------------------------------------
@@ -339,13 +359,15 @@ class IndexReport:
     changed: int           # rows whose status or dup_of changed in this run
     seconds: float
     up_to_date: bool = False  # inputs unchanged since the last build: nothing rebuilt or rewritten
+    decontam: object = None   # the decontamination stage's report when it ran first (pipeline/decontam.py)
 
     def __str__(self) -> str:
         nd = ("near-duplicates: off" if self.threshold is None else
               f"near-duplicates (cosine >= {self.threshold}): {self.near_duplicates} rows in "
               f"{self.groups} groups of {self.candidates} candidates, {self.changed} changed")
+        dc = f"\n{self.decontam}" if self.decontam is not None else ""
         return (f"index {self.key}: {self.rows} x {self.dim} {self.factory} -> {self.path}\n"
-                f"{nd}\ntime {self.seconds:.1f}s")
+                f"{nd}{dc}\ntime {self.seconds:.1f}s")
 
 
 def _index_inputs(paths: RunPaths, key: str, cfg: IndexConfig, records: list, pixels: np.ndarray | None) -> str:

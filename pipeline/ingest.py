@@ -30,7 +30,7 @@ from webkd.pipeline.progress import tqdm
 from webkd.pipeline.config import IngestConfig
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import (DUPLICATE, OK, REASONS, QuarantineRow, Record, load_manifest, load_quarantine,
-                                    read_bytes, save_manifest, save_quarantine)
+                                    path_to_uri, read_bytes, save_manifest, save_quarantine)
 from webkd.pipeline.sources import Entry, iter_source
 from webkd.pipeline.storage import atomic_write_table, commit_files, recover_files
 
@@ -91,7 +91,7 @@ def _open_guarded(data: bytes, max_pixels: int) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise Rejected("bomb", str(exc)) from None
         except UnidentifiedImageError:
-            raise Rejected("not_an_image", _sniff(data)) from None
+            raise Rejected(*_sniff(data)) from None
         except Exception as exc:  # a plugin accepted the magic bytes but the header is broken
             raise Rejected("truncated", f"header: {type(exc).__name__}: {exc}") from None
         finally:
@@ -104,18 +104,30 @@ def _open_guarded(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _sniff(data: bytes) -> str:
-    """A short, printable hint of what non-image bytes are (for the quarantine detail)."""
-    head = data[:64].lstrip().lower()
+_BMFF_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC",
+                b"mif1": "HEIF", b"msf1": "HEIF", b"jxl ": "JPEG XL"}
+
+
+def _sniff(data: bytes) -> tuple[str, str]:
+    """(reason, printable hint) for bytes Pillow did not identify, by their magic bytes: an image
+    format this build cannot decode is `unsupported_format`, anything else `not_an_image`."""
+    head = data[:1024].lstrip().lower()
+    if data[4:8] == b"ftyp" and data[8:12] in _BMFF_BRANDS:
+        return "unsupported_format", f"{_BMFF_BRANDS[data[8:12]]} image (no Pillow plugin for it here)"
+    if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "unsupported_format", "JPEG XL image (no Pillow plugin for it here)"
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
+        return "unsupported_format", "SVG vector image (vector images are not rasterised)"
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
-        return "HTML document"
-    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
-        return "XML/SVG document (vector images are not decoded)"
+        return "not_an_image", "HTML document"
+    if head.startswith(b"<?xml"):
+        return "not_an_image", "XML document"
     try:
         data[:256].decode("utf-8")
-        return "text: " + data[:40].decode("utf-8", "replace").strip().replace("\n", " ")
+        text = data[:40].decode("utf-8", "replace").strip().replace("\n", " ")
+        return "not_an_image", "text: " + "".join(c if c.isprintable() else "?" for c in text)
     except UnicodeDecodeError:
-        return f"unknown format (starts with {data[:8].hex()})"
+        return "not_an_image", f"unknown format (starts with {data[:8].hex()})"
 
 
 def _composite_on_white(rgba: Image.Image) -> Image.Image:
@@ -251,7 +263,7 @@ class IngestReport:
     kept: int = 0                 # new records appended to the manifest
     duplicates: int = 0           # exact byte duplicates merged into an earlier record
     refreshed: int = 0            # same file re-read (touched / shard rewritten), same bytes
-    ignored: int = 0              # files without an image extension (or hidden): not read
+    sidecars: int = 0             # shard members that are a sample's caption/metadata (.txt/.json/.cls)
     upstream_failed: int = 0      # rows img2dataset marked as failed downloads (no bytes)
     quarantined: dict[str, int] = field(default_factory=dict)   # reason -> count (incl. duplicate)
     total_records: int = 0
@@ -274,8 +286,8 @@ class IngestReport:
         rows += [(f"  {reason}", n) for reason, n in sorted(self.quarantined.items())]
         if self.refreshed:
             rows.append(("refreshed (same bytes)", self.refreshed))
-        if self.ignored:
-            rows.append(("ignored (not an image name)", self.ignored))
+        if self.sidecars:
+            rows.append(("sidecars (captions, metadata)", self.sidecars))
         if self.upstream_failed:
             rows.append(("failed downloads (shard parquet)", self.upstream_failed))
         rows += [("manifest rows", self.total_records), ("quarantine rows", self.total_quarantined)]
@@ -409,7 +421,7 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
                 report.skipped_unchanged += 1
                 continue
             todo.append(entry)
-    report.ignored, report.upstream_failed = notes["ignored"], notes["upstream_failed"]
+    report.sidecars, report.upstream_failed = notes["sidecars"], notes["upstream_failed"]
 
     by_id = {r.id: i for i, r in enumerate(records)}
     state_before = dict(state)
@@ -436,7 +448,8 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
             if e.web_label and e.web_label not in rep.web_labels:
                 rep.web_labels.append(e.web_label)
             if (rep.source, rep.uri, rep.web_label or "") == e.key:   # the same entry re-read
-                rep.container, rep.offset, rep.length = e.container, e.offset, e.size
+                rep.container = path_to_uri(e.container) if e.container else None
+                rep.offset, rep.length = e.offset, e.size
                 report.refreshed += 1
                 continue
             quarantine.append(QuarantineRow(uri=e.uri, source=e.source, reason=DUPLICATE,
@@ -450,7 +463,7 @@ def run_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, workers: 
         records.append(Record(
             id=out.id, uri=e.uri, source=e.source, web_label=e.web_label,
             web_labels=[e.web_label] if e.web_label else [], caption=e.caption, url=e.url,
-            container=e.container, offset=e.offset, length=e.size, width=out.width, height=out.height,
+            container=path_to_uri(e.container) if e.container else None, offset=e.offset, length=e.size, width=out.width, height=out.height,
             format=out.format, mode=out.mode, status=OK, batch=batch))
         report.kept += 1
 

@@ -65,8 +65,9 @@ class RunPaths:
 
     @property
     def ingest_stage(self) -> Path:
-        """`.ingest_round/`: one ingest round's manifest, quarantine and state before they are
-        committed together (`pipeline.storage.commit_files`); absent between rounds."""
+        """`.ingest_round/`: one ingest round's manifest, quarantine and state (or the pixel stage's
+        `source_missing` marks in manifest and quarantine) before they are committed together
+        (`pipeline.storage.commit_files`); absent between rounds."""
         return self.root / ".ingest_round"
 
     @property
@@ -74,6 +75,30 @@ class RunPaths:
         """`run.lock`: the run directory's writer lock (`pipeline.storage.run_lock`); who holds it
         is in `run.lock.json` beside it."""
         return self.root / "run.lock"
+
+    @property
+    def test_dir(self) -> Path:
+        """`test/`: data.test_source ingested as a run of its own (manifest, pixel cache, features)."""
+        return self.root / "test"
+
+    def eval_set(self, source: str) -> Path:
+        """`eval/<12 hex>/`: one data.decontaminate source ingested as a run of its own (named by a
+        hash of the source string)."""
+        import hashlib
+
+        return self.root / "eval" / hashlib.sha256(source.encode()).hexdigest()[:12]
+
+    @property
+    def eval_duplicates(self) -> Path:
+        """`eval_duplicates.parquet`: one row per (pool row, method) match against an evaluation
+        image: the evidence behind each eval_duplicate status (pipeline/decontam.py)."""
+        return self.root / "eval_duplicates.parquet"
+
+    @property
+    def decontam_stage(self) -> Path:
+        """`.decontam_round/`: the decontamination stage's manifest, quarantine and evidence before
+        they are committed together (`pipeline.storage.commit_files`); absent between rounds."""
+        return self.root / ".decontam_round"
 
     @property
     def features_dir(self) -> Path:

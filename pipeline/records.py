@@ -7,13 +7,17 @@ an exact duplicate, a near-duplicate status), never reordered or removed.
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import quote, unquote_to_bytes
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from webkd.pipeline.report import printable
 from webkd.pipeline.storage import atomic_write_table
 
 # --------------------------------------------------------------------------------------------
@@ -23,26 +27,35 @@ from webkd.pipeline.storage import atomic_write_table
 OK = "ok"
 DUPLICATE = "duplicate"              # quarantine: same bytes as an earlier record
 NEAR_DUPLICATE = "near_duplicate"    # manifest status + quarantine (index stage) + ledger reason
+SOURCE_MISSING = "source_missing"    # manifest status + quarantine (pixel stage) + ledger reason
+EVAL_DUPLICATE = "eval_duplicate"    # manifest status + quarantine (decontamination, pipeline/decontam.py)
 
-# Quarantine reasons (`Rejected` at ingest, `duplicate`, and the index stage's `near_duplicate`);
-# a manifest row's status is OK or NEAR_DUPLICATE.
+# Quarantine reasons (`Rejected` at ingest, `duplicate`, the index stage's `near_duplicate`, the pixel
+# stage's `source_missing` and the decontamination stage's `eval_duplicate`); a manifest row's status is
+# OK, NEAR_DUPLICATE, SOURCE_MISSING or EVAL_DUPLICATE (a non-ok row is never a training candidate and
+# never a scored validation row).
 REASONS = {
     "not_found": "file listed but missing",
     "unreadable": "file exists but cannot be read (permissions, I/O error)",
     "empty": "zero bytes",
     "too_large": "file larger than ingest.max_bytes",
-    "not_an_image": "bytes are not an image format Pillow knows (HTML, text, ...)",
+    "not_an_image": "bytes are not an image (HTML, text, a sidecar without its image, ...)",
+    "unsupported_format": "an image format this build cannot decode (SVG, AVIF/HEIC/JPEG XL without a plugin)",
+    "not_a_file": "listed entry is not a regular file (FIFO, socket, device)",
     "truncated": "image data ends early or is corrupt",
     "bomb": "pixel count above the decompression-bomb limit",
     "too_small": "a side below ingest.min_side",
     "unsupported_mode": "pixel mode that cannot be converted to RGB faithfully",
     "unsafe_path": "path escapes its root (.., absolute, link outside)",
-    "bad_row": "manifest row without a usable path",
+    "bad_row": "manifest row without a usable path (empty, NUL byte, invalid UTF-8, ragged)",
     DUPLICATE: "same bytes as an earlier record (labels merged into it)",
     NEAR_DUPLICATE: "embedding cosine above the threshold to a kept representative",
+    SOURCE_MISSING: "file gone or changed since ingest: its pixels are unknown, it is not trained on",
+    EVAL_DUPLICATE: "exact or near duplicate of an evaluation image (data.decontaminate / decontam.test_source)",
 }
-# Reasons of a quarantine row written at ingest (everything but the index stage's near_duplicate).
-INGEST_REASONS = tuple(r for r in REASONS if r != NEAR_DUPLICATE)
+# Reasons of a quarantine row written at ingest (not the later stages' near_duplicate / source_missing /
+# eval_duplicate: those rows stay in the manifest, with that status).
+INGEST_REASONS = tuple(r for r in REASONS if r not in (NEAR_DUPLICATE, SOURCE_MISSING, EVAL_DUPLICATE))
 
 # Ledger reasons (selection/policy.py, selection/overrides.py): why a row is kept or not.
 SELECTED = "selected"
@@ -76,6 +89,42 @@ LEDGER_REASONS = {
     NEAR_DUPLICATE: "near duplicate of a kept representative",
     VALIDATION: "held-out validation row, never trained on",
 }
+
+
+# --------------------------------------------------------------------------------------------
+# uri text: every path the manifest, quarantine and state store is valid, printable UTF-8
+# --------------------------------------------------------------------------------------------
+_PLAIN = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]*")   # no control chars, no undecodable bytes
+FILE_URI = "file://"
+
+
+def path_to_uri(path: str) -> str:
+    """A file system path as the text a Record / QuarantineRow stores, losslessly.
+
+    A path that is printable UTF-8 is stored as it is. One with bytes that are not UTF-8 (which
+    `os.fsdecode` carries as surrogates, and Parquet cannot store) or with control characters
+    (NUL, ESC, newline) becomes `file://` + its percent-encoded bytes, e.g. `/w/caf\xe9.jpg` ->
+    `file:///w/caf%E9.jpg`; `uri_to_path` turns it back into the exact bytes. Plain stored paths
+    are absolute, so they never start with `file://`: the two forms cannot be confused.
+    """
+    if _PLAIN.fullmatch(path):
+        return path
+    return FILE_URI + quote(os.fsencode(path), safe="/")
+
+
+def uri_to_path(uri: str) -> str:
+    """The file system path (str, undecodable bytes as surrogates) of a stored uri."""
+    if uri.startswith(FILE_URI):
+        return os.fsdecode(unquote_to_bytes(uri[len(FILE_URI):]))
+    return uri
+
+
+def name_to_text(name: str) -> str:
+    """A file or folder name as label text: undecodable bytes as `\\xNN`, control characters
+    escaped (a folder named with invalid UTF-8 is still a web query; its uri keeps the bytes)."""
+    if _PLAIN.fullmatch(name):
+        return name
+    return printable(os.fsencode(name).decode("utf-8", "backslashreplace"))
 
 
 @dataclass
@@ -169,10 +218,10 @@ def load_quarantine(path: str | Path) -> list[QuarantineRow]:
 def read_bytes(record: Record) -> bytes:
     """The original bytes of a record: a plain file, or a member of a tar shard by offset."""
     if record.container:
-        with open(record.container, "rb") as fh:
+        with open(uri_to_path(record.container), "rb") as fh:
             fh.seek(record.offset)
             return fh.read(record.length)
-    return Path(record.uri).read_bytes()
+    return Path(uri_to_path(record.uri)).read_bytes()
 
 
 def class_index(records: list[Record], classes: list[str], label_map: dict[str, str | None]) -> list[int]:

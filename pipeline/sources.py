@@ -8,10 +8,16 @@
     manifest:FILE       CSV or Parquet, one row per image, paths relative to FILE's folder
     wds:SHARDS          img2dataset-style uncompressed tar shards (brace ranges allowed)
 
+Nothing is skipped by its name: every file of a folder (hidden ones, any or no extension) and
+every tar member is listed, and ingest decides by content (Pillow) whether it is an image; only
+a shard sample's own sidecars (`<key>.txt` / `.json` / `.cls` beside its image) are metadata,
+not entries. Not-a-file entries (FIFO, device) are `not_a_file` and never opened.
+
 Path safety lives here, where paths enter: absolute paths, `..` that climbs out, symlinks that
-resolve outside the source root and link members in tars are `unsafe_path`. Each backend
-(pyarrow for manifests, tarfile/braceexpand for shards) is imported only in its own branch.
-Reading and decoding the bytes is `pipeline.ingest`'s job.
+resolve outside the source root and link members in tars are `unsafe_path`. Names that are not
+UTF-8 (or hold control characters) are kept, their uri stored losslessly (`records.path_to_uri`).
+Each backend (pyarrow for Parquet manifests, tarfile/braceexpand for shards) is imported only in
+its own branch. Reading and decoding the bytes is `pipeline.ingest`'s job.
 """
 from __future__ import annotations
 
@@ -20,12 +26,15 @@ import logging
 import os
 import re
 import stat
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Iterator
 
 from webkd.pipeline.config import IngestConfig
+from webkd.pipeline.manifest_rows import BadManifest, csv_rows, parquet_rows, str_or_none
+from webkd.pipeline.records import name_to_text, path_to_uri
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,9 @@ class Entry:
     size: int = -1                            # bytes (file size or member size)
     mtime_ns: int = -1
     error: tuple[str, str] | None = None      # (reason, detail) decided while listing
+
+    def __post_init__(self) -> None:
+        self.uri = path_to_uri(self.uri)      # storable text; `path` / `container` keep the real name
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -78,86 +90,75 @@ def _file_entry(path: str, source: str, **meta: Any) -> Entry:
     except FileNotFoundError:
         kind = "dangling symlink" if os.path.islink(path) else "missing file"
         return Entry(uri=path, source=source, error=("not_found", kind), **meta)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:                     # ENAMETOOLONG, ELOOP, a NUL byte
         return Entry(uri=path, source=source, error=("unreadable", f"stat: {exc}"), **meta)
-    if stat.S_ISDIR(st.st_mode):
-        return Entry(uri=path, source=source, error=("unreadable", "is a directory"), **meta)
-    if not stat.S_ISREG(st.st_mode):                         # FIFO, socket, device: never opened
-        return Entry(uri=path, source=source, error=("unreadable", "not a regular file"), **meta)
+    if not stat.S_ISREG(st.st_mode):                         # directory, FIFO, socket, device: never opened
+        return Entry(uri=path, source=source, error=("not_a_file", _file_kind(st.st_mode)), **meta)
     return Entry(uri=path, source=source, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns, **meta)
 
 
-def _iter_folder(source: str, folder: str, cfg: IngestConfig, notes: Counter) -> Iterator[Entry]:
-    """`folder:DIR`: DIR/<query>/.../*.jpg gets web label <query>; files directly in DIR none.
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return f"{kind}, not a regular file"
+    return "not a regular file"
 
-    Symlinks are followed only while they resolve inside DIR (else `unsafe_path`); a folder
-    with an image extension (`x.jpg/`) or a FIFO is `unreadable`; files without an image
-    extension and hidden files are counted as ignored, not read.
+
+def _iter_folder(source: str, folder: str, cfg: IngestConfig, notes: Counter) -> Iterator[Entry]:
+    """`folder:DIR`: DIR/<query>/.../<file> gets web label <query>; files directly in DIR none.
+
+    Every file is listed, whatever its name (hidden, no or any extension): ingest decides by
+    content. Symlinks are followed only while they resolve inside DIR (else `unsafe_path`); a
+    FIFO, socket or device is `not_a_file`. The walk is iterative (a stack of folder listings),
+    so any depth works; a folder reached twice (symlink loop) is listed once.
     """
     root = os.path.abspath(folder)
     if not os.path.isdir(root):
         yield Entry(uri=root, source=source, error=("not_found", "source folder does not exist"))
         return
     real_root = os.path.realpath(root)
-    exts = {e.lower() for e in cfg.extensions}
-    seen_dirs: set[str] = set()
+    seen_dirs: set[tuple[int, int]] = set()
 
-    def walk(d: str, label: str | None, top: bool) -> Iterator[Entry]:
-        real_d = os.path.realpath(d)
-        if real_d in seen_dirs:                              # symlink loop / second route in
-            return
-        seen_dirs.add(real_d)
+    def listing(d: str, label: str | None) -> Iterator[Entry | tuple[str, str | None]]:
+        """The entries of one folder, in name order: files as Entry, sub-folders as (path, label)."""
         try:
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in seen_dirs:          # symlink loop / second route in
+                return
+            seen_dirs.add((st.st_dev, st.st_ino))
             names = sorted(os.listdir(d))
-        except OSError as exc:
-            yield Entry(uri=d, source=source, web_label=label, error=("unreadable", f"list: {exc}"))
+        except (OSError, ValueError) as exc:
+            yield Entry(uri=d, source=source, web_label=label, error=("unreadable", f"list folder: {exc}"))
             return
         for name in names:
             p = os.path.join(d, name)
-            has_ext = os.path.splitext(name)[1].lower() in exts
-            if name.startswith("."):
-                notes["ignored"] += 1
-                continue
             if os.path.islink(p) and not _within(os.path.realpath(p), real_root):
                 yield Entry(uri=p, source=source, web_label=label,
                             error=("unsafe_path", f"symlink resolves outside {root}"))
-                continue
-            if os.path.isdir(p) and not has_ext:
-                yield from walk(p, name if top else label, top=False)
-            elif has_ext:
-                yield _file_entry(p, source, web_label=label)
+            elif os.path.isdir(p):
+                yield (p, name_to_text(name) if d == root else label)
             else:
-                notes["ignored"] += 1
+                yield _file_entry(p, source, web_label=label)
 
-    yield from walk(root, None, top=True)
-
-
-def _str_or_none(v: Any) -> str | None:
-    if v is None or (isinstance(v, float) and v != v):
-        return None
-    s = str(v).strip()
-    return s or None
-
-
-def _read_table(path: str, columns: list[str]) -> Any:
-    """A CSV or Parquet file as a pyarrow Table (CSV columns named in `columns` kept as text)."""
-    import pyarrow as pa
-
-    if path.lower().endswith(".csv"):
-        import pyarrow.csv as pacsv
-
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in columns}, strings_can_be_null=True))
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path)
+    stack = [listing(root, None)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, Entry):
+            yield item
+        else:
+            stack.append(listing(*item))
 
 
 def _iter_manifest(source: str, file: str, cfg: IngestConfig, notes: Counter) -> Iterator[Entry]:
     """`manifest:FILE.csv|.parquet`: one row per image, path relative to the manifest's folder.
 
     A path that is absolute, climbs out with `..` or resolves (symlink) outside the folder is
-    `unsafe_path`; a row with no path is `bad_row`.
+    `unsafe_path`; a row with no path, a NUL byte in it, invalid UTF-8 or (CSV) the wrong number
+    of fields is `bad_row` (uri `<manifest>#row<i>`, the detail names the line); the other rows
+    are read as usual.
     """
     mpath = os.path.abspath(file)
     if not os.path.isfile(mpath):
@@ -167,38 +168,55 @@ def _iter_manifest(source: str, file: str, cfg: IngestConfig, notes: Counter) ->
         yield Entry(uri=mpath, source=source, error=("bad_row", "manifest must be .csv or .parquet"))
         return
     cols = [cfg.path_column, cfg.label_column, cfg.caption_column, cfg.url_column]
-    try:
-        table = _read_table(mpath, cols)
-    except Exception as exc:
-        yield Entry(uri=mpath, source=source, error=("bad_row", f"cannot read manifest: {exc}"))
-        return
-    if cfg.path_column not in table.column_names:
-        yield Entry(uri=mpath, source=source, error=(
-            "bad_row", f"no column {cfg.path_column!r} (columns: {', '.join(table.column_names)})"))
-        return
+    read = csv_rows if mpath.lower().endswith(".csv") else parquet_rows
     base = os.path.dirname(mpath)
     real_base = os.path.realpath(base)
-    get = {c: (table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows)
-           for c in cols}
-    for i in range(table.num_rows):
-        meta = dict(web_label=_str_or_none(get[cfg.label_column][i]),
-                    caption=_str_or_none(get[cfg.caption_column][i]),
-                    url=_str_or_none(get[cfg.url_column][i]))
-        rel = _str_or_none(get[cfg.path_column][i])
-        if rel is None:
-            yield Entry(uri=f"{mpath}#row{i}", source=source, error=("bad_row", f"row {i}: no {cfg.path_column}"), **meta)
+    rows = read(mpath, cols, cfg.path_column)
+    i = -1
+    while True:
+        try:
+            where, vals, why = next(rows)
+        except StopIteration:
+            return
+        except (BadManifest, OSError, UnicodeError) as exc:
+            yield Entry(uri=mpath, source=source, error=("bad_row", f"cannot read manifest: {exc}"))
+            return
+        i += 1
+        if vals is None:
+            yield Entry(uri=f"{mpath}#row{i}", source=source, error=("bad_row", f"{where}: {why}"))
+            continue
+        meta = dict(web_label=vals.get(cfg.label_column), caption=vals.get(cfg.caption_column),
+                    url=vals.get(cfg.url_column))
+        rel = vals.get(cfg.path_column)
+        if rel is None or "\x00" in rel:
+            why = f"no {cfg.path_column}" if rel is None else f"{cfg.path_column} {rel!r} holds a NUL byte"
+            yield Entry(uri=f"{mpath}#row{i}", source=source, error=("bad_row", f"{where}: {why}"), **meta)
             continue
         why = _unsafe_relpath(rel, any_dotdot=False)
         full = os.path.normpath(os.path.join(base, rel))
         if why is None and not _within(os.path.realpath(full), real_base):
             why = f"{rel!r} resolves outside the manifest folder"
         if why:
-            yield Entry(uri=rel, source=source, error=("unsafe_path", f"row {i}: {why}"), **meta)
+            yield Entry(uri=rel, source=source, error=("unsafe_path", f"{where}: {why}"), **meta)
             continue
         yield _file_entry(full, source, **meta)
 
 
 _WDS_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")        # webdataset's key/extension split
+SIDECAR_EXTS = ("txt", "json", "cls")   # a shard sample's caption / metadata / class: not an image
+_TAR_KINDS = {tarfile.FIFOTYPE: "a FIFO", tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device"}
+
+
+def wds_key(name: str) -> tuple[str, str]:
+    """(sample key, field) of a shard member as webdataset splits it: `d/a.b.jpg` -> (`d/a`, `b.jpg`);
+    a name without a dot (or a hidden one) is its own key with field ''."""
+    km = _WDS_KEY.match(name)
+    return (km.group(1), km.group(2)) if km else (name, "")
+
+
+def is_sidecar(field: str) -> bool:
+    """A member field that is a sample's metadata (`txt`, `json`, `cls`, also `b.txt`), by name."""
+    return field.rsplit(".", 1)[-1].lower() in SIDECAR_EXTS
 
 
 def _shard_metadata(shard: str, cfg: IngestConfig, notes: Counter) -> dict[str, dict[str, Any]]:
@@ -215,7 +233,7 @@ def _shard_metadata(shard: str, cfg: IngestConfig, notes: Counter) -> dict[str, 
         return {}
     out = {}
     for row in rows:
-        key = _str_or_none(row.get("key"))
+        key = str_or_none(row.get("key"))
         if key is None:
             continue
         if row.get("status") not in (None, "success"):
@@ -227,21 +245,20 @@ def _shard_metadata(shard: str, cfg: IngestConfig, notes: Counter) -> dict[str, 
 def _iter_wds(source: str, pattern: str, cfg: IngestConfig, notes: Counter) -> Iterator[Entry]:
     """`wds:SHARDS`: img2dataset-style tar shards, brace ranges (`{00000..00009}.tar`) allowed.
 
-    Members `<key>.jpg|png|webp|...` are images; `<key>.txt` is the caption and `<key>.json`
-    the metadata; the per-shard `<shard>.parquet` (key, url, caption, status, label column)
+    Every regular member is an image candidate (decided by content: `a.b.jpg`, `noext` too),
+    except a sample's sidecars: `<key>.txt` is the caption, `<key>.json` the metadata (`.cls`
+    the class) of the image members with the same key; a sidecar with no such member is
+    `not_an_image`, a FIFO or device member `not_a_file`; the per-shard `<shard>.parquet` (key, url, caption, status, label column)
     wins over both. Offsets come from Python's `tarfile` (`TarInfo.offset_data`, `size`), so
     `Record.container/offset/length` let later stages read a member by one seek, without
     scanning the tar. Only uncompressed tars qualify (byte offsets must be file offsets).
     Member names that are absolute or contain `..`, and link members, are `unsafe_path`.
     """
-    import tarfile
-
     from braceexpand import braceexpand
 
     shards = list(braceexpand(pattern))
     if len(shards) == 1 and os.path.isdir(shards[0]):
         shards = sorted(os.path.join(shards[0], n) for n in os.listdir(shards[0]) if n.endswith(".tar"))
-    exts = {e.lower() for e in cfg.extensions}
     for shard in shards:
         shard = os.path.abspath(shard)
         if not os.path.isfile(shard):
@@ -254,43 +271,52 @@ def _iter_wds(source: str, pattern: str, cfg: IngestConfig, notes: Counter) -> I
             with tarfile.open(shard, mode="r:") as tf:
                 for m in tf:
                     members.append(m)
-                    km = _WDS_KEY.match(m.name)
-                    if km and m.isreg() and km.group(2).lower() in ("txt", "json") \
+                    key, fld = wds_key(m.name)
+                    if m.isreg() and fld.lower() in ("txt", "json") \
                             and m.offset_data + m.size <= shard_size and _unsafe_relpath(m.name, any_dotdot=True) is None:
                         fh = tf.extractfile(m)
-                        texts[(km.group(1), km.group(2).lower())] = fh.read().decode("utf-8", "replace") if fh else ""
+                        texts[(key, fld.lower())] = fh.read().decode("utf-8", "replace") if fh else ""
         except (tarfile.TarError, OSError, EOFError) as exc:
             if not members:
                 yield Entry(uri=shard, source=source, error=("unreadable", f"not a plain tar shard: {exc}"))
                 continue
             log.warning("%s: tar ends early (%s); keeping the %d members before it", shard, exc, len(members))
+        samples = {wds_key(m.name)[0] for m in members if m.isreg() and not is_sidecar(wds_key(m.name)[1])}
         for m in members:
+            if m.isdir():
+                continue                                     # directory entries hold no bytes
             uri = f"{shard}/{m.name}"
-            km = _WDS_KEY.match(m.name)
-            key, ext = (km.group(1), km.group(2).lower()) if km else (m.name, "")
-            if not (m.isreg() or m.issym() or m.islnk()):
-                continue                                     # directory entries
+            key, fld = wds_key(m.name)
             why = _unsafe_relpath(m.name, any_dotdot=True)
-            if why is None and not m.isreg():
+            if why is None and (m.issym() or m.islnk()):
                 why = "link member"
             if why is not None:
                 yield Entry(uri=uri, source=source, error=("unsafe_path", f"tar member: {why}"))
                 continue
-            if "." + ext not in exts:
-                if ext not in ("txt", "json"):
-                    notes["ignored"] += 1
+            if not m.isreg():                                # FIFO, device, unknown type: no bytes to read
+                kind = _TAR_KINDS.get(m.type, f"of type {m.type!r}")
+                yield Entry(uri=uri, source=source, error=("not_a_file", f"tar member is {kind}, not a regular file"))
+                continue
+            if is_sidecar(fld):
+                if key in samples:                           # the caption / metadata of a sample
+                    notes["sidecars"] += 1
+                else:
+                    yield Entry(uri=uri, source=source, error=(
+                        "not_an_image", f"sidecar .{fld} with no image member for key {key!r}"))
                 continue
             row = meta.get(PurePosixPath(key).name, meta.get(key, {}))
             info: dict[str, Any] = {}
             if (key, "json") in texts:
                 try:
                     info = json.loads(texts[(key, "json")]) or {}
-                except ValueError:
+                except (ValueError, RecursionError):
                     info = {}
-            label = _str_or_none(row.get(cfg.label_column)) or _str_or_none(info.get(cfg.label_column))
-            caption = (_str_or_none(row.get(cfg.caption_column)) or _str_or_none(texts.get((key, "txt")))
-                       or _str_or_none(info.get(cfg.caption_column)))
-            url = _str_or_none(row.get(cfg.url_column)) or _str_or_none(info.get(cfg.url_column))
+                if not isinstance(info, dict):
+                    info = {}
+            label = str_or_none(row.get(cfg.label_column)) or str_or_none(info.get(cfg.label_column))
+            caption = (str_or_none(row.get(cfg.caption_column)) or str_or_none(texts.get((key, "txt")))
+                       or str_or_none(info.get(cfg.caption_column)))
+            url = str_or_none(row.get(cfg.url_column)) or str_or_none(info.get(cfg.url_column))
             e = Entry(uri=uri, source=source, web_label=label, caption=caption, url=url, container=shard,
                       offset=m.offset_data, size=m.size, mtime_ns=int(m.mtime) * 10**9)
             if m.offset_data + m.size > shard_size:

@@ -11,16 +11,25 @@ beside its target and swapped in with `replace_dir`. Two writers that read, merg
 the same file (the overrides store, the registry) hold `locked(path)`, so neither loses the
 other's change; every command that writes a run directory holds `run_lock` for its whole run.
 
+A temp file is named `.<target>.tmp<pid>.<random>`: one whose writer is gone (a SIGKILL, an OOM
+kill) is removed by the next write of the same target and by `clean_stale_temps`, which every
+writing command runs under its run lock. A full disk is `DiskFull`, one line ("disk full: need N MB
+at PATH"): large writes check the free space first (`ensure_free_space`), and an ENOSPC during a
+write is turned into the same line, the temp file removed.
+
 Tests kill a process between two writes with `WEBKD_KILL_AT_WRITE=N` (SIGKILL after the N-th
 completed write or rename made through these helpers).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,18 +71,92 @@ def _written(target: str | Path = "") -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class DiskFull(OSError):
+    """Not enough free space for a write (a user error: one line, "disk full: need N MB at PATH")."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _free_bytes(path: Path) -> int:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def ensure_free_space(path: str | Path, need: int, margin: int = 1 << 20) -> None:
+    """Raise `DiskFull` unless the file system of `path` has `need` bytes (+ `margin`) free, before
+    a large write starts (a cache written into a full disk otherwise fails half-way)."""
+    path = Path(path)
+    free = _free_bytes(path.parent)
+    if free < need + margin:
+        raise DiskFull(f"disk full: need {_mb(need)} MB at {path} ({_mb(free)} MB free); "
+                       "free some space or move the run directory (run_dir=...)")
+
+
+_TEMP_RE = re.compile(r"^\.(?P<target>.+)\.tmp(?P<pid>\d+)\.[^/]*$")
+
+
+def _stale(name: str) -> bool:
+    m = _TEMP_RE.match(name)
+    return bool(m) and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"]))
+
+
+def clean_stale_temps(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Remove the temp files (`.<target>.tmp<pid>.*`) that writers which are no longer running
+    left in `folder` (a kill during a cache write leaves a full-size one). Returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    walk = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
+    for d, _, names in walk:
+        for name in names:
+            if _stale(name):
+                p = Path(d) / name
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    if removed:
+        log.info("removed %d temp file(s) left by killed runs in %s", len(removed), folder)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path` in one rename."""
+def atomic_path(path: str | Path, suffix: str = "", need: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it replaces `path` in one rename. With `need`
+    (bytes about to be written) the free space is checked first; a full disk during the write is
+    `DiskFull` either way, and the temp file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    for old in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        if _stale(old.name):
+            with contextlib.suppress(OSError):
+                old.unlink()
+    if need is not None:
+        ensure_free_space(path, need)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp{os.getpid()}.", suffix=suffix or path.suffix,
+                               dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(exc, DiskFull):
+                size = tmp_path.stat().st_size if tmp_path.exists() else 0
+                amount = f"{_mb(need)} MB" if need else f"more than {_mb(size)} MB"
+                raise DiskFull(f"disk full: need {amount} at {path} ({_mb(_free_bytes(path.parent))} MB "
+                               "free); free some space or move the run directory (run_dir=...)") from None
+            raise
         os.replace(tmp_path, path)
         _written(path)
     finally:
@@ -90,8 +173,31 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, backup: bool = False) -> None:
+    """Write `obj` as JSON atomically; with `backup` (records a user owns: the registry, the
+    overrides store) the same text also goes to `<name>.bak`, the last good copy that
+    `repair_hint` points to when the file itself is later found damaged."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write_text(path, text)
+    if backup:
+        atomic_write_text(backup_path(path), text)
+
+
+def backup_path(path: str | Path) -> Path:
+    """`registry.json` -> `registry.json.bak` (written by `atomic_write_json(..., backup=True)`)."""
+    path = Path(path)
+    return path.with_name(path.name + ".bak")
+
+
+def repair_hint(path: str | Path) -> str:
+    """How to repair a damaged JSON record a user owns, for its one-line error: restore the last
+    good copy beside it when there is one that parses, else fix or move the file aside."""
+    path, bak = Path(path), backup_path(path)
+    try:
+        json.loads(bak.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"fix it by hand, or move it aside (mv {path} {path}.broken) to start a new one"
+    return f"restore the last good copy with `cp {bak} {path}` (or move {path.name} aside to start a new one)"
 
 
 def read_json(path: str | Path, default: Any = None) -> Any:
@@ -265,6 +371,7 @@ def run_lock(lock_file: str | Path, command: str = "") -> Iterator[None]:
         atomic_write_json(info, {"pid": os.getpid(), "host": host, "command": command,
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S%z")})
         _HELD[key] = [lock, 1]
+        clean_stale_temps(lock_file.parent)   # temp files of killed runs (no live writer: we hold the lock)
         try:
             yield
         finally:

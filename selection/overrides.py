@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from webkd.pipeline.records import OVERRIDE, VALIDATION
-from webkd.pipeline.storage import atomic_write_json, locked
+from webkd.pipeline.report import printable
+from webkd.pipeline.storage import atomic_write_json, locked, repair_hint
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,14 @@ class OverrideChanges:
         return bool(self.added or self.changed or self.removed)
 
     def lines(self) -> list[str]:
-        """One human-readable line per affected id, then a total."""
-        out = [f"+ {a:<6} {i}" for i, a in self.added.items()]
-        out += [f"~ {new:<6} {i}  (was {old})" for i, (old, new) in self.changed.items()]
-        out += [f"= {a:<6} {i}  (unchanged)" for i, a in self.unchanged.items()]
-        out += [f"- {a:<6} {i}  (removed)" for i, a in self.removed.items()]
-        out += [f"? {'':<6} {i}  (not in the store, nothing removed)" for i in self.missing]
+        """One human-readable line per affected id, then a total (ids shown with `printable`:
+        an id holding an ANSI escape sequence is echoed as text, never sent raw to the terminal)."""
+        p = printable
+        out = [f"+ {a:<6} {p(i)}" for i, a in self.added.items()]
+        out += [f"~ {new:<6} {p(i)}  (was {old})" for i, (old, new) in self.changed.items()]
+        out += [f"= {a:<6} {p(i)}  (unchanged)" for i, a in self.unchanged.items()]
+        out += [f"- {a:<6} {p(i)}  (removed)" for i, a in self.removed.items()]
+        out += [f"? {'':<6} {p(i)}  (not in the store, nothing removed)" for i in self.missing]
         out.append(f"{len(self.added)} added, {len(self.changed)} changed, {len(self.removed)} removed; "
                    f"{self.total} override(s) in the store")
         return out
@@ -118,6 +122,22 @@ def _parse(obj: Any, where: str, full: bool) -> dict[str, dict[str, str]]:
     return out
 
 
+MAX_DEPTH = 8   # the format nests 3 deep ({"entries": {id: {"action": ...}}}); deeper is never a valid file
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether the JSON text nests objects / arrays deeper than MAX_DEPTH (strings skipped), checked
+    before json.loads, whose recursive parser would fail on a 100k-deep file with RecursionError."""
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
 def _read_json(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -125,10 +145,17 @@ def _read_json(path: Path) -> Any:
         raise OverridesError(f"{path}: not UTF-8 text ({exc})") from None
     except OSError as exc:
         raise OverridesError(f"{path}: cannot read ({exc})") from None
+    deep = (f"{path}: JSON nested more than {MAX_DEPTH} levels deep; an overrides file is "
+            '{"version": 1, "entries": {"<id>": {"action": "accept" | "reject"}}}: '
+            "export it again from the gallery page or fix it by hand")
+    if _too_deep(text):
+        raise OverridesError(deep)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise OverridesError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # the pre-check missed it (unbalanced text): the same one line
+        raise OverridesError(deep) from None
 
 
 def load_entries(path: str | Path) -> dict[str, dict[str, str]]:
@@ -136,7 +163,10 @@ def load_entries(path: str | Path) -> dict[str, dict[str, str]]:
     path = Path(path)
     if not path.exists():
         return {}
-    return _parse(_read_json(path), str(path), full=True)
+    try:
+        return _parse(_read_json(path), str(path), full=True)
+    except OverridesError as exc:   # the store is the user's record: say how to get it back
+        raise OverridesError(f"{exc}; {repair_hint(path)}") from None
 
 
 def load_overrides(path: str | Path) -> dict[str, str]:
@@ -165,7 +195,8 @@ def _merge(path: Path, updates: Mapping[str, dict[str, str]], remove: Iterable[s
                 ch.missing.append(i)
         ch.total = len(entries)
         if ch.any or updates:
-            atomic_write_json(path, {"version": VERSION, "entries": dict(sorted(entries.items()))})
+            atomic_write_json(path, {"version": VERSION, "entries": dict(sorted(entries.items()))},
+                              backup=True)   # overrides.json.bak: the last good copy
     return ch
 
 

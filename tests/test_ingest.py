@@ -123,12 +123,15 @@ def test_folder_csv_parquet_and_shards_give_identical_records(tmp_path, photos, 
     results = {}
     for kind, src in sources.items():
         rep = run_ingest([src], RunPaths(tmp_path / f"run_{kind}"), cfg, workers=2)
-        assert rep.kept == len(files) and rep.n_quarantined == 0, (kind, rep.summary())
+        # the folder source lists every file: the two manifests beside the images are rows too
+        stray = {"not_an_image": 2} if kind == "folder" else {}
+        assert rep.kept == len(files) and rep.quarantined == stray, (kind, rep.summary())
         results[kind] = _ids_labels(tmp_path / f"run_{kind}")
     expected = sorted((sha(d), lab, (lab,)) for _, d, lab in files)
     for kind, got in results.items():
         assert got == expected, kind
     assert rep.upstream_failed == 2                         # the two failed-download rows were counted
+    assert rep.sidecars == 2 * len(files)                   # each image's .txt and .json: not entries
 
     shard_recs = {r.id: r for r in load_manifest(RunPaths(tmp_path / "run_wds").manifest)}
     folder_recs = {r.id: r for r in load_manifest(RunPaths(tmp_path / "run_folder").manifest)}
@@ -178,10 +181,11 @@ def test_bad_and_odd_files_each_get_their_exact_outcome(tmp_path, photos, capsys
     stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)   # (64, 40) on disk
     (q / "rotated.jpg").write_bytes(encode(stored, "JPEG", quality=95, exif=exif.tobytes()))
     (q / "photo.webp").write_bytes(encode(photo, "WEBP", quality=90))
-    (q / "readme.txt").write_text("not an image name: ignored, counted")
+    (q / "readme.txt").write_text("not an image: a quarantine row, decided by content")
     (web / "loose.jpg").write_bytes(encode(photos[7][0], "JPEG"))      # directly in DIR: no label
-    (q / "folder.jpg").mkdir()                              # unreadable: a directory named .jpg
-    os.mkfifo(q / "pipe.jpg")                               # unreadable: a FIFO (never opened)
+    (q / "folder.jpg").mkdir()                              # a directory named .jpg: walked like any
+    (q / "folder.jpg" / "inner").write_bytes(encode(photos[8][0], "PNG"))   # kept, by content
+    os.mkfifo(q / "pipe.jpg")                               # not_a_file: a FIFO (never opened)
     os.symlink(q / "gone.jpg", q / "dangling.jpg")          # not_found: dangling symlink
     outside = tmp_path / "outside.jpg"
     outside.write_bytes(encode(other, "JPEG"))
@@ -215,8 +219,8 @@ def test_bad_and_odd_files_each_get_their_exact_outcome(tmp_path, photos, capsys
     expect_rejected = {
         "zero.jpg": "empty", "truncated.jpg": "truncated", "page.jpg": "not_an_image",
         "notes.png": "not_an_image", "bomb.png": "bomb", "tiny.png": "too_small", "big.png": "too_large",
-        "float.tif": "unsupported_mode", "crc.png": "truncated", "folder.jpg": "unreadable",
-        "pipe.jpg": "unreadable", "dangling.jpg": "not_found", "escape.jpg": "unsafe_path",
+        "float.tif": "unsupported_mode", "crc.png": "truncated", "readme.txt": "not_an_image",
+        "pipe.jpg": "not_a_file", "dangling.jpg": "not_found", "escape.jpg": "unsafe_path",
         "copy2.jpg": "duplicate", "evil.jpg": "unsafe_path", "abs.jpg": "unsafe_path",
         "outside.jpg": "unsafe_path", "missing.jpg": "not_found",
     }
@@ -227,12 +231,13 @@ def test_bad_and_odd_files_each_get_their_exact_outcome(tmp_path, photos, capsys
     assert [u for u in reasons if "#row" in u and reasons[u] == ["bad_row"]]  # the row without a path
     assert all(r.reason in REASONS for r in quar)
     assert set(recs) == {"cmyk.jpg", "deep16.png", "palette.png", "anim.gif", "rotated.jpg", "photo.webp",
-                         "copy1.jpg", "ok.jpg", "000001.jpg", "loose.jpg"}
+                         "copy1.jpg", "ok.jpg", "000001.jpg", "loose.jpg", "inner"}
+    assert recs["inner"].web_label == "q" and recs["inner"].format == "PNG"
     assert recs["loose.jpg"].web_label is None and recs["loose.jpg"].web_labels == []
     assert recs["cmyk.jpg"].web_label == "q"
     # nothing dropped silently: every listed entry is a record, a quarantine row or a refreshed re-listing
     assert rep.seen == rep.kept + rep.n_quarantined + rep.refreshed
-    assert rep.ignored == 1 and rep.quarantined["unsafe_path"] == 5
+    assert rep.quarantined["unsafe_path"] == 5
 
     # duplicate bytes under two names: one record, both labels, duplicate row points at it
     c1 = recs["copy1.jpg"]

@@ -126,3 +126,63 @@ def test_apply_semantics():
         apply_overrides(keep[:2], reason, ids, ov)
     with pytest.raises(OverridesError, match="unknown override action"):
         apply_overrides(keep, reason, ids, {A: "keep"})
+
+
+# --------------------------------------------------------------------------------------------
+# hostile input (issue 12, item 11): escape sequences in ids are shown, not executed; a
+# 100k-deep JSON file is one clear line, not a RecursionError
+# --------------------------------------------------------------------------------------------
+EVIL = "\x1b[2J\x1b]0;owned\x07" + "e" * 8 + "\u202e\x00"     # clear screen, set title, bidi, NUL
+
+
+def test_ids_with_escape_sequences_are_echoed_as_text(tmp_path, capsys):
+    from webkd.flows.__main__ import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    store = run / "overrides.json"
+    lines = "\n".join(record_overrides(store, reject=[EVIL], note="\x1b[31mred note").lines())
+    assert "\x1b" not in lines and "\\x1b[2J\\x1b]0;owned\\x07" in lines and "\\u202e\\x00" in lines
+    assert load_overrides(store) == {EVIL: "reject"}                # stored as given, only the echo escapes
+
+    for argv in (["override", str(run), "--accept", EVIL, "--note", "\x1b[5mblink"],   # record + warning
+                 ["override", str(run)],                                               # list the store
+                 ["override", str(run), "--accept", EVIL, "--reject", EVIL]):          # an error line
+        main(argv)
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert not any(not (c.isprintable() or c == "\n") for c in text), repr(text)
+        assert "\\x1b[2J" in text, (argv, text)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("content", [
+    _nested(100_000),                                                       # the issue's file
+    '{"version": 1, "entries": {"x": {"action": "accept", "note": ' + _nested(100_000) + "}}}",
+    '{"version": 1, "entries": ' + "{" * 50_000,                             # deep and unbalanced
+])
+def test_deeply_nested_json_is_one_clear_line(tmp_path, capsys, content):
+    from webkd.flows.__main__ import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    deep = tmp_path / "deep.json"
+    deep.write_text(content)
+    with pytest.raises(OverridesError, match=r"deep\.json: JSON nested more than \d+ levels deep") as info:
+        import_overrides_file(run / "overrides.json", deep)
+    assert "gallery" in str(info.value) and not (run / "overrides.json").exists()
+    assert main(["override", str(run), str(deep)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "deep.json" in err[0] and "nested" in err[0]
+    (run / "overrides.json").write_text(content)                    # the store itself: same line
+    with pytest.raises(OverridesError, match="overrides.json: JSON nested"):
+        load_overrides(run / "overrides.json")
+
+
+def test_a_legitimate_store_is_not_too_deep(tmp_path):
+    store = tmp_path / "overrides.json"
+    store.write_text(json.dumps({"version": 1, "entries": {"[{x": {"action": "accept", "note": "]]]{{{[[["}}}))
+    assert load_overrides(store) == {"[{x": "accept"}             # brackets inside strings do not count

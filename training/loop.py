@@ -30,7 +30,7 @@ from webkd.pipeline.config import SelectionConfig, TrainConfig
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import (BELOW_BUDGET, BELOW_CLASS_THRESHOLD, KNN_DISAGREE, LOW_CONFIDENCE,
                                     LOW_RELEVANCE, OFF_CLASS, OVERRIDE)
-from webkd.pipeline.storage import atomic_path, atomic_write_json
+from webkd.pipeline.storage import atomic_path, atomic_write_json, read_json
 from webkd.selection import policy
 from webkd.selection.counts import collapsed_classes, kept_per_class
 from webkd.selection.overrides import apply_overrides
@@ -359,7 +359,7 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
     identity = checkpoint_identity(pool, overrides, run_fingerprint)
     if last.exists():
         resumed = _resume(last, paths.best_checkpoint, identity, train_cfg.epochs, student, method, opt, sched,
-                          device)
+                          device, paths)
         if resumed is not None:
             history, best_val, best_epoch, keep, weights, resumed_from = resumed
             start = resumed_from + 1
@@ -416,22 +416,49 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
                                           "trained_on": identity})
         log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f agreement %.4f", epoch, stats["loss"], len(rows),
                  record["candidates"], scores["val_acc"], scores["val_agreement"])
+    if resumed_from is not None and read_metrics(paths.metrics) is None:   # damaged in a finished run
+        log.warning("%s is damaged: written again from the checkpoint's history", paths.metrics)
+        atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val,
+                                          "trained_on": identity})
     return FitResult(history=history, best_epoch=best_epoch, best_val=best_val, paths=paths,
                      resumed_from=resumed_from, seconds=time.time() - t0,
                      kept_last=history[-1]["kept"] if history else 0, trained_on=identity)
 
 
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """`metrics.json` of a run, or None when absent or damaged (truncated, not an object)."""
+    try:
+        m = read_json(path, default=None)
+    except (ValueError, OSError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("history"), list) else None
+
+
+def _damaged_ledger(paths: RunPaths, upto: int) -> Path | None:
+    """The first ledger of epochs 0..`upto` that cannot be read back (a checkpoint cannot rebuild it)."""
+    for e, path in paths.ledgers():
+        if e <= upto:
+            try:
+                policy.read_ledger(path)
+            except Exception:   # truncated, not Parquet, wrong columns
+                return path
+    return None
+
+
 def _resume(last: Path, best: Path, identity: dict[str, Any], epochs: int, student: nn.Module, method: Method,
-            opt: torch.optim.Optimizer, sched, device: torch.device):
+            opt: torch.optim.Optimizer, sched, device: torch.device, paths: RunPaths):
     """(history, best_val, best_epoch, keep, weights, epoch) from `last` when it (and the best
     checkpoint beside it) belong to this run (`checkpoint_identity`); None, with a warning, for
     a checkpoint of another pool or config, or one that is unreadable, truncated or refused by
-    `weights_only=True`: training starts fresh, with the models as they were."""
+    `weights_only=True`, or when a ledger it stands on is damaged: training starts fresh (the
+    same seeded run, so its ledgers are written again), with the models as they were."""
     try:
         ck = load_checkpoint(last, device)
         why = _why_not(ck, identity)
         if why is None and ck["epoch"] + 1 > epochs:
             why = f"it is past the configured {epochs} epochs"
+        if why is None and (bad := _damaged_ledger(paths, int(ck["epoch"]))) is not None:
+            why = f"the ledger {bad} it stands on is damaged (training again writes it anew)"
         if why is None:
             why = _why_not(load_checkpoint(best, device), identity)
             why = None if why is None else f"{best.name} beside it: {why}"

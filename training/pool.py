@@ -16,8 +16,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from webkd.pipeline.config import DataConfig
-from webkd.pipeline.features import build_pixel_cache, load_features
+from webkd.pipeline.features import load_features
 from webkd.pipeline.paths import RunPaths
+from webkd.pipeline.pixels import pixel_cache
 from webkd.pipeline.records import class_index, load_manifest
 from webkd.pipeline.storage import ids_sha256
 from webkd.selection.counts import scored_validation
@@ -131,7 +132,7 @@ def build_pool(paths: RunPaths, data: DataConfig, teacher_keys: Sequence[str] = 
     records = load_manifest(paths.manifest)
     if not records:
         raise ValueError(f"{paths.manifest} has no records: run `webkd ingest` first")
-    pix = build_pixel_cache(records, paths.pixels(data.image_size, data.fit), data.image_size, data.fit)
+    pix = pixel_cache(paths, records, data.image_size, data.fit)   # rows whose file is gone: source_missing
     ids = [r.id for r in records]
     web_class = np.array(class_index(records, data.classes, data.label_map), np.int64)
     split = splits_of(ids, data.val_fraction)

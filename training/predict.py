@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from webkd.pipeline.config import IngestConfig
-from webkd.pipeline.features import FITS, fit_square
+from webkd.pipeline.pixels import FITS, fit_square
 from webkd.pipeline.progress import tqdm
 from webkd.pipeline.sources import Entry, iter_source
 from webkd.pipeline.storage import atomic_path, atomic_write_table, read_json

@@ -41,7 +41,7 @@ import numpy as np
 
 from webkd.pipeline.paths import RunPaths, ledgers_in
 from webkd.pipeline.report import pct
-from webkd.pipeline.storage import (atomic_write_json, atomic_write_text, ids_sha256, locked, read_json,  # noqa: F401 (ids_sha256: registry.ids_sha256)
+from webkd.pipeline.storage import (atomic_write_json, atomic_write_text, ids_sha256, locked, read_json, repair_hint,  # noqa: F401 (ids_sha256: registry.ids_sha256)
                                    replace_dir, sha256_file)
 from webkd.training.pool import pool_state  # noqa: F401 (registry.pool_state: what a student is trained on)
 
@@ -103,22 +103,23 @@ def load_registry(path: str | Path) -> Registry:
     try:
         raw = read_json(path, default=None)
     except (json.JSONDecodeError, OSError) as exc:
-        raise RegistryError(f"{path}: unreadable registry ({exc})") from None
+        raise RegistryError(f"{path}: unreadable registry ({exc}); {repair_hint(path)}") from None
     if raw is None:
         return Registry()
     if not isinstance(raw, dict) or raw.get("version") != FORMAT_VERSION or not isinstance(raw.get("entries"), list):
-        raise RegistryError(f"{path}: not a version-{FORMAT_VERSION} registry (keys: version, champion, entries)")
+        raise RegistryError(f"{path}: not a version-{FORMAT_VERSION} registry (keys: version, champion, entries); "
+                            f"{repair_hint(path)}")
     reg = Registry(champion=raw.get("champion"), entries=list(raw["entries"]))
     for e in reg.entries:
         if not isinstance(e, dict) or not _VERSION_RE.match(str(e.get("version", ""))):
-            raise RegistryError(f"{path}: entry without a valid version: {e!r}")
+            raise RegistryError(f"{path}: entry without a valid version: {e!r}; {repair_hint(path)}")
     if reg.champion is not None and reg.entry(reg.champion) is None:
-        raise RegistryError(f"{path}: champion {reg.champion!r} has no entry")
+        raise RegistryError(f"{path}: champion {reg.champion!r} has no entry; {repair_hint(path)}")
     return reg
 
 
 def save_registry(path: str | Path, reg: Registry) -> None:
-    atomic_write_json(path, reg.to_json())
+    atomic_write_json(path, reg.to_json(), backup=True)   # registry.json.bak: the last good copy
 
 
 def _number(version: str) -> int:

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from webkd.pipeline.config import Config, save_resolved_config
-from webkd.pipeline.features import build_pixel_cache, extract_features, load_features, resolve_device
+from webkd.pipeline.features import extract_features, load_features, resolve_device
 from webkd.pipeline.index import index_run
 from webkd.pipeline.ingest import IngestReport, run_ingest
+from webkd.pipeline.pixels import pixel_cache
 from webkd.pipeline.records import OVERRIDE, class_index, load_manifest
 from webkd.training.pool import NeighborSearch, Pool, build_pool, splits_of
 
@@ -28,10 +29,10 @@ def ingest(cfg: Config) -> IngestReport:
 
 
 def pixels(cfg: Config, records: list | None = None) -> np.ndarray:
-    """The run's decoded pixel cache, (N, S, S, 3) uint8, row-aligned with the manifest."""
+    """The run's decoded pixel cache, (N, S, S, 3) uint8, row-aligned with the manifest (rows
+    whose source file is gone are quarantined, `source_missing`)."""
     records = load_manifest(cfg.paths.manifest) if records is None else records
-    return build_pixel_cache(records, cfg.paths.pixels(cfg.data.image_size, cfg.data.fit),
-                             cfg.data.image_size, cfg.data.fit)
+    return pixel_cache(cfg.paths, records, cfg.data.image_size, cfg.data.fit)
 
 
 def build_teachers(cfg: Config, device: str = "cpu") -> list[tuple[str, Any, str]]:
@@ -90,9 +91,55 @@ def index_key(cfg: Config) -> str:
     return cfg.teachers[0].cache_key
 
 
-def index(cfg: Config):
+def index(cfg: Config, teachers: list | None = None):
+    """Decontamination first (eval duplicates leave the candidates), then the FAISS index and
+    the near-duplicate groups of what is left."""
+    dec = decontaminate(cfg, teachers)
     pix = pixels(cfg) if cfg.index.near_dup_space == "pixels" and cfg.index.near_dup_threshold is not None else None
-    return index_run(cfg.paths, index_key(cfg), cfg.index, pixels=pix)
+    report = index_run(cfg.paths, index_key(cfg), cfg.index, pixels=pix)
+    report.decontam = dec
+    return report
+
+
+def eval_sources(cfg: Config) -> list[tuple[str, str, Path]]:
+    """(config key, source, folder it is ingested into) of every evaluation source to decontaminate
+    against: data.decontaminate, then data.test_source when decontam.test_source."""
+    out = [(f"data.decontaminate.{i}", s, cfg.paths.eval_set(s)) for i, s in enumerate(cfg.data.decontaminate)]
+    if cfg.decontam.test_source and cfg.data.test_source not in cfg.data.decontaminate:
+        out.append(("data.test_source", cfg.data.test_source, cfg.paths.test_dir))
+    return out
+
+
+def decontaminate(cfg: Config, teachers: list | None = None):
+    """Mark the pool's exact and near duplicates of evaluation images `eval_duplicate`
+    (pipeline/decontam.py); with no evaluation source, clear old marks. None when there is
+    nothing to do."""
+    from webkd.pipeline.decontam import decontaminate_run, load_eval_set
+    from webkd.pipeline.records import EVAL_DUPLICATE
+
+    sources = eval_sources(cfg)
+    records = load_manifest(cfg.paths.manifest)
+    if not sources:
+        if any(r.status == EVAL_DUPLICATE for r in records):
+            return decontaminate_run(cfg.paths, [], None, None, cfg.decontam)
+        return None
+    device = resolve_device(cfg.device)
+    encoder = emb = None
+    if "embedding" in cfg.decontam.methods:
+        key = cfg.decontam.encoder or index_key(cfg)
+        found = [t for t in (teachers if teachers is not None else build_teachers(cfg, str(device))) if t[0] == key]
+        if not found:
+            raise ValueError(f"decontam.encoder: {key!r} is not a teacher key ({[t.cache_key for t in cfg.teachers]}); "
+                             "the embedding method embeds the evaluation images with a teacher "
+                             "(or drop embedding from decontam.methods)")
+        encoder = found[0]
+        cache = load_features(cfg.paths, key)
+        if cache is None or cache.rows != len(records):
+            raise ValueError(f"decontamination needs the {key} feature cache of every manifest row: run `webkd features`")
+        emb = cache.embeddings
+    evals = [load_eval_set(src, root, cfg.data.image_size, cfg.data.fit, encoder, cfg.features.batch_size, device,
+                           where=where) for where, src, root in sources]
+    return decontaminate_run(cfg.paths, evals, pixels(cfg, records), emb, cfg.decontam)
 
 
 def pool(cfg: Config, with_neighbors: bool | None = None) -> Pool:
@@ -133,9 +180,23 @@ def refine(cfg: Config):
 
 
 def load_overrides_for(cfg: Config) -> dict[str, str]:
+    """The overrides store, less the `accept` of an eval duplicate (a human accept never puts an
+    evaluation image's copy into training; the ledger keeps its reason eval_duplicate)."""
+    from webkd.pipeline.records import EVAL_DUPLICATE
     from webkd.selection.overrides import load_overrides
 
-    return load_overrides(cfg.paths.overrides)
+    ov = load_overrides(cfg.paths.overrides)
+    if ov and cfg.paths.manifest.exists():
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(cfg.paths.manifest, columns=["id", "status"]).to_pydict()
+        evald = {i for i, s in zip(t["id"], t["status"]) if s == EVAL_DUPLICATE}
+        dropped = [i for i, a in ov.items() if a == "accept" and i in evald]
+        if dropped:
+            log.warning("%d accept override(s) ignored: those images duplicate an evaluation image (eval_duplicate)",
+                        len(dropped))
+            ov = {i: a for i, a in ov.items() if i not in set(dropped)}
+    return ov
 
 
 def teacher_selection(cfg: Config) -> dict[str, Any]:

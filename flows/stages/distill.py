@@ -17,9 +17,10 @@ import numpy as np
 
 from webkd.flows.stages.curate import build_teachers, features, index, ingest, load_overrides_for, pool
 from webkd.pipeline.config import Config, IngestConfig, RunPaths, dump_config, save_resolved_config
-from webkd.pipeline.features import build_pixel_cache, resolve_device
+from webkd.pipeline.features import resolve_device
 from webkd.pipeline.ingest import run_ingest
-from webkd.pipeline.records import class_index, load_manifest
+from webkd.pipeline.pixels import pixel_cache
+from webkd.pipeline.records import OK, class_index, load_manifest
 from webkd.pipeline.report import pct
 from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json, replace_dir
 from webkd.training.pool import Pool, sample_batch
@@ -83,11 +84,12 @@ def test_set(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
     """(pixels, labels) of `data.test_source`, ingested into <run>/test (labels from folder names)."""
     if not cfg.data.test_source:
         return None
-    tpaths = RunPaths(cfg.paths.root / "test")
+    tpaths = RunPaths(cfg.paths.test_dir)
     run_ingest([cfg.data.test_source], tpaths, IngestConfig(min_side=1))
     records = load_manifest(tpaths.manifest)
-    pix = build_pixel_cache(records, tpaths.pixels(cfg.data.image_size, cfg.data.fit), cfg.data.image_size, cfg.data.fit)
+    pix = pixel_cache(tpaths, records, cfg.data.image_size, cfg.data.fit)
     labels = np.array(class_index(records, cfg.data.classes, cfg.data.label_map), np.int64)
+    labels[np.array([r.status != OK for r in records], bool)] = -1   # a file gone since ingest is not scored
     if (labels < 0).all():
         raise ValueError(f"test source {cfg.data.test_source}: no folder name maps to a class in data.classes")
     return pix, labels
@@ -269,7 +271,9 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
     card = write_model_card(stage, meta, metrics, lineage, command_line(), license=cfg.export.license)
     replace_dir(stage, out.export_dir)
     exp.export_dir, exp.files = out.export_dir, [out.export_dir / f.name for f in exp.files]
-    atomic_write_json(out.metrics, {**read_json(out.metrics, {}), "final": metrics})
+    from webkd.training.loop import read_metrics
+
+    atomic_write_json(out.metrics, {**(read_metrics(out.metrics) or {}), "final": metrics})
     return exp, out.export_dir / card.name
 
 
@@ -291,7 +295,7 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None,
     teachers = build_teachers(cfg, str(device))
     if curate_first and cfg.teachers:
         features(cfg, teachers=teachers)
-        index(cfg)
+        index(cfg, teachers)
     p = p if p is not None else pool(cfg)
     trained = fit_student(cfg, p, teachers, out, device)
     metrics = evaluate(cfg, p, trained, teachers, device)
