@@ -49,8 +49,19 @@ KD3P = "train.method_args={kd3: {kd_weight: 1.0}}"    # the shipped default obje
 # function matching (Beyer et al. 2022): same augmented view for teacher and student, mixup on every
 # batch (alpha 1), teacher online, T = 1
 FUNMATCH = "train.method_args={kd: {mixup: 1.0, temperature: 1.0, kd_weight: 1.0}}"
-DEFAULT = ["train.method=kd", "train.method_args={}", "selection.mode=balanced", "selection.budget.keep=0.5",
-           "selection.relevance.ood_weight=0.0", "selection.relevance.discrepancy_weight=1.0"]
+def rel(ood: float = 0.0, query: float = 0.0, disc: float = 0.0, knn: float = 0.0) -> list[str]:
+    """Every relevance weight of a selecting row, spelled out: a row never inherits the YAML's (the shipped
+    config sets ood 0 and discrepancy 1, which the first kd_bal_q* rows of this session inherited unawares)."""
+    return [f"selection.relevance.ood_weight={ood}", f"selection.relevance.query_weight={query}",
+            f"selection.relevance.discrepancy_weight={disc}", f"selection.relevance.knn_weight={knn}"]
+
+
+def bal(keep: float, **weights: float) -> list[str]:
+    return ["selection.mode=balanced", f"selection.budget.keep={keep}"] + rel(**weights)
+
+
+KD = ["train.method=kd", NO_ARGS]
+DEFAULT = KD + bal(0.5, disc=1.0)
 # name: (label, role or None, base pool "web" | "cifar", overrides); random_selection gets its size at run time
 ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
     "upper_bound": ("KD on CIFAR-10 train (upper bound)", "upper_bound", "cifar",
@@ -74,44 +85,35 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
     "kd3_nomd": ("KD^3 without MixDistribution", None, "web",
                  ["train.method=kd3", "selection.mode=kd3", "train.method_args={kd3: {mixdist: false}}"]),
     "kd_sel": ("vanilla KD with KD^3 selection", None, "web", ["train.method=kd", "selection.mode=kd3", NO_ARGS]),
-    # [project] selection building blocks (selection/budgets.py) on the default objective, not in DEFAULT_ROWS
+    # [project] selection building blocks (selection/budgets.py) on the KD^3 + logit KD objective
     **{name: (label, None, "web", ["train.method=kd3", KD3P] + sel) for name, (label, sel) in {
-        "sel_bal": ("default objective, class-balanced budgets on teacher energy", ["selection.mode=balanced"]),
-        "sel_bal_q": ("default objective, balanced budgets, energy + web query prior",
-                      ["selection.mode=balanced", "selection.relevance.query_weight=1.0"]),
-        "sel_bal_qk": ("default objective, balanced budgets, energy + query prior + k-NN agreement",
-                       ["selection.mode=balanced", "selection.relevance.query_weight=1.0",
-                        "selection.relevance.knn_weight=1.0"]),
-        "sel_soft": ("default objective, soft relevance weights, energy + query prior",
-                     ["selection.mode=soft", "selection.relevance.query_weight=1.0"]),
+        "sel_bal": ("KD^3 + logit KD, class-balanced budgets on teacher energy", bal(0.5, ood=1.0)),
+        "sel_bal_q": ("KD^3 + logit KD, balanced budgets, energy + web query prior", bal(0.5, ood=1.0, query=1.0)),
+        "sel_bal_qk": ("KD^3 + logit KD, balanced budgets, energy + query prior + k-NN agreement",
+                       bal(0.5, ood=1.0, query=1.0, knn=1.0)),
+        "sel_soft": ("KD^3 + logit KD, soft relevance weights, energy + query prior",
+                     ["selection.mode=soft"] + rel(ood=1.0, query=1.0)),
     }.items()},
     # [project] the same budgets on the function-matching objective (KD, mixup, same view, T 1)
-    **{name: (label, None, "web", ["train.method=kd", FUNMATCH] + sel) for name, (label, sel) in {
-        f"fm_bal{'_q' if q else ''}{int(100 * k)}": (
-            f"function matching, balanced budgets keep {k:g}, energy{' + query prior' if q else ''}",
-            ["selection.mode=balanced", f"selection.budget.keep={k}"] + (["selection.relevance.query_weight=1.0"] if q else []))
-        for k in (0.1, 0.25, 0.5) for q in (False, True)}.items()},
+    **{f"fm_bal{'_q' if q else ''}{int(100 * k)}": (
+        f"function matching, balanced budgets keep {k:g}, energy{' + query prior' if q else ''}", None, "web",
+        ["train.method=kd", FUNMATCH] + bal(k, ood=1.0, query=float(q))) for k in (0.1, 0.25, 0.5) for q in (0, 1)},
     # [project] the student in the loop: per pseudo-class budgets on KL(p_T || p_S) at each reselection
     **{f"fm_disc{int(100 * k)}": (
         f"function matching, balanced budgets keep {k:g} on teacher-student discrepancy (re-scored every epoch)",
-        None, "web", ["train.method=kd", FUNMATCH, "selection.mode=balanced", f"selection.budget.keep={k}",
-                      "selection.relevance.ood_weight=0.0", "selection.relevance.discrepancy_weight=1.0"])
-       for k in (0.25, 0.5)},
+        None, "web", ["train.method=kd", FUNMATCH] + bal(k, disc=1.0)) for k in (0.25, 0.5)},
     **{f"kd_disc{int(100 * k)}": (
         f"vanilla KD, balanced budgets keep {k:g} on teacher-student discrepancy (re-scored every epoch)",
-        None, "web", ["train.method=kd", "selection.mode=balanced", NO_ARGS, f"selection.budget.keep={k}",
-                      "selection.relevance.ood_weight=0.0", "selection.relevance.discrepancy_weight=1.0"])
-       for k in (0.25, 0.5)},
-    # [project] relevance (teacher energy + web query prior) on the vanilla KD objective, alone and with the
-    # student in the loop (R + D: relevant images the student has not matched yet)
-    **{f"kd_bal_q{int(100 * k)}": (
-        f"vanilla KD, balanced budgets keep {k:g}, energy + query prior", None, "web",
-        ["train.method=kd", "selection.mode=balanced", NO_ARGS, f"selection.budget.keep={k}",
-         "selection.relevance.query_weight=1.0"]) for k in (0.1, 0.25, 0.5)},
-    **{f"kd_qdisc{int(100 * k)}": (
-        f"vanilla KD, balanced budgets keep {k:g}, energy + query prior + teacher-student discrepancy", None, "web",
-        ["train.method=kd", "selection.mode=balanced", NO_ARGS, f"selection.budget.keep={k}",
-         "selection.relevance.query_weight=1.0", "selection.relevance.discrepancy_weight=1.0"]) for k in (0.25, 0.5)},
+        None, "web", KD + bal(k, disc=1.0)) for k in (0.25, 0.5)},
+    # [project] relevance on the vanilla KD objective: teacher energy + web query prior (kd_eq), the query prior
+    # with the student in the loop (kd_qdisc: the web query says what is relevant, the student what is still to
+    # learn), and all three (kd_eqdisc)
+    **{f"kd_{name}{int(100 * k)}": (f"vanilla KD, balanced budgets keep {k:g}, {label}", None, "web", KD + bal(k, **w))
+       for k in (0.1, 0.25, 0.5) for name, label, w in (
+           ("eq", "energy + query prior", {"ood": 1.0, "query": 1.0}),
+           ("qdisc", "query prior + teacher-student discrepancy", {"query": 1.0, "disc": 1.0}),
+           ("q2disc", "query prior x2 + teacher-student discrepancy", {"query": 2.0, "disc": 1.0}),
+           ("eqdisc", "energy + query prior + teacher-student discrepancy", {"ood": 1.0, "query": 1.0, "disc": 1.0}))},
     # fixed random subsets of a stated share (selection.random_seed = the run's seed)
     **{f"random_{int(100 * k)}": (f"vanilla KD, a fixed random {k:g} of the candidates", None, "web",
                                   ["train.method=kd", NO_ARGS, "selection.mode=random", f"selection.random_keep={k}"])
