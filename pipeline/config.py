@@ -153,6 +153,17 @@ class IndexConfig(_Section):
     factory: str | None = Field(None, description="FAISS factory string; default: chosen by size")
     flat_max: int = Field(20_000, description="exact Flat index up to this many vectors")
     memory_budget_mb: float = Field(2048, description="past this, IVF-PQ instead of IVF-Flat")
+    ivfpq_min: int = Field(1_000_000, ge=1, description="from this many vectors on, IVF-PQ whatever the memory budget "
+                                                         "(trained on a sample, filled in blocks)")
+    train_per_list: int = Field(128, ge=30, le=256, description="IVF training sample: vectors per inverted list "
+                                                                "(FAISS guidelines: 30..256)")
+    retrain_factor: float = Field(2.0, ge=1.0, description="a refresh adds only the new rows to the index; it is "
+                                                           "trained again once the pool outgrew this factor of the "
+                                                           "rows it was trained on")
+    mmap_budget_mb: float = Field(4096, ge=0, description="an index file larger than this is memory-mapped for "
+                                                          "searches (faiss.IO_FLAG_MMAP), not read into memory")
+    recall_queries: int = Field(1000, ge=0, description="rows sampled to report recall@10 of an approximate index "
+                                                        "against brute force after each build or extension (0: off)")
     nprobe: int = Field(16, ge=1)
     k: int = Field(10, ge=1)
     block_size: int = Field(4096, ge=1, description="queries per search block")

@@ -12,7 +12,7 @@ import numpy as np
 
 from webkd.pipeline.config import Config, save_resolved_config
 from webkd.pipeline.features import extract_features, load_features, resolve_device
-from webkd.pipeline.index import index_run
+from webkd.pipeline.index_stage import index_run
 from webkd.pipeline.ingest import IngestReport, run_ingest
 from webkd.pipeline.pixels import pixel_cache
 from webkd.pipeline.records import OVERRIDE, class_index, load_manifest
@@ -147,7 +147,8 @@ def pool(cfg: Config, with_neighbors: bool | None = None) -> Pool:
     wants = cfg.selection.knn.enabled or (cfg.selection.mode in ("balanced", "soft")
                                           and cfg.selection.relevance.knn_weight > 0)
     knn = wants if with_neighbors is None else with_neighbors
-    search = NeighborSearch(index_key(cfg), cfg.selection.knn.k, cfg.index.nprobe, cfg.index.block_size) if knn else None
+    search = NeighborSearch(index_key(cfg), cfg.selection.knn.k, cfg.index.nprobe, cfg.index.block_size,
+                                cfg.index.mmap_budget_mb) if knn else None
     return build_pool(cfg.paths, cfg.data, [t.cache_key for t in cfg.teachers], cfg.train.label_source, search)
 
 
