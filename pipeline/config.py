@@ -378,6 +378,15 @@ class ExportConfig(_Section):
 
 
 class FlowsConfig(_Section):
+    task_runner: Literal["local", "dask", "ray"] = Field(
+        "local", description="where the curate / refresh flows run their shard tasks (ingest, features): local "
+                             "(this process), dask (a Dask cluster: `address`, or a LocalCluster of n_workers), ray "
+                             "(a Ray cluster at `address`, or a local one). The run directory must be on storage "
+                             "every worker sees")
+    address: str | None = Field(None, description="scheduler address of an existing cluster (tcp://host:8786, "
+                                                  "ray://host:10001); none: a local cluster is started")
+    n_workers: int = Field(2, ge=1, description="worker processes of a local Dask cluster")
+    shard_size: int = Field(1000, ge=1, description="listed images (ingest) or manifest rows (features) per shard")
     curate_cron: str | None = "0 2 * * *"
     refresh_cron: str | None = "0 3 * * 1"
     timezone: str = "UTC"
