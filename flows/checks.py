@@ -149,4 +149,7 @@ def check_run(cfg: Config, sources: bool = True) -> Config:
     check_method(cfg)
     check_teacher_classes(cfg)
     check_models(cfg)
+    from webkd.flows.runners import check_runner
+
+    check_runner(cfg.flows)
     return cfg

@@ -23,6 +23,7 @@ from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import Task
+from prefect.utilities.annotations import unmapped
 
 from webkd.flows.checks import check_run
 from webkd.flows.stages import curate as curate_stages
@@ -36,14 +37,44 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # tasks: one library call each (no Prefect cache: the stages cache on content themselves)
 # --------------------------------------------------------------------------------------------
+@task(name="ingest-shard", cache_policy=NO_CACHE)
+def ingest_shard_task(entries: list, shard: Any, root: str, ingest_cfg: Any):
+    """One ingest shard on the task runner (idempotent: its output is keyed on its content)."""
+    from webkd.pipeline.ingest import ingest_shard
+
+    return ingest_shard(entries, shard, root, ingest_cfg)
+
+
+@task(name="features-shard", cache_policy=NO_CACHE)
+def feature_shard_task(cfg: Config, key: str, shard: Any):
+    """One features shard on the task runner (idempotent, keyed on encoder and rows)."""
+    return curate_stages.encode_feature_shard(cfg, key, shard)
+
+
+def _results(futures: Any) -> list:
+    return [f.result() for f in futures]
+
+
+def map_ingest_shards(cfg: Config) -> Callable[[Any], list]:
+    """`run_shards` for the ingest stage: its shards mapped over the flow's task runner."""
+    t = with_retries(ingest_shard_task, cfg)
+    return lambda plan: _results(t.map([plan.entries(s) for s in plan.shards], plan.shards,
+                                       unmapped(str(cfg.paths.root)), unmapped(cfg.ingest)))
+
+
+def map_feature_shards(cfg: Config) -> Callable[[str, list], list]:
+    t = with_retries(feature_shard_task, cfg)
+    return lambda key, shards: _results(t.map(unmapped(cfg), unmapped(key), shards))
+
+
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_task(cfg: Config):
-    return curate_stages.ingest(cfg)
+    return curate_stages.ingest(cfg, run_shards=map_ingest_shards(cfg))
 
 
 @task(name="features", cache_policy=NO_CACHE)
 def features_task(cfg: Config):
-    return curate_stages.features(cfg)
+    return curate_stages.features(cfg, run_shards=map_feature_shards(cfg))
 
 
 @task(name="index", cache_policy=NO_CACHE)
@@ -184,4 +215,6 @@ def run_flow(fn: Callable[..., Any], config_path: str, overrides: list[str] | No
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         watchdog.start()
-    return fn(config_path=str(config_path), overrides=list(overrides or []))
+    from webkd.flows.runners import flow_for
+
+    return flow_for(fn, str(config_path), overrides)(config_path=str(config_path), overrides=list(overrides or []))

@@ -153,6 +153,17 @@ class IndexConfig(_Section):
     factory: str | None = Field(None, description="FAISS factory string; default: chosen by size")
     flat_max: int = Field(20_000, description="exact Flat index up to this many vectors")
     memory_budget_mb: float = Field(2048, description="past this, IVF-PQ instead of IVF-Flat")
+    ivfpq_min: int = Field(1_000_000, ge=1, description="from this many vectors on, IVF-PQ whatever the memory budget "
+                                                         "(trained on a sample, filled in blocks)")
+    train_per_list: int = Field(128, ge=30, le=256, description="IVF training sample: vectors per inverted list "
+                                                                "(FAISS guidelines: 30..256)")
+    retrain_factor: float = Field(2.0, ge=1.0, description="a refresh adds only the new rows to the index; it is "
+                                                           "trained again once the pool outgrew this factor of the "
+                                                           "rows it was trained on")
+    mmap_budget_mb: float = Field(4096, ge=0, description="an index file larger than this is memory-mapped for "
+                                                          "searches (faiss.IO_FLAG_MMAP), not read into memory")
+    recall_queries: int = Field(1000, ge=0, description="rows sampled to report recall@10 of an approximate index "
+                                                        "against brute force after each build or extension (0: off)")
     nprobe: int = Field(16, ge=1)
     k: int = Field(10, ge=1)
     block_size: int = Field(4096, ge=1, description="queries per search block")
@@ -367,6 +378,15 @@ class ExportConfig(_Section):
 
 
 class FlowsConfig(_Section):
+    task_runner: Literal["local", "dask", "ray"] = Field(
+        "local", description="where the curate / refresh flows run their shard tasks (ingest, features): local "
+                             "(this process), dask (a Dask cluster: `address`, or a LocalCluster of n_workers), ray "
+                             "(a Ray cluster at `address`, or a local one). The run directory must be on storage "
+                             "every worker sees")
+    address: str | None = Field(None, description="scheduler address of an existing cluster (tcp://host:8786, "
+                                                  "ray://host:10001); none: a local cluster is started")
+    n_workers: int = Field(2, ge=1, description="worker processes of a local Dask cluster")
+    shard_size: int = Field(1000, ge=1, description="listed images (ingest) or manifest rows (features) per shard")
     curate_cron: str | None = "0 2 * * *"
     refresh_cron: str | None = "0 3 * * 1"
     timezone: str = "UTC"

@@ -16,6 +16,7 @@ damaged sidecar, is recomputed from its first damaged row, with one warning line
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from webkd.pipeline.paths import RunPaths
 # the pixel cache moved to pipeline/pixels.py; its names stay importable from here (bench scripts)
 from webkd.pipeline.pixels import FITS, build_pixel_cache, fit_square, pixel_meta_path  # noqa: F401
 from webkd.pipeline.progress import tqdm
+from webkd.pipeline.shards import Shard, clear_shards, content_key, local_map, plan_shards, shard_file
 from webkd.pipeline.storage import atomic_path, atomic_write_json, ensure_free_space, ids_sha256
 
 if TYPE_CHECKING:  # torch is imported lazily: pixel caching and the CLI do not need it
@@ -143,26 +145,10 @@ def _batches(pixels: np.ndarray, start: int, batch_size: int, device: "torch.dev
             yield i, cur.to(device, non_blocking=pin)
 
 
-def extract_features(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray, key: str, fingerprint: str,
-                     paths: RunPaths | str | Path, batch_size: int = 256, device: "str | torch.device" = "auto",
-                     row_ids: Sequence[str] | None = None) -> FeatureCache:
-    """Embeddings and logits of every row of `pixels` (uint8 (N, S, S, 3)), cached on disk.
-
-    `encode` gets float RGB (B, 3, S, S) in [0, 1] on `device` and returns an object with
-    `.embedding` (B, D) and `.logits` (B, K) (a model wrapper from `training.models`; an
-    `nn.Module` is moved to `device` and run in eval mode, its mode restored afterwards).
-    `fingerprint` identifies the encoder (weights + preprocessing); `row_ids` (manifest ids),
-    when given, also guard against a manifest rebuilt with other rows.
-    Returns the cache with `computed` = the number of rows encoded by this call.
-    """
-    import torch
-
-    paths = _as_paths(paths)
-    n = int(len(pixels))
-    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
-        raise ValueError(f"pixels must be uint8 (N, S, S, 3), got {pixels.dtype} {tuple(pixels.shape)}")
-    if row_ids is not None and len(row_ids) != n:
-        raise ValueError(f"row_ids has {len(row_ids)} entries for {n} pixel rows")
+def plan_features(paths: RunPaths, key: str, fingerprint: str, n: int,
+                  row_ids: Sequence[str] | None) -> tuple[FeatureCache | None, int]:
+    """(cached features or None, rows 0..n_old of them still valid for these pixels): same encoder
+    fingerprint, same row ids, checksums intact up to n_old."""
     cached, meta, intact = _read_features(paths, key)
     n_old = 0
     if cached is not None and cached.fingerprint == fingerprint and cached.rows <= n:
@@ -174,61 +160,145 @@ def extract_features(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray
     elif cached is not None:
         log.info("feature cache %s: %s; recomputing all %d rows", key,
                  "encoder fingerprint changed" if cached.fingerprint != fingerprint else "more cached rows than pixels", n)
-    if cached is not None and n_old == n:
-        return FeatureCache(key, fingerprint, cached.embeddings, cached.logits, computed=0)
-    if n == 0:
-        log.warning("feature cache %s: no rows to encode", key)
-        return FeatureCache(key, fingerprint, np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16))
+    return cached, n_old
 
+
+def feature_shards(key: str, fingerprint: str, pixels: np.ndarray, n_old: int, shard_size: int,
+                   row_ids: Sequence[str] | None = None) -> list[Shard]:
+    """Shards of the rows n_old.. still to encode, keyed on the encoder fingerprint and the rows'
+    content (their ids; without ids, a digest of their pixels)."""
+    def key_of(lo: int, hi: int) -> str:
+        rows = list(row_ids[n_old + lo:n_old + hi]) if row_ids is not None else \
+            hashlib.sha256(np.ascontiguousarray(pixels[n_old + lo:n_old + hi]).tobytes()).hexdigest()
+        return content_key(fingerprint, rows)
+
+    return [Shard(s.stage, s.index, n_old + s.start, n_old + s.stop, s.key)
+            for s in plan_shards(f"features-{key}", len(pixels) - n_old, shard_size, key_of)]
+
+
+def encode_shard(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray, shard: Shard, root: str | Path,
+                 batch_size: int = 256, device: "str | torch.device" = "auto") -> Path:
+    """Embeddings and logits (float16) of rows [shard.start, shard.stop) of `pixels`, written
+    atomically to one `.npz` named by the shard's content key. Idempotent: an existing complete
+    file is returned without encoding again."""
+    import torch
+
+    out = shard_file(root, shard, ".npz")
+    if _shard_arrays(out, len(shard)) is not None:
+        return out
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     module = encode if isinstance(encode, torch.nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
         module.to(dev).eval()
-    old_emb = cached.embeddings if n_old else None
-    old_logits = cached.logits if n_old else None
-    emb_out: NpyWriter | None = None
-    log_out: NpyWriter | None = None
+    embs, logits = [], []
     try:
-        with contextlib.ExitStack() as stack, torch.inference_mode():
-            emb_tmp = stack.enter_context(atomic_path(paths.features(key), suffix=".npy"))
-            log_tmp = stack.enter_context(atomic_path(paths.logits(key), suffix=".npy"))
-            bar = stack.enter_context(tqdm(total=n - n_old, desc=f"features {key}", unit="img", leave=False))
-            for i, batch in _batches(pixels, n_old, batch_size, dev):
+        with torch.inference_mode(), tqdm(total=len(shard), desc=f"features shard {shard.index}", unit="img",
+                                          leave=False) as bar:
+            for _, batch in _batches(pixels[:shard.stop], shard.start, batch_size, dev):
                 x = batch.permute(0, 3, 1, 2).float().div_(255.0)          # (B, 3, S, S) in [0, 1]
-                out = encode(x)
-                e = out.embedding.float().cpu().numpy()                      # (B, D)
-                z = out.logits.float().cpu().numpy() if getattr(out, "logits", None) is not None \
+                o = encode(x)
+                e = o.embedding.float().cpu().numpy()                        # (B, D)
+                z = o.logits.float().cpu().numpy() if getattr(o, "logits", None) is not None \
                     else np.zeros((len(e), 0), np.float32)                   # (B, K)
-                if emb_out is None:
-                    d, k = e.shape[1], z.shape[1]
-                    if old_emb is not None and (old_emb.shape[1], old_logits.shape[1]) != (d, k):
-                        raise ValueError(f"feature cache {key}: encoder now gives dim {d}/{k} classes, "
-                                         f"cache has {old_emb.shape[1]}/{old_logits.shape[1]}; use a new key")
-                    # plain buffered writes (a memory map dies of SIGBUS on a full disk), space checked first
-                    ensure_free_space(paths.features(key), npy_bytes((n, d + k), np.float16))
-                    emb_out = NpyWriter(stack.enter_context(open(emb_tmp, "wb")), (n, d), np.float16)
-                    log_out = NpyWriter(stack.enter_context(open(log_tmp, "wb")), (n, k), np.float16)
-                    for j in range(0, n_old, 8192):   # the cached rows, copied in blocks
-                        emb_out.write(old_emb[j:min(j + 8192, n_old)])
-                        log_out.write(old_logits[j:min(j + 8192, n_old)])
-                emb_out.write(e)
-                log_out.write(z)
+                embs.append(e.astype(np.float16))
+                logits.append(z.astype(np.float16))
                 bar.update(len(e))
-            assert emb_out is not None and log_out is not None
-            dim, num_classes = emb_out.shape[1], log_out.shape[1]
-            checksums = {"embeddings": emb_out.checks(), "logits": log_out.checks()}
-            paths.features_meta(key).unlink(missing_ok=True)  # arrays are replaced next: no stale meta
     finally:
         if module is not None:
             module.train(was_training)
-    meta_out: dict[str, Any] = {"fingerprint": fingerprint, "rows": n, "dim": int(dim), "num_classes": int(num_classes),
+    with atomic_path(out, suffix=".npz") as tmp:
+        np.savez(tmp, embeddings=np.concatenate(embs), logits=np.concatenate(logits))
+    return out
+
+
+def _shard_arrays(path: Path, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(embeddings, logits) of a complete shard file, or None."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            e, k = z["embeddings"], z["logits"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    return (e, k) if len(e) == rows and len(k) == rows else None
+
+
+def merge_features(paths: RunPaths | str | Path, key: str, fingerprint: str, n: int, cached: FeatureCache | None,
+                   n_old: int, shards: list[Shard], files: list[Path],
+                   row_ids: Sequence[str] | None = None) -> FeatureCache:
+    """The cache's first n_old rows, then the shards' rows in order, written as the row-aligned
+    `features/<key>.npy` and `.logits.npy` (atomically, with block checksums) and its sidecar;
+    the shard files are removed afterwards."""
+    paths = _as_paths(paths)
+    if n == 0:
+        log.warning("feature cache %s: no rows to encode", key)
+        return FeatureCache(key, fingerprint, np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16))
+    if cached is not None and n_old == n:
+        return FeatureCache(key, fingerprint, cached.embeddings, cached.logits, computed=0)
+    parts = []
+    for sh, f in zip(shards, files):
+        arrays = _shard_arrays(Path(f), len(sh))
+        if arrays is None:
+            raise ValueError(f"feature shard {f} is missing or incomplete: run it again")
+        parts.append(arrays)
+    d, k = parts[0][0].shape[1], parts[0][1].shape[1]
+    old_emb = cached.embeddings if n_old else None
+    old_logits = cached.logits if n_old else None
+    if old_emb is not None and (old_emb.shape[1], old_logits.shape[1]) != (d, k):
+        raise ValueError(f"feature cache {key}: encoder now gives dim {d}/{k} classes, "
+                         f"cache has {old_emb.shape[1]}/{old_logits.shape[1]}; use a new key")
+    # plain buffered writes (a memory map dies of SIGBUS on a full disk), space checked first
+    ensure_free_space(paths.features(key), npy_bytes((n, d + k), np.float16))
+    with contextlib.ExitStack() as stack:
+        emb_tmp = stack.enter_context(atomic_path(paths.features(key), suffix=".npy"))
+        log_tmp = stack.enter_context(atomic_path(paths.logits(key), suffix=".npy"))
+        emb_out = NpyWriter(stack.enter_context(open(emb_tmp, "wb")), (n, d), np.float16)
+        log_out = NpyWriter(stack.enter_context(open(log_tmp, "wb")), (n, k), np.float16)
+        for j in range(0, n_old, 8192):   # the cached rows, copied in blocks
+            emb_out.write(old_emb[j:min(j + 8192, n_old)])
+            log_out.write(old_logits[j:min(j + 8192, n_old)])
+        for e, z in parts:
+            emb_out.write(e)
+            log_out.write(z)
+        checksums = {"embeddings": emb_out.checks(), "logits": log_out.checks()}
+        paths.features_meta(key).unlink(missing_ok=True)  # arrays are replaced next: no stale meta
+    meta_out: dict[str, Any] = {"fingerprint": fingerprint, "rows": n, "dim": int(d), "num_classes": int(k),
                                 "checksums": checksums}
     if row_ids is not None:
         meta_out["ids_sha256"] = ids_sha256(row_ids)
     atomic_write_json(paths.features_meta(key), meta_out)
+    if shards:
+        clear_shards(paths.root, shards[0].stage)
     fresh = load_features(paths, key)
     assert fresh is not None
     fresh.computed = n - n_old
     log.info("feature cache %s: %d rows encoded, %d reused", key, n - n_old, n_old)
     return fresh
+
+
+def extract_features(encode: Callable[["torch.Tensor"], Any], pixels: np.ndarray, key: str, fingerprint: str,
+                     paths: RunPaths | str | Path, batch_size: int = 256, device: "str | torch.device" = "auto",
+                     row_ids: Sequence[str] | None = None, shard_size: int = 8192) -> FeatureCache:
+    """Embeddings and logits of every row of `pixels` (uint8 (N, S, S, 3)), cached on disk.
+
+    `encode` gets float RGB (B, 3, S, S) in [0, 1] on `device` and returns an object with
+    `.embedding` (B, D) and `.logits` (B, K) (a model wrapper from `training.models`; an
+    `nn.Module` is moved to `device` and run in eval mode, its mode restored afterwards).
+    `fingerprint` identifies the encoder (weights + preprocessing); `row_ids` (manifest ids),
+    when given, also guard against a manifest rebuilt with other rows.
+    Returns the cache with `computed` = the number of rows encoded by this call.
+
+    On one process: `plan_features`, `encode_shard` for each shard of the rows to encode,
+    `merge_features`; a task runner (flows/curate.py) spreads the same shards over its workers.
+    """
+    paths = _as_paths(paths)
+    n = int(len(pixels))
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"pixels must be uint8 (N, S, S, 3), got {pixels.dtype} {tuple(pixels.shape)}")
+    if row_ids is not None and len(row_ids) != n:
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {n} pixel rows")
+    cached, n_old = plan_features(paths, key, fingerprint, n, row_ids)
+    shards = feature_shards(key, fingerprint, pixels, n_old, shard_size, row_ids)
+    files = local_map(lambda sh: encode_shard(encode, pixels, sh, paths.root, batch_size, device), shards)
+    return merge_features(paths, key, fingerprint, n, cached, n_old, shards, files, row_ids)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -23,10 +22,7 @@ import numpy as np
 from webkd.pipeline.progress import tqdm
 
 from webkd.pipeline.config import IndexConfig
-from webkd.pipeline.paths import RunPaths
-from webkd.pipeline.records import (NEAR_DUPLICATE, OK, QuarantineRow, load_manifest, load_quarantine, save_manifest,
-                                    save_quarantine)
-from webkd.pipeline.storage import atomic_path, atomic_write_json, ids_sha256, read_json
+from webkd.pipeline.storage import atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +71,15 @@ def choose_factory(n: int, d: int, cfg: IndexConfig) -> str:
     - exact `Flat` for n <= cfg.flat_max;
     - `IVF{nlist},Flat` above that;
     - `IVF{nlist},PQ{m}` when the raw float32 vectors (n*d*4 bytes) exceed cfg.memory_budget_mb
-      (whatever n is), as long as there are enough vectors to train 8-bit PQ codebooks.
+      (whatever n is) or n >= cfg.ivfpq_min, as long as there are enough vectors to train 8-bit
+      PQ codebooks.
     """
     if cfg.factory:
         return cfg.factory
     if n < 1 or d < 1:
         raise ValueError(f"cannot index {n} vectors of dimension {d}")
     budget = cfg.memory_budget_mb * 2**20
-    if n * d * 4 > budget:
+    if n * d * 4 > budget or n >= cfg.ivfpq_min:
         if n >= PQ_MIN_TRAIN:
             return f"IVF{_nlist(n)},PQ{_pq_m(n, d, budget)}"
         log.warning("raw vectors exceed the memory budget but %d vectors are too few to train PQ; "
@@ -91,6 +88,15 @@ def choose_factory(n: int, d: int, cfg: IndexConfig) -> str:
     if n <= cfg.flat_max:
         return "Flat"
     return f"IVF{_nlist(n)},Flat"
+
+
+def train_rows(n: int, cfg: IndexConfig, seed: int = 0) -> np.ndarray:
+    """Sorted rows an IVF index is trained on: `cfg.train_per_list` vectors per list (at least
+    PQ_MIN_TRAIN * 40, so PQ codebooks get enough), a seeded sample when the pool has more."""
+    n_train = min(n, max(_nlist(n) * cfg.train_per_list, PQ_MIN_TRAIN * 40))
+    if n_train >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False))
 
 
 def _gpu_count() -> int:
@@ -137,11 +143,8 @@ def build_index(embeddings: np.ndarray, cfg: IndexConfig, seed: int = 0) -> fais
             log.warning("FAISS GPU index for %s failed (%s); staying on CPU", factory, exc)
     t0 = time.perf_counter()
     if not index.is_trained:
-        ivf_lists = _nlist(n)
-        n_train = min(n, max(ivf_lists * 256, PQ_MIN_TRAIN * 40))
-        rng = np.random.default_rng(seed)
-        train = x if n_train >= n else x[np.sort(rng.choice(n, n_train, replace=False))]
-        index.train(train)
+        rows = train_rows(n, cfg, seed)
+        index.train(x if len(rows) == n else x[rows])
     step = max(cfg.block_size * 16, 65536)
     for lo in tqdm(range(0, n, step), desc=f"index add ({factory})", unit="block",
                    disable=n <= step * _PROGRESS_MIN_BLOCKS):
@@ -248,12 +251,15 @@ def save_index(index: faiss.Index, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_index(path: str | Path, nprobe: int | None = None) -> faiss.Index:
-    """Read a saved (CPU) index; set nprobe when given and the index is IVF."""
+def load_index(path: str | Path, nprobe: int | None = None, mmap_over_mb: float | None = None) -> faiss.Index:
+    """Read a saved (CPU) index; set nprobe when given and the index is IVF. A file larger than
+    `mmap_over_mb` is memory-mapped (faiss.IO_FLAG_MMAP): searched from the page cache, never
+    read whole into memory. A memory-mapped index is for searching only (never add to it)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no FAISS index at {path}: run `webkd index` first")
-    index = faiss.read_index(str(path))
+    mmap = mmap_over_mb is not None and path.stat().st_size > mmap_over_mb * 2**20
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP) if mmap else faiss.read_index(str(path))
     if nprobe is not None:
         set_nprobe(index, nprobe)
     return index
@@ -340,135 +346,3 @@ def load_index_center(path: str | Path) -> np.ndarray | None:
     """The centring vector saved beside an index (None: the index is not centred)."""
     meta = read_json(index_meta_path(path), default=None) or {}
     return np.asarray(meta["center"], np.float32) if meta.get("center") is not None else None
-
-
-# --------------------------------------------------------------------------------------------
-# the pipeline stage
-# --------------------------------------------------------------------------------------------
-@dataclass
-class IndexReport:
-    key: str
-    rows: int
-    dim: int
-    factory: str
-    path: Path
-    threshold: float | None
-    candidates: int        # rows considered for near-duplicate grouping (status ok/near_duplicate)
-    groups: int            # groups with more than one member
-    near_duplicates: int   # rows marked near_duplicate (non-representatives)
-    changed: int           # rows whose status or dup_of changed in this run
-    seconds: float
-    up_to_date: bool = False  # inputs unchanged since the last build: nothing rebuilt or rewritten
-    decontam: object = None   # the decontamination stage's report when it ran first (pipeline/decontam.py)
-
-    def __str__(self) -> str:
-        nd = ("near-duplicates: off" if self.threshold is None else
-              f"near-duplicates (cosine >= {self.threshold}): {self.near_duplicates} rows in "
-              f"{self.groups} groups of {self.candidates} candidates, {self.changed} changed")
-        dc = f"\n{self.decontam}" if self.decontam is not None else ""
-        return (f"index {self.key}: {self.rows} x {self.dim} {self.factory} -> {self.path}\n"
-                f"{nd}{dc}\ntime {self.seconds:.1f}s")
-
-
-def _index_inputs(paths: RunPaths, key: str, cfg: IndexConfig, records: list, pixels: np.ndarray | None) -> str:
-    """Digest of what an index build reads: the feature cache (encoder fingerprint, row ids), the
-    index settings, the manifest rows that take part in near-duplicate grouping, and the pixel
-    cache's shape when near duplicates are found in pixel space."""
-    import hashlib
-    import json
-
-    cand = [r.id for r in records if r.status in (OK, NEAR_DUPLICATE)]
-    parts = [read_json(paths.features_meta(key), default=None), cfg.model_dump(mode="json"),
-             ids_sha256(cand),
-             list(pixels.shape) if pixels is not None and cfg.near_dup_space == "pixels" else None]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _unchanged_report(key: str, meta: dict, records: list, dim: int, path: Path, cfg: IndexConfig,
-                      seconds: float) -> "IndexReport":
-    """The report of an index whose inputs did not change, from the saved meta and the manifest."""
-    cand = [r for r in records if r.status in (OK, NEAR_DUPLICATE)]
-    dups = [r for r in cand if r.status == NEAR_DUPLICATE]
-    return IndexReport(key=key, rows=int(meta.get("rows", len(records))), dim=dim, factory=str(meta.get("factory")),
-                       path=path, threshold=cfg.near_dup_threshold, candidates=len(cand),
-                       groups=len({r.dup_of for r in dups}), near_duplicates=len(dups), changed=0,
-                       seconds=seconds, up_to_date=True)
-
-
-def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | None = None) -> IndexReport:
-    """Build and save `index/<key>.faiss` over `features/<key>.npy`, then mark near duplicates.
-
-    The index holds the (centred, when `cfg.center`) L2-normalised embeddings; the centring
-    vector is saved beside it (`index/<key>.json`) so searches use the same transform.
-    Near duplicates are found in `cfg.near_dup_space`: `pixels` (perceptual thumbnails of the
-    decoded pixel cache, row-aligned, passed as `pixels`) or `embedding`. Among manifest rows
-    whose status is ok or near_duplicate, each non-representative row gets
-    `status="near_duplicate"`, `dup_of=<representative id>` and one quarantine row (reason
-    near_duplicate). The marks are recomputed from scratch on every run: rows whose group
-    dissolved go back to ok, and old near_duplicate quarantine rows are replaced, never
-    repeated. `near_dup_threshold: null` clears every mark.
-    """
-    t0 = time.perf_counter()
-    records = load_manifest(paths.manifest)
-    feat_path = paths.features(key)
-    if not feat_path.exists():
-        raise FileNotFoundError(f"no feature cache {feat_path}: run `webkd features` first")
-    emb = np.load(feat_path, mmap_mode="r")  # (N, D) float16
-    if emb.ndim != 2 or emb.shape[0] != len(records):
-        raise ValueError(f"{feat_path} has shape {emb.shape} but the manifest has {len(records)} rows: "
-                         "re-run `webkd features` so the cache is row-aligned with the manifest")
-    inputs = _index_inputs(paths, key, cfg, records, pixels)
-    meta = read_json(index_meta_path(paths.index(key)), default=None) or {}
-    if meta.get("inputs") == inputs and paths.index(key).exists():
-        report = _unchanged_report(key, meta, records, emb.shape[1], paths.index(key), cfg, time.perf_counter() - t0)
-        log.debug("%s", report)
-        return report
-    center = np.asarray(emb, np.float32).mean(0) if cfg.center and len(emb) else None
-    x = index_vectors(emb, center)  # (N, D)
-    index = build_index(x, cfg)
-    factory = choose_factory(*x.shape, cfg)
-    save_index(index, paths.index(key))
-    meta = {"key": key, "factory": factory, "rows": int(x.shape[0]),
-            "center": center.tolist() if center is not None else None}
-
-    cand = np.array([r.status in (OK, NEAR_DUPLICATE) for r in records], dtype=bool)
-    rows = np.flatnonzero(cand)
-    rep_rows = rows.copy()
-    space = x
-    if cfg.near_dup_threshold is not None and len(rows) > 1:
-        sub_index = index if len(rows) == len(records) else None
-        if cfg.near_dup_space == "pixels":
-            if pixels is None or len(pixels) != len(records):
-                raise ValueError("index.near_dup_space=pixels needs the pixel cache, row-aligned with the manifest")
-            space, sub_index = normalize(perceptual_vectors(pixels, cfg.near_dup_side)), None
-        rep_local = near_duplicate_groups(space[rows], cfg.near_dup_threshold, k=cfg.k,
-                                          block_size=cfg.block_size, index=sub_index)
-        rep_rows = rows[rep_local]
-
-    changed = 0
-    quarantine = [q for q in load_quarantine(paths.quarantine) if q.reason != NEAR_DUPLICATE]
-    for row, rep in zip(rows.tolist(), rep_rows.tolist()):
-        r = records[row]
-        new_status, new_dup = (OK, None) if rep == row else (NEAR_DUPLICATE, records[rep].id)
-        if (r.status, r.dup_of) != (new_status, new_dup):
-            changed += 1
-            r.status, r.dup_of = new_status, new_dup
-        if rep != row:
-            cos = float(space[row] @ space[rep])
-            quarantine.append(QuarantineRow(uri=r.uri, source=r.source, reason=NEAR_DUPLICATE,
-                                            detail=f"cosine {cos:.4f} ({cfg.near_dup_space}) to row {rep} "
-                                                   f"({records[rep].uri})",
-                                            id=r.id, web_label=r.web_label, dup_of=records[rep].id,
-                                            batch=r.batch))
-    save_manifest(paths.manifest, records)
-    save_quarantine(paths.quarantine, quarantine)
-    # written last, with the inputs it was built from: a kill before this line rebuilds next time
-    atomic_write_json(index_meta_path(paths.index(key)),
-                      {**meta, "inputs": _index_inputs(paths, key, cfg, records, pixels)})
-    n_dup = int((rep_rows != rows).sum())
-    report = IndexReport(key=key, rows=x.shape[0], dim=x.shape[1], factory=factory, path=paths.index(key),
-                         threshold=cfg.near_dup_threshold, candidates=len(rows),
-                         groups=len(set(rep_rows[rep_rows != rows].tolist())), near_duplicates=n_dup,
-                         changed=changed, seconds=time.perf_counter() - t0)
-    log.info("%s", report)
-    return report

@@ -12,6 +12,7 @@ from PIL import Image
 
 from webkd.pipeline import index as ix
 from webkd.pipeline.config import IndexConfig, RunPaths
+from webkd.pipeline.index_stage import index_run
 from webkd.pipeline.records import QuarantineRow, Record, load_manifest, load_quarantine, save_manifest, save_quarantine
 from webkd.pipeline.storage import atomic_save_npy
 
@@ -282,7 +283,7 @@ def test_index_run_marks_near_duplicates(tmp_path, clothing, embedder):
     atomic_save_npy(paths.features("pix"), _embed_files(recs, embedder).astype(np.float16))
     cfg = IndexConfig(near_dup_threshold=0.98, k=5, near_dup_space="embedding", center=False)
 
-    report = ix.index_run(paths, "pix", cfg)
+    report = index_run(paths, "pix", cfg)
     assert "pix" in str(report) and report.near_duplicates == 2 and report.groups == 2
     man = load_manifest(paths.manifest)
     status = [r.status for r in man]
@@ -295,20 +296,20 @@ def test_index_run_marks_near_duplicates(tmp_path, clothing, embedder):
     assert loaded.ntotal == 14
 
     # a re-run changes nothing and adds no second quarantine row
-    again = ix.index_run(paths, "pix", cfg)
+    again = index_run(paths, "pix", cfg)
     assert again.changed == 0 and len(load_quarantine(paths.quarantine)) == 3
 
     # incremental: an appended copy of row 2 joins row 2's group; row 2 stays the representative
     more = _write_records(paths.root, [_jpeg(imgs[2], 95)], ["late"], start=14, batch=1)
     save_manifest(paths.manifest, man + more)
     atomic_save_npy(paths.features("pix"), _embed_files(man + more, embedder).astype(np.float16))
-    ix.index_run(paths, "pix", cfg)
+    index_run(paths, "pix", cfg)
     man = load_manifest(paths.manifest)
     assert man[14].status == "near_duplicate" and man[14].dup_of == man[2].id
     assert len([r for r in load_quarantine(paths.quarantine) if r.reason == "near_duplicate"]) == 3
 
     # a stricter threshold dissolves the groups: rows reset to ok, quarantine rows go away
-    strict = ix.index_run(paths, "pix", IndexConfig(near_dup_threshold=0.999999, k=5, near_dup_space="embedding"))
+    strict = index_run(paths, "pix", IndexConfig(near_dup_threshold=0.999999, k=5, near_dup_space="embedding"))
     assert strict.near_duplicates == 0 and strict.changed == 3
     assert all(r.status == "ok" and r.dup_of is None for r in load_manifest(paths.manifest))
     assert [r.reason for r in load_quarantine(paths.quarantine)] == ["truncated"]
@@ -349,8 +350,8 @@ def test_index_run_pixel_space_and_centring(tmp_path, clothing, embedder):
     atomic_save_npy(paths.features("pix"), _embed_files(recs, embedder).astype(np.float16))
     pix = np.stack([np.asarray(Image.open(r.uri).convert("RGB").resize((32, 32), Image.LANCZOS)) for r in recs])
     with pytest.raises(ValueError, match="pixel cache"):
-        ix.index_run(paths, "pix", IndexConfig())
-    report = ix.index_run(paths, "pix", IndexConfig(), pixels=pix)
+        index_run(paths, "pix", IndexConfig())
+    report = index_run(paths, "pix", IndexConfig(), pixels=pix)
     man = load_manifest(paths.manifest)
     assert report.near_duplicates == 1 and man[10].dup_of == man[3].id
     # the index holds centred vectors; the saved centre reproduces them for queries
@@ -367,7 +368,7 @@ def test_index_run_refuses_misaligned_cache(tmp_path, clothing, embedder):
     recs = _write_records(paths.root, list(clothing.images[:4]), ["a"] * 4)
     save_manifest(paths.manifest, recs)
     with pytest.raises(FileNotFoundError, match="webkd features"):
-        ix.index_run(paths, "pix", IndexConfig())
+        index_run(paths, "pix", IndexConfig())
     atomic_save_npy(paths.features("pix"), _embed_files(recs[:3], embedder).astype(np.float16))
     with pytest.raises(ValueError, match="row-aligned"):
-        ix.index_run(paths, "pix", IndexConfig())
+        index_run(paths, "pix", IndexConfig())

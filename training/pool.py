@@ -66,6 +66,7 @@ class NeighborSearch:
     k: int
     nprobe: int = 8
     block_size: int = 4096
+    mmap_mb: float | None = None      # an index file larger than this is memory-mapped (IO_FLAG_MMAP)
 
 
 def split_of(record_id: str, val_fraction: float) -> str:
@@ -120,7 +121,7 @@ def neighbors_of(paths: RunPaths, search: NeighborSearch) -> np.ndarray:
     from webkd.pipeline.index import search as knn_search
 
     cache = load_features(paths, search.encoder)
-    idx = load_index(paths.index(search.encoder), nprobe=search.nprobe)
+    idx = load_index(paths.index(search.encoder), nprobe=search.nprobe, mmap_over_mb=search.mmap_mb)
     queries = index_vectors(cache.embeddings, load_index_center(paths.index(search.encoder)))
     _, nb = knn_search(idx, queries, search.k + 1, search.block_size)
     return np.array([[j for j in row if j != i][: search.k] for i, row in enumerate(nb)], np.int64)

@@ -3,29 +3,39 @@ selection and the gallery. The CLI verbs and the Prefect tasks (flows/curate.py)
 so a stage behaves the same with or without the Prefect engine (no Prefect here). Stages hand
 each other run-directory paths, never tensors.
 """
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from webkd.pipeline.config import Config, save_resolved_config
-from webkd.pipeline.features import extract_features, load_features, resolve_device
-from webkd.pipeline.index import index_run
-from webkd.pipeline.ingest import IngestReport, run_ingest
+from webkd.pipeline.features import (encode_shard, feature_shards, load_features, merge_features, plan_features,
+                                     resolve_device)
+from webkd.pipeline.index_stage import index_run
+from webkd.pipeline.ingest import IngestPlan, IngestReport, ingest_shard, merge_ingest, plan_ingest
 from webkd.pipeline.pixels import pixel_cache
 from webkd.pipeline.records import OVERRIDE, class_index, load_manifest
+from webkd.pipeline.shards import Shard, local_map
 from webkd.training.pool import NeighborSearch, Pool, build_pool, splits_of
 
 log = logging.getLogger(__name__)
 
 
-def ingest(cfg: Config) -> IngestReport:
+def ingest(cfg: Config, run_shards: Callable[[IngestPlan], list[Path]] | None = None) -> IngestReport:
+    """One ingest round: plan (list, cut into shards), the shards (here one after the other, or
+    `run_shards(plan)` -> shard files, a task runner's map), merge."""
     save_resolved_config(cfg)
     if not cfg.data.sources:
         raise ValueError("data.sources is empty: give at least one folder:, manifest: or wds: source")
-    return run_ingest(cfg.data.sources, cfg.paths, cfg.ingest)
+    plan = plan_ingest(cfg.data.sources, cfg.paths, cfg.ingest, cfg.flows.shard_size)
+    if run_shards is None:
+        files = local_map(lambda s: ingest_shard(plan.entries(s), s, cfg.paths.root, cfg.ingest), plan.shards)
+    else:
+        files = run_shards(plan) if plan.shards else []
+    return merge_ingest(plan, cfg.paths, files)
 
 
 def pixels(cfg: Config, records: list | None = None) -> np.ndarray:
@@ -59,8 +69,11 @@ class FeatureSummary:
         return f"{self.rows} rows x {self.dim} dims, {self.num_classes} classes ({self.computed} computed now)"
 
 
-def features(cfg: Config, teachers: list | None = None) -> dict[str, FeatureSummary]:
-    """Cached embeddings + logits of every teacher (and the student when configured)."""
+def features(cfg: Config, teachers: list | None = None,
+             run_shards: Callable[[str, list[Shard]], list[Path]] | None = None) -> dict[str, FeatureSummary]:
+    """Cached embeddings + logits of every teacher (and the student when configured): per
+    encoder, plan the rows to encode, encode their shards (here, or `run_shards(key, shards)`
+    -> shard files, a task runner's map, see `encode_feature_shard`), merge."""
     from webkd.training.models import build_model, fingerprint
 
     if not cfg.teachers and "student" not in cfg.features.encoders:
@@ -77,10 +90,40 @@ def features(cfg: Config, teachers: list | None = None) -> dict[str, FeatureSumm
         encoders.append(("student", s, fingerprint(s, cfg.student)))
     out = {}
     for key, model, fp in encoders:
-        cache = extract_features(model, pix, key, fp, cfg.paths, batch_size=cfg.features.batch_size,
-                                 device=device, row_ids=ids)
+        cached, n_old = plan_features(cfg.paths, key, fp, len(pix), ids)
+        shards = feature_shards(key, fp, pix, n_old, cfg.flows.shard_size, ids)
+        if run_shards is None or not shards:
+            files = local_map(lambda sh: encode_shard(model, pix, sh, cfg.paths.root, cfg.features.batch_size, device),
+                              shards)
+        else:
+            files = run_shards(key, shards)
+        cache = merge_features(cfg.paths, key, fp, len(pix), cached, n_old, shards, files, ids)
         out[key] = FeatureSummary(cache.rows, cache.dim, cache.num_classes, cache.computed)
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_encoder(config_json: str, key: str) -> tuple[Any, str]:
+    """(model, device) of encoder `key` in a worker process, built once per config and key."""
+    cfg = Config.model_validate_json(config_json)
+    device = str(resolve_device(cfg.device))
+    if key == "student":
+        from webkd.training.models import build_model
+
+        return build_model(cfg.student, num_classes=len(cfg.data.classes) or None,
+                           class_names=cfg.data.classes).to(device), device
+    found = [m for k, m, _ in build_teachers(cfg, device) if k == key]
+    if not found:
+        raise ValueError(f"no encoder {key!r} in this config")
+    return found[0], device
+
+
+def encode_feature_shard(cfg: Config, key: str, shard: Shard) -> Path:
+    """One features shard on whichever process runs it (a task runner's worker): the encoder is
+    built from the config (once per process), the run's pixel cache read memory-mapped."""
+    model, device = _shard_encoder(cfg.model_dump_json(), key)
+    pix = np.load(cfg.paths.pixels(cfg.data.image_size, cfg.data.fit), mmap_mode="r")
+    return encode_shard(model, pix, shard, cfg.paths.root, cfg.features.batch_size, device)
 
 
 def index_key(cfg: Config) -> str:
@@ -147,7 +190,8 @@ def pool(cfg: Config, with_neighbors: bool | None = None) -> Pool:
     wants = cfg.selection.knn.enabled or (cfg.selection.mode in ("balanced", "soft")
                                           and cfg.selection.relevance.knn_weight > 0)
     knn = wants if with_neighbors is None else with_neighbors
-    search = NeighborSearch(index_key(cfg), cfg.selection.knn.k, cfg.index.nprobe, cfg.index.block_size) if knn else None
+    search = NeighborSearch(index_key(cfg), cfg.selection.knn.k, cfg.index.nprobe, cfg.index.block_size,
+                                cfg.index.mmap_budget_mb) if knn else None
     return build_pool(cfg.paths, cfg.data, [t.cache_key for t in cfg.teachers], cfg.train.label_source, search)
 
 
