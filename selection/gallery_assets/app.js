@@ -333,8 +333,9 @@
     }
     if (D.knn[i] !== null) t.appendChild(line("f-knn", "kNN agree:", fmt(D.knn[i])));
     if (D.le[i] !== null) {
-      const d = line("f-le", "likely label error:", "suggest " + className(D.sg[i]) + " (margin " + fmt(D.le[i]) + ")",
+      const d = el("div", "f-le"), txt = line("f-le-text", "likely label error:", "suggest " + className(D.sg[i]) + " (margin " + fmt(D.le[i]) + ")",
                      "confident learning: the teacher is confident in " + className(D.sg[i]) + ", not in the web query's class");
+      d.appendChild(txt);
       const fix = el("button", "fix", "Relabel to " + className(D.sg[i]));
       fix.type = "button";
       fix.addEventListener("click", () => { setOV(id, {label: M.classes[D.sg[i]]}); saveOV(); APP.refreshTile(id); });
