@@ -233,7 +233,34 @@ def _override_args(p: argparse.ArgumentParser) -> None:
                    help="force reject these record ids (reason 'override')")
     p.add_argument("--remove", nargs="+", action="extend", default=[], metavar="ID",
                    help="drop these ids from the store (the policy decides again)")
-    p.add_argument("--note", default="", help="note stored with --accept/--reject entries")
+    p.add_argument("--relabel", nargs="+", action="extend", default=[], metavar="ID=CLASS",
+                   help="correct the label of these record ids: CLASS is one of data.classes, or "
+                        "'off-class' (its web query maps to no teacher class); with --accept / --reject "
+                        "of the same id both are stored")
+    p.add_argument("--note", default="", help="note stored with --accept/--reject/--relabel entries")
+
+
+def _relabels(items: list[str], root) -> dict[str, str | None]:
+    """`ID=CLASS` arguments -> id -> class (None for off-class), checked against data.classes."""
+    from webkd.selection.overrides import OFF_CLASS_LABEL, OverridesError
+    from webkd.selection.run_data import run_classes
+
+    classes = run_classes(root)
+    out: dict[str, str | None] = {}
+    for item in items:
+        i, sep, label = item.partition("=")
+        if not sep or not i.strip() or not label.strip():
+            raise OverridesError(f"--relabel {item!r}: expected ID=CLASS (CLASS one of data.classes, or "
+                                 f"{OFF_CLASS_LABEL})")
+        label = label.strip()
+        if label == OFF_CLASS_LABEL and label not in classes:
+            out[i.strip()] = None
+        elif classes and label not in classes:
+            raise OverridesError(f"--relabel {item!r}: {label!r} is not a class of this run "
+                                 f"({', '.join(classes)}, or {OFF_CLASS_LABEL})")
+        else:
+            out[i.strip()] = label
+    return out
 
 
 def _run_override(args: argparse.Namespace) -> int:
@@ -241,25 +268,27 @@ def _run_override(args: argparse.Namespace) -> int:
 
     from webkd.pipeline.paths import RunPaths
     from webkd.pipeline.report import printable
-    from webkd.selection.overrides import OverridesError, import_overrides_file, load_entries, record_overrides
+    from webkd.selection.overrides import (OverridesError, describe, import_overrides_file, load_entries,
+                                           record_overrides)
 
     paths = RunPaths(Path(args.run_dir))
     if not paths.root.is_dir():
         print(f"webkd override: {paths.root}: no such run directory", file=sys.stderr)
         return 2
     try:
-        if args.file or args.accept or args.reject or args.remove:
+        relabel = _relabels(args.relabel, paths.root)
+        if args.file or args.accept or args.reject or args.remove or relabel:
             _hold_run_lock(args, paths)
         changes = []
         if args.file:
             changes.append(import_overrides_file(paths.overrides, args.file))
-        if args.accept or args.reject or args.remove:
+        if args.accept or args.reject or args.remove or relabel:
             changes.append(record_overrides(paths.overrides, accept=args.accept, reject=args.reject,
-                                            remove=args.remove, note=args.note))
+                                            remove=args.remove, note=args.note, relabel=relabel))
         if not changes:  # nothing to record: list the store
             entries = load_entries(paths.overrides)
             for i, e in entries.items():
-                print(f"{e['action']:<6} {printable(i)}  {printable(e['time'])}  {printable(e['note'])}")
+                print(f"{printable(describe(e)):<6} {printable(i)}  {printable(e['time'])}  {printable(e['note'])}")
             print(f"{len(entries)} override(s) in {paths.overrides}")
             return 0
     except OverridesError as exc:
@@ -278,9 +307,10 @@ def _run_override(args: argparse.Namespace) -> int:
     return 0
 
 
-verb("override", "Record human overrides (forced keep / reject) in the run's overrides store; "
-     "FILE is the JSON the gallery page exports.",
+verb("override", "Record human overrides (forced keep / reject, corrected labels) in the run's overrides "
+     "store; FILE is the JSON the gallery page exports.",
      "webkd override runs/web1 ~/Downloads/overrides.json\n"
+     "webkd override runs/web1 --relabel 3fa2...e9=pants 77c1...04=off-class\n"
      "webkd override runs/web1 --reject 3fa2...e9 --accept 77c1...04 --note 'wrong class'\n"
      "webkd override runs/web1 --remove 3fa2...e9", _run_override, _override_args)
 
@@ -290,6 +320,10 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--render", action="store_true",
                    help="re-render the gallery page even if it is up to date (it is re-rendered anyway "
                         "when missing or older than the ledgers / overrides)")
+    p.add_argument("--serve", action="store_true",
+                   help="then serve the page on 127.0.0.1 (a free port, printed) until Ctrl-C: decisions made "
+                        "in the page are written to the run's overrides store at once")
+    p.add_argument("--port", type=int, default=0, help="port for --serve (default: a free one)")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -311,8 +345,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
         fresh = args.render or stale or not paths.gallery.exists()
         if fresh:
             try:     # rendering writes the run directory: only when no other command is writing it
-                _hold_run_lock(args, paths)
-                render_gallery(paths.root)
+                if args.serve:  # (held for the render only: the server takes it again per write)
+                    from webkd.pipeline.storage import run_lock
+
+                    with run_lock(paths.lock, "webkd inspect --serve (rendering)"):
+                        render_gallery(paths.root)
+                else:
+                    _hold_run_lock(args, paths)
+                    render_gallery(paths.root)
             except RunLocked as exc:
                 busy, fresh, stale = str(exc), False, False
     except GalleryError as exc:
@@ -322,12 +362,37 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(f"webkd inspect: gallery not rendered: {busy}", file=sys.stderr)
     note = " (re-rendered: older than the ledgers / overrides)" if stale else " (rendered now)" if fresh else ""
     print(f"gallery: {paths.gallery}{note}")
+    return _serve(paths, args.port) if args.serve else 0
+
+
+def _serve(paths, port: int) -> int:
+    import signal
+
+    from webkd.selection.gallery_server import ReviewServer
+
+    try:
+        server = ReviewServer(paths.root, port)
+    except (FileNotFoundError, OSError) as exc:
+        print(f"webkd inspect --serve: {exc}", file=sys.stderr)
+        return 2
+
+    def stop(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    print(f"serving the gallery at {server.url} (127.0.0.1 only; Ctrl-C to stop); decisions go to "
+          f"{paths.overrides}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
     return 0
 
 
 verb("inspect", "Print a run's summary (records, quarantine, kept/rejected per class, reasons, "
      "overrides) and the path of its gallery page, rendering the page if missing.",
-     "webkd inspect runs/web1 --render", _run_inspect, _inspect_args)
+     "webkd inspect runs/web1 --render\nwebkd inspect runs/web1 --serve", _run_inspect, _inspect_args)
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:

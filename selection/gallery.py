@@ -24,7 +24,13 @@ thumbnail never goes stale) from the pixel cache when present, else by decoding 
 with `pipeline.ingest.load_rgb`; a re-render only makes thumbnails for new ids.
 
 The run's data and summary come from `selection.run_data` (`load_run`, `summarize`); which
-decision a tile shows is its newest ledger row, its history every epoch's decision.
+decision a tile shows is its newest ledger row, its history every epoch's decision (the large
+view lists each epoch's pseudo-label, confidence, threshold and weight). Each row also carries
+its likely-label-error score and suggested class (`selection.label_errors`, confident learning)
+and its NEIGHBOURS nearest page rows in the run's FAISS index with their cosine similarity
+(`selection.similar`), so the page needs no server for "more like this". `webkd inspect --serve`
+(`selection.gallery_server`) serves the same files and writes the page's decisions into the
+overrides store.
 """
 from __future__ import annotations
 
@@ -45,7 +51,9 @@ import numpy as np
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import REASONS as RECORD_REASONS
 from webkd.pipeline.storage import atomic_write_json, atomic_write_text, read_json
+from webkd.selection.label_errors import LabelErrors, confident_learning, probs_from_top2
 from webkd.selection.run_data import REASONS, RunData, load_run, summarize
+from webkd.selection.similar import page_neighbours, teacher_probs
 from webkd.selection.thumbnails import ThumbIndex, build_thumbnails
 
 log = logging.getLogger(__name__)
@@ -78,14 +86,39 @@ def _floats(a: np.ndarray, nd: int = 4) -> list[float | None]:
     return [None if math.isnan(v) else v for v in r.tolist()]
 
 
-def _columns(data: RunData, slots: dict[str, int]) -> dict[str, list]:
+def label_errors(data: RunData) -> LabelErrors:
+    """Likely label errors of the page rows: the teachers' cached probabilities when they cover
+    the manifest, else the ledger's teacher top-2 (`selection.label_errors`)."""
+    it = data.items
+    k = max(len(data.classes), int(np.max(it["teacher_top1"], initial=-1)) + 1)
+    rows = np.array([data.manifest_rows.get(i, -1) for i in it["id"].tolist()], np.int64)
+    probs = None
+    if len(data.manifest_rows) and (rows >= 0).all():
+        probs = teacher_probs(RunPaths(data.root), rows, k, len(data.manifest_rows))
+    if probs is not None:
+        return confident_learning(probs, it["web_class"], "teacher logits")
+    return confident_learning(probs_from_top2(it["teacher_top1"], it["teacher_p1"], it["teacher_top2"],
+                                              it["teacher_p2"], max(k, 1)), it["web_class"], "ledger top-2")
+
+
+def _columns(data: RunData, slots: dict[str, int], errors: LabelErrors,
+             neighbours: tuple[np.ndarray, np.ndarray, str] | None) -> dict[str, list]:
     """The page's per-image columns (names as app.js reads them), manifest order."""
     it = data.items
     ids = it["id"].tolist()
     web = ["" if w is None else str(w) for w in it["web_label"].tolist()]
     labels = sorted(set(web))
     wl = {w: k for k, w in enumerate(labels)}
-    so = {"accept": 1, "reject": 2}
+    so = {"accept": 1, "reject": 2, "relabel": 3}
+    cls = {c: k for k, c in enumerate(data.classes)}
+
+    def stored_label(i: str) -> int:   # -2 no correction, -1 off-class, k a class
+        if i not in data.labels:
+            return -2
+        lab = data.labels[i]
+        return -1 if lab is None else cls.get(lab, -3)   # -3: a class the run no longer has
+    nb = neighbours[0].tolist() if neighbours else [[] for _ in ids]
+    ns = [_floats(r, 3) for r in neighbours[1]] if neighbours else [[] for _ in ids]
     return {
         "id": ids,
         "row": [data.manifest_rows.get(i, int(r)) for i, r in zip(ids, it["row"].tolist())],
@@ -110,11 +143,16 @@ def _columns(data: RunData, slots: dict[str, int]) -> dict[str, list]:
         "g": [slots.get(i, -1) for i in ids],
         "h": [data.history.get(i, []) for i in ids],
         "so": [so.get(data.overrides.get(i, ""), 0) for i in ids],
+        "sl": [stored_label(i) for i in ids],
+        "hx": [data.detail.get(i, []) for i in ids],
+        "le": _floats(errors.score, 3), "sg": errors.suggested.tolist(),
+        "nb": [[j for j in r if j >= 0] for r in nb], "ns": [[v for v in r if v is not None] for r in ns],
         "_labels": labels,
     }
 
 
 RENDER_DEFAULTS = {"thumb_size": 64, "page_size": 100, "per_sheet": 256}
+ASSETS = ("index.html", "style.css", "app.js", "review.js")
 
 
 def _inputs_path(paths: RunPaths) -> Path:
@@ -128,14 +166,16 @@ def gallery_inputs(run_dir: str | Path, classes: list[str] | None = None, **rend
     paths = RunPaths(Path(run_dir))
     h = hashlib.sha256(json.dumps([classes, sorted({**RENDER_DEFAULTS, **render_args}.items())]).encode())
     files = [*(p for _, p in paths.ledgers()), paths.manifest, paths.quarantine,
-             paths.overrides, paths.config, paths.student_predictions]
+             paths.overrides, paths.config, paths.student_predictions,
+             *sorted(paths.index_dir.glob("*.faiss") if paths.index_dir.is_dir() else []),
+             *sorted(paths.features_dir.glob("*.json") if paths.features_dir.is_dir() else [])]
     for f in files:
         h.update(f.name.encode())
         if f.is_file():
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
-    for asset in ("index.html", "style.css", "app.js"):
+    for asset in ASSETS:
         h.update(page_asset(asset).encode())
     return h.hexdigest()
 
@@ -171,7 +211,10 @@ def render_gallery(run_dir: str | Path, classes: list[str] | None = None, thumb_
     t_thumbs = time.perf_counter() - t0
 
     gdir = paths.gallery_dir
-    cols = _columns(data, slots) if data.n else {}
+    errors = label_errors(data) if data.n else None
+    neighbours = page_neighbours(paths, [data.manifest_rows.get(i, -1) for i in item_ids],
+                                 len(data.manifest_rows)) if data.n else None
+    cols = _columns(data, slots, errors, neighbours) if data.n else {}
     labels = cols.pop("_labels", [])
     names = [k for k in cols]
     token = hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:10]
@@ -194,9 +237,13 @@ def render_gallery(run_dir: str | Path, classes: list[str] | None = None, thumb_
                   "g": [slots.get(i, -1) for i in extra_ids], "rep": [data.dup_of[i] for i in extra_ids]},
         "summary": summary.to_json(), "stored_overrides": len(data.overrides), "student": data.student_source,
         "overrides_error": data.overrides_error,
+        "label_errors": {"source": errors.source if errors else None,
+                         "flagged": int(errors.flagged.sum()) if errors else 0},
+        "neighbours": {"encoder": neighbours[2], "k": int(neighbours[0].shape[1])} if neighbours else None,
     }
     atomic_write_text(gdir / "data" / "meta.js", "window.WEBKD_META = " + js_json(meta) + ";\n")
-    atomic_write_text(gdir / "app.js", page_asset("app.js"))
+    for asset in ("app.js", "review.js"):
+        atomic_write_text(gdir / asset, page_asset(asset))
     scripts = "\n".join(f'<script src="data/rows_{c:03d}.js?v={token}"></script>' for c in range(chunks))
     page = (page_asset("index.html").replace("{{TITLE}}", html.escape(paths.root.resolve().name, quote=True))
             .replace("{{CSS}}", page_asset("style.css")).replace("{{TOKEN}}", token).replace("{{SCRIPTS}}", scripts))

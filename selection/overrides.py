@@ -1,9 +1,17 @@
-"""The run's human overrides store: forced keep ("accept") or forced reject ("reject") per id.
+"""The run's human overrides store: forced keep ("accept"), forced reject ("reject") or a
+corrected label ("relabel") per id.
 
 The store is `overrides.json` in the run directory (`RunPaths.overrides`), in the format of
 ARCHITECTURE.md::
 
-    {"version": 1, "entries": {"<id>": {"action": "accept" | "reject", "note": str, "time": iso8601}}}
+    {"version": 1, "entries": {"<id>": {"action": "accept" | "reject" | "relabel",
+                                        "label": str | null, "note": str, "time": iso8601}}}
+
+`label` is optional: a teacher class name (the image's training / validation label and its query
+mapping become that class) or null (off-class: its query maps to no teacher class). `relabel`
+changes only the label and leaves the keep / reject decision to the selection; `accept` or
+`reject` with a `label` fixes both. `training.pool.build_pool` applies the labels
+(`apply_labels`), so every later curate, distill and refresh trains and validates with them.
 
 People write it with `webkd override` (ids on the command line, or the file the gallery page
 exports, which has the same shape; there `entries` only need `action`). The training loop
@@ -33,7 +41,9 @@ from webkd.pipeline.storage import atomic_write_json, locked, repair_hint
 log = logging.getLogger(__name__)
 
 VERSION = 1
-ACTIONS = ("accept", "reject")
+ACTIONS = ("accept", "reject", "relabel")
+DECISIONS = ("accept", "reject")        # the actions that force a keep / reject
+OFF_CLASS_LABEL = "off-class"           # how the CLI and the page name the null label
 PROTECTED = (VALIDATION,)      # reasons an override never changes (val rows are never trained on)
 
 
@@ -45,7 +55,7 @@ class OverridesError(ValueError):
 class OverrideChanges:
     """What one write did to the store (for the CLI to print)."""
 
-    added: dict[str, str] = field(default_factory=dict)                 # id -> action
+    added: dict[str, str] = field(default_factory=dict)                 # id -> action (describe())
     changed: dict[str, tuple[str, str]] = field(default_factory=dict)   # id -> (old, new)
     unchanged: dict[str, str] = field(default_factory=dict)             # id -> action (same as before)
     removed: dict[str, str] = field(default_factory=dict)               # id -> action it had
@@ -119,7 +129,23 @@ def _parse(obj: Any, where: str, full: bool) -> dict[str, dict[str, str]]:
         if full and not time:
             log.debug("%s: entry %s has no time", where, i)
         out[i] = {"action": action, "note": note, "time": time}
+        if "label" in e:
+            label = e["label"]
+            if label is not None and (not isinstance(label, str) or not label.strip()):
+                raise OverridesError(f"{where}: entry {i!r}: 'label' must be a class name or null (off-class), "
+                                     f"got {label!r}")
+            out[i]["label"] = label
+        elif action == "relabel":
+            raise OverridesError(f"{where}: entry {i!r}: action 'relabel' needs a 'label' "
+                                 "(a class name, or null for off-class)")
     return out
+
+
+def describe(e: Mapping[str, Any]) -> str:
+    """An entry as the CLI echoes it: `reject`, `relabel -> pants`, `accept -> off-class`."""
+    if "label" not in e:
+        return str(e["action"])
+    return f"{e['action']} -> {OFF_CLASS_LABEL if e['label'] is None else e['label']}"
 
 
 MAX_DEPTH = 8   # the format nests 3 deep ({"entries": {id: {"action": ...}}}); deeper is never a valid file
@@ -170,8 +196,31 @@ def load_entries(path: str | Path) -> dict[str, dict[str, str]]:
 
 
 def load_overrides(path: str | Path) -> dict[str, str]:
-    """The store as id -> "accept" | "reject" ({} when there is no store yet)."""
+    """The store as id -> "accept" | "reject" | "relabel" ({} when there is no store yet)."""
     return {i: e["action"] for i, e in load_entries(path).items()}
+
+
+def load_labels(path: str | Path) -> dict[str, str | None]:
+    """The corrected labels of the store: id -> class name, or None for off-class."""
+    return {i: e["label"] for i, e in load_entries(path).items() if "label" in e}
+
+
+def apply_labels(ids: Sequence[str], labels: Mapping[str, str | None], classes: Sequence[str],
+                 where: str = "overrides.json") -> tuple[np.ndarray, np.ndarray]:
+    """The corrected labels of a pool: (rows (n,) int64, classes (n,) int64, -1 = off-class).
+
+    Ids not in `ids` are skipped (an image that left the pool); a label that is not one of
+    `classes` is one clear error (the store names a class the config no longer has).
+    """
+    lookup = {c: k for k, c in enumerate(classes)}
+    unknown = sorted({lab for lab in labels.values() if lab is not None and lab not in lookup})
+    if unknown:
+        raise OverridesError(f"{where}: label(s) {unknown} are not classes of data.classes {list(classes)}; "
+                             "relabel those images again (webkd override RUN --relabel ID=CLASS) or remove them")
+    pos = {i: r for r, i in enumerate(ids)}
+    hit = [(pos[i], -1 if lab is None else lookup[lab]) for i, lab in labels.items() if i in pos]
+    rows = np.array([r for r, _ in hit], dtype=np.int64)
+    return rows, np.array([c for _, c in hit], dtype=np.int64)
 
 
 def _merge(path: Path, updates: Mapping[str, dict[str, str]], remove: Iterable[str]) -> OverrideChanges:
@@ -182,15 +231,15 @@ def _merge(path: Path, updates: Mapping[str, dict[str, str]], remove: Iterable[s
         for i, e in updates.items():
             old = entries.get(i)
             if old is None:
-                ch.added[i] = e["action"]
-            elif old["action"] != e["action"]:
-                ch.changed[i] = (old["action"], e["action"])
+                ch.added[i] = describe(e)
+            elif describe(old) != describe(e):
+                ch.changed[i] = (describe(old), describe(e))
             else:
-                ch.unchanged[i] = e["action"]
+                ch.unchanged[i] = describe(e)
             entries[i] = e                      # later write wins (note and time refresh too)
         for i in remove:
             if i in entries:
-                ch.removed[i] = entries.pop(i)["action"]
+                ch.removed[i] = describe(entries.pop(i))
             else:
                 ch.missing.append(i)
         ch.total = len(entries)
@@ -201,21 +250,31 @@ def _merge(path: Path, updates: Mapping[str, dict[str, str]], remove: Iterable[s
 
 
 def record_overrides(path: str | Path, accept: Sequence[str] = (), reject: Sequence[str] = (),
-                     remove: Sequence[str] = (), note: str = "") -> OverrideChanges:
-    """Merge forced keeps / forced rejects / removals into the store at `path` (atomic).
+                     remove: Sequence[str] = (), note: str = "",
+                     relabel: Mapping[str, str | None] | None = None) -> OverrideChanges:
+    """Merge forced keeps / forced rejects / corrected labels / removals into the store at `path`
+    (atomic). `relabel`: id -> class name or None (off-class); an id also in `accept` / `reject`
+    gets both (the decision and the label), else action "relabel".
 
-    The newest call wins for an id; an id may appear in only one of the three lists of a call.
+    The newest call wins for an id (its whole entry); an id may appear in only one of accept,
+    reject and remove of a call, and not in both relabel and remove.
     """
     path = Path(path)
     acc = [_check_id(i, "accept") for i in accept]
     rej = [_check_id(i, "reject") for i in reject]
     rem = [_check_id(i, "remove") for i in remove]
-    clash = (set(acc) & set(rej)) | (set(acc) & set(rem)) | (set(rej) & set(rem))
+    lab = {_check_id(i, "relabel"): v for i, v in (relabel or {}).items()}
+    clash = (set(acc) & set(rej)) | (set(acc) & set(rem)) | (set(rej) & set(rem)) | (set(lab) & set(rem))
     if clash:
         raise OverridesError(f"id(s) given more than one action in one call: {sorted(clash)}")
+    bad = {i: v for i, v in lab.items() if v is not None and (not isinstance(v, str) or not v.strip())}
+    if bad:
+        raise OverridesError(f"relabel: label(s) must be class names (or off-class), got {bad}")
     time = _now()
     updates = {i: {"action": "accept", "note": note, "time": time} for i in acc}
     updates.update({i: {"action": "reject", "note": note, "time": time} for i in rej})
+    for i, v in lab.items():
+        updates.setdefault(i, {"action": "relabel", "note": note, "time": time})["label"] = v
     return _merge(path, updates, rem)
 
 
@@ -238,7 +297,8 @@ def import_overrides_file(path: str | Path, file: str | Path) -> OverrideChanges
 
 def apply_overrides(keep: np.ndarray, reason: np.ndarray, ids: Sequence[str],
                     overrides: Mapping[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    """Force the human decisions onto one selection: accept -> kept, reject -> rejected.
+    """Force the human decisions onto one selection: accept -> kept, reject -> rejected
+    (a `relabel` entry forces nothing here: its label reaches the pool, `apply_labels`).
 
     keep (N,) bool, reason (N,) str and ids (N,) are row-aligned. Overridden rows get reason
     `override`; rows whose reason is `validation` are never touched (they are never trained
@@ -255,10 +315,30 @@ def apply_overrides(keep: np.ndarray, reason: np.ndarray, ids: Sequence[str],
         raise OverridesError(f"unknown override action(s) {sorted(bad)} (expected {', '.join(ACTIONS)})")
     for n, i in enumerate(ids if overrides else ()):
         action = overrides.get(i)
-        if action is None or reason[n] in PROTECTED:
+        if action not in DECISIONS or reason[n] in PROTECTED:
             continue
         keep[n] = action == "accept"
         reason[n] = OVERRIDE
     if as_unicode:  # give back the caller's kind of array (widened: "override" may be longer)
         reason = reason.astype(str)
     return keep, reason
+
+
+def record_page_decisions(path: str | Path, obj: Any, where: str = "the gallery page") -> OverrideChanges:
+    """Merge the decisions a served gallery page sends, `{"entries": {id: entry}, "remove": [id]}`
+    (entries in the store's format), into the store at `path`; validated whole before any write."""
+    if not isinstance(obj, dict) or set(obj) - {"entries", "remove"}:
+        raise OverridesError(f"{where}: expected an object with 'entries' and 'remove'")
+    incoming = _parse({"version": VERSION, "entries": obj.get("entries") or {}}, where, full=False)
+    remove = obj.get("remove") or []
+    if not isinstance(remove, list):
+        raise OverridesError(f"{where}: 'remove' must be a list of ids")
+    rem = [_check_id(i, where) for i in remove]
+    clash = set(rem) & set(incoming)
+    if clash:
+        raise OverridesError(f"{where}: id(s) both set and removed: {sorted(clash)}")
+    time = _now()
+    for e in incoming.values():
+        e["time"] = e["time"] or time
+        e["note"] = e["note"] or "gallery"
+    return _merge(Path(path), incoming, rem)

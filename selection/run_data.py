@@ -32,7 +32,7 @@ from webkd.pipeline.records import (BELOW_BUDGET, BELOW_CLASS_THRESHOLD, FALLBAC
                                     OFF_CLASS, OVERRIDE, SELECTED, VALIDATION)
 from webkd.pipeline.records import load_quarantine
 from webkd.selection.counts import Collapse, QueryShare, count_run, query_shares_line
-from webkd.selection.overrides import load_overrides
+from webkd.selection.overrides import load_entries
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ def _read_ledgers(selection_dir: Path) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def run_classes(run_dir: str | Path, classes: Sequence[str] | None = None) -> list[str]:
+    """Teacher class names: given, else `data.classes` of the run's resolved config.yaml."""
+    return _run_classes(RunPaths(Path(run_dir)), classes)
+
+
 def _run_classes(paths: RunPaths, classes: Sequence[str] | None) -> list[str]:
     """Teacher class names: given, else `data.classes` of the run's resolved config.yaml."""
     if classes is not None:
@@ -130,6 +135,7 @@ class RunData:
     epochs: list[int]
     items: dict[str, np.ndarray]          # newest decision per image, manifest order; see load_run
     history: dict[str, list[int]]         # id -> flat [epoch, kept, reason index, ...]
+    detail: dict[str, list]               # id -> flat [pseudo-label, confidence, threshold, weight, ...] per epoch
     reasons: list[str]                    # reason codes; items["reason"] indexes into it
     uri: dict[str, str]                   # id -> uri / caption / url from the manifest
     caption: dict[str, str | None]
@@ -138,7 +144,8 @@ class RunData:
     manifest_rows: dict[str, int]         # id -> manifest row
     status: Counter
     quarantine: Counter
-    overrides: dict[str, str]
+    overrides: dict[str, str]             # id -> action of the store
+    labels: dict[str, str | None] = field(default_factory=dict)   # id -> corrected label (None: off-class)
     overrides_error: str | None = None
     student_source: str | None = None     # the exported student whose predictions are shown
 
@@ -176,9 +183,11 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
                 dup_of[i] = d
     quarantine = Counter(q.reason for q in load_quarantine(paths.quarantine))
 
-    overrides, ov_err = {}, None
+    overrides, labels, ov_err = {}, {}, None
     try:
-        overrides = load_overrides(paths.overrides)
+        entries = load_entries(paths.overrides)
+        overrides = {i: e["action"] for i, e in entries.items()}
+        labels = {i: e["label"] for i, e in entries.items() if "label" in e}
     except ValueError as exc:  # a broken store must not stop the review page
         ov_err = str(exc)
         log.warning("overrides store unreadable: %s", exc)
@@ -187,6 +196,7 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
     epochs = [e for e, _ in paths.ledgers()]
     reasons = list(REASONS)
     history: dict[str, list[int]] = defaultdict(list)
+    detail: dict[str, list] = defaultdict(list)
     items: dict[str, np.ndarray] = {}
     student_source = None
     if L:
@@ -200,6 +210,7 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
             i = L["id"][j]
             latest[i] = j                                       # a newer epoch overwrites
             history[i] += (int(L["epoch"][j]), int(L["kept"][j]), int(r_idx[j]))
+            detail[i] += (int(L["pseudo_label"][j]), *(_round(L[c][j]) for c in ("confidence", "threshold", "weight")))
         cur = np.fromiter(latest.values(), dtype=np.int64, count=len(latest))
         pos = np.array([rows.get(L["id"][j], 1 << 40) for j in cur.tolist()], dtype=np.int64)
         cur = cur[np.lexsort((L["row"][cur], pos))]             # manifest order, then ledger row
@@ -210,9 +221,14 @@ def load_run(run_dir: str | Path, classes: Sequence[str] | None = None) -> RunDa
         if unknown and rows:
             log.warning("%d ledger ids are not in the manifest (ledger from another run?)", unknown)
     return RunData(root=paths.root, classes=names, epochs=epochs, items=items, history=dict(history),
-                   reasons=reasons, uri=uri, caption=caption, url=url, dup_of=dup_of,
-                   manifest_rows=rows, status=status, quarantine=quarantine, overrides=overrides,
+                   detail=dict(detail), reasons=reasons, uri=uri, caption=caption, url=url, dup_of=dup_of,
+                   manifest_rows=rows, status=status, quarantine=quarantine, overrides=overrides, labels=labels,
                    overrides_error=ov_err, student_source=student_source)
+
+
+def _round(v: Any, nd: int = 3) -> float | None:
+    v = float(v)
+    return None if v != v else round(v, nd)
 
 
 def _student_predictions(paths: RunPaths, L: dict[str, np.ndarray], order: np.ndarray,

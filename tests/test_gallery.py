@@ -437,7 +437,7 @@ def test_hostile_names_show_literally_in_browser(tmp_path, shirts, browser):
     page.wait_for_timeout(200)
     assert dialogs == []
     assert page.evaluate("document.querySelectorAll('img').length") == 0
-    assert page.evaluate("document.querySelectorAll('script').length") == 3      # meta, 1 chunk, app
+    assert page.evaluate("document.querySelectorAll('script').length") == 4      # meta, 1 chunk, app, review
     assert page.evaluate("document.querySelectorAll('a[href^=\"javascript\"]').length") == 0
     assert page.evaluate("document.querySelectorAll('b').length") == page.evaluate(
         "document.querySelectorAll('#actions b').length")                          # only the page's own

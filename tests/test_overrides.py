@@ -186,3 +186,53 @@ def test_a_legitimate_store_is_not_too_deep(tmp_path):
     store = tmp_path / "overrides.json"
     store.write_text(json.dumps({"version": 1, "entries": {"[{x": {"action": "accept", "note": "]]]{{{[[["}}}))
     assert load_overrides(store) == {"[{x": "accept"}             # brackets inside strings do not count
+
+
+def test_relabel_entries_round_trip_apply_and_page_decisions(tmp_path):
+    from webkd.selection.overrides import apply_labels, load_labels, record_page_decisions
+    from webkd.training.pool import pool_state
+
+    store = tmp_path / "overrides.json"
+    ch = record_overrides(store, accept=[A], relabel={A: "pants", B: None, C: "shoes"})
+    assert ch.added == {A: "accept -> pants", B: "relabel -> off-class", C: "relabel -> shoes"}
+    doc = json.loads(store.read_text())
+    assert doc["entries"][B] == {"action": "relabel", "label": None, "note": "", "time": doc["entries"][B]["time"]}
+    assert load_overrides(store) == {A: "accept", B: "relabel", C: "relabel"}
+    assert load_labels(store) == {A: "pants", B: None, C: "shoes"}
+    # a relabel forces no decision; accept still does
+    keep, reason = apply_overrides(np.array([False, True, False]), np.array(["below_class_threshold", "selected", "off_class"]),
+                                   [A, B, C], load_overrides(store))
+    assert keep.tolist() == [True, True, False] and reason.tolist() == ["override", "selected", "off_class"]
+    rows, cls = apply_labels([C, V, B, A], load_labels(store), ["t-shirt", "pants", "shoes"])
+    assert dict(zip(rows.tolist(), cls.tolist())) == {0: 2, 2: -1, 3: 1}
+    with pytest.raises(OverridesError, match=r"label\(s\) \['shoes'\] are not classes"):
+        apply_labels([C], load_labels(store), ["t-shirt", "pants"])
+    # a label change changes what a student is trained on; no labels: the digest of before
+    s0 = pool_state([A, B], {A: "accept"}, "f")
+    assert s0 == pool_state([A, B], {A: "accept"}, "f", {})
+    assert pool_state([A, B], {A: "accept"}, "f", {A: "pants"}) != pool_state([A, B], {A: "accept"}, "f", {A: "shoes"})
+    # what a served page sends: validated whole, then merged
+    ch = record_page_decisions(store, {"entries": {V: {"action": "reject"}}, "remove": [C]})
+    assert ch.added == {V: "reject"} and ch.removed == {C: "relabel -> shoes"}
+    with pytest.raises(OverridesError, match="needs a 'label'"):
+        record_page_decisions(store, {"entries": {A: {"action": "relabel"}}})
+    with pytest.raises(OverridesError, match="'label' must be a class name"):
+        record_page_decisions(store, {"entries": {A: {"action": "relabel", "label": 3}}})
+    assert set(load_overrides(store)) == {A, B, V}
+
+
+def test_override_cli_relabel(tmp_path, capsys):
+    from webkd.flows.__main__ import main
+    from webkd.selection.overrides import load_labels
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(json.dumps({"data": {"classes": ["t-shirt", "pants"]}}))
+    assert main(["override", str(run), "--relabel", f"{A}=pants", f"{B}=off-class", "--reject", B]) == 0
+    out = capsys.readouterr().out
+    assert f"+ relabel -> pants {A}" in out and f"+ reject -> off-class {B}" in out
+    assert load_labels(run / "overrides.json") == {A: "pants", B: None}
+    assert main(["override", str(run), "--relabel", f"{C}=hat"]) == 2
+    assert "'hat' is not a class of this run (t-shirt, pants, or off-class)" in capsys.readouterr().err
+    assert main(["override", str(run), "--relabel", "nolabel"]) == 2
+    assert "expected ID=CLASS" in capsys.readouterr().err

@@ -216,7 +216,7 @@ def checkpoint_identity(pool: Pool, overrides: dict[str, str] | None, run_finger
     """What a checkpoint was trained on: the pool (ids hash), the overrides and the run's config
     fingerprint (`training.pool.pool_state`, the registry's `trained_on`). A checkpoint is
     resumed only by a run with the same identity: a grown pool starts a new training."""
-    return pool_state(list(pool.ids), overrides or {}, run_fingerprint)
+    return pool_state(list(pool.ids), overrides or {}, run_fingerprint, pool.relabels)
 
 
 def _why_not(ck: dict[str, Any], identity: dict[str, Any]) -> str | None:

@@ -1,7 +1,9 @@
 """The training pool: what every stage that trains, scores or selects reads about the run's images.
 
 `build_pool` is the one place the pool rules live: the content-hash train/validation split,
-web query -> class labels (or refined labels), the teachers' cached logits, FAISS neighbours for
+web query -> class labels (or refined labels) with the human label corrections of the overrides
+store applied (`selection.overrides.apply_labels`: a relabelled row trains, validates and is
+selected with its new class; relabelled off-class, its query maps to no class), the teachers' cached logits, FAISS neighbours for
 k-NN agreement, and class groups. The distill, curate and refresh stages, the bench scripts and
 the refresh's champion/challenger comparison all read the pool through it, once per command.
 """
@@ -22,6 +24,7 @@ from webkd.pipeline.pixels import pixel_cache
 from webkd.pipeline.records import class_index, load_manifest
 from webkd.pipeline.storage import ids_sha256
 from webkd.selection.counts import scored_validation
+from webkd.selection.overrides import apply_labels, load_labels
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class Pool:
     neighbors: np.ndarray | None = None        # (N, k) FAISS neighbours, for k-NN agreement
     class_group: np.ndarray | None = None      # (K,) classes in one group count as equal in validation
     label_columns: dict[str, np.ndarray] | None = None  # refined-label columns for the ledger
+    relabels: dict[str, str | None] | None = None      # the store's label corrections applied (id -> class)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -138,6 +142,12 @@ def build_pool(paths: RunPaths, data: DataConfig, teacher_keys: Sequence[str] = 
     web_class = np.array(class_index(records, data.classes, data.label_map), np.int64)
     split = splits_of(ids, data.val_fraction)
     labels = refined_labels(paths, ids) if label_source == "refined" else web_class.copy()
+    relabels = load_labels(paths.overrides)
+    if relabels:  # a human label wins over the query mapping and over a refined label
+        rows, fixed = apply_labels(ids, relabels, data.classes, str(paths.overrides))
+        web_class[rows] = fixed
+        labels[rows] = fixed
+        log.info("%d label correction(s) from %s applied to the pool", len(rows), paths.overrides.name)
     label_cols = None
     if label_source == "refined":  # the ledger shows the refined labels (selection/refine.py)
         from webkd.selection.refine import label_columns
@@ -148,7 +158,7 @@ def build_pool(paths: RunPaths, data: DataConfig, teacher_keys: Sequence[str] = 
                 val_labels=np.where(split == "val", web_class, -1),
                 teacher_logits=mean_teacher_logits(paths, teacher_keys, len(records), len(data.classes)),
                 neighbors=neighbors_of(paths, neighbors) if neighbors is not None else None,
-                class_group=class_groups(data), label_columns=label_cols)
+                class_group=class_groups(data), label_columns=label_cols, relabels=relabels or None)
 
 
 def sample_batch(pool: Pool, n: int = 8):
@@ -158,9 +168,14 @@ def sample_batch(pool: Pool, n: int = 8):
     return torch.from_numpy(np.array(pool.pixels[:n])).permute(0, 3, 1, 2).float() / 255
 
 
-def pool_state(ids: Sequence[str], overrides: Mapping[str, str], config_fingerprint: str) -> dict[str, Any]:
-    """What a student is trained on: the pool (ids), the human overrides and the training config.
-    Two trainings with the same state would learn the same thing, so a refresh skips the second."""
-    ov = hashlib.sha256(json.dumps(dict(sorted(overrides.items())), sort_keys=True).encode()).hexdigest()
+def pool_state(ids: Sequence[str], overrides: Mapping[str, str], config_fingerprint: str,
+               labels: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """What a student is trained on: the pool (ids), the human overrides (decisions and label
+    corrections) and the training config. Two trainings with the same state would learn the same
+    thing, so a refresh skips the second."""
+    ov_doc: Any = dict(sorted(overrides.items()))
+    if labels:  # (without corrections the digest is the decisions' alone, as before labels existed)
+        ov_doc = {"decisions": ov_doc, "labels": dict(sorted(labels.items()))}
+    ov = hashlib.sha256(json.dumps(ov_doc, sort_keys=True).encode()).hexdigest()
     return {"rows": len(ids), "ids_sha256": ids_sha256(ids), "overrides_sha256": ov,
             "config": str(config_fingerprint)}

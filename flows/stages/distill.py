@@ -155,7 +155,7 @@ def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device) -> 
     student.eval()
     method.eval()
     return Trained(student, method, method.deploy(student, teacher_models).eval(), result, best.get("val", {}),
-                   trained_on=pool_state(list(p.ids), overrides, training_fingerprint(cfg)))
+                   trained_on=pool_state(list(p.ids), overrides, training_fingerprint(cfg), p.relabels))
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 
 def pool_state(cfg: Config) -> dict[str, Any]:
     """What a student trained now would be trained on (pool ids, overrides, training config)."""
+    from webkd.selection.overrides import load_labels
     from webkd.training.pool import pool_state as state
 
     return state([r.id for r in load_manifest(cfg.paths.manifest)], load_overrides_for(cfg),
-                 training_fingerprint(cfg))
+                 training_fingerprint(cfg), load_labels(cfg.paths.overrides))
 
 
 def _warm_start_source(cfg: Config, export_dir: Path) -> tuple[str | None, str]:

@@ -41,14 +41,21 @@
 
   // ---- state ----
   const DEFAULTS = {view: "pseudo", cls: "*", tab: "kept", reason: "*", smin: 0, smax: 1, q: "",
-                    group: true, ovOnly: false, sort: "desc", page: 0};
+                    group: true, ovOnly: false, sort: "desc", page: 0, cell: null, like: null};
   const S = Object.assign({}, DEFAULTS);
   let LIST = [], TILES = [];
 
   // ---- overrides made on this page (memory + localStorage) ----
+  // An entry: {action: "accept" | "reject" | null, label: undefined (no correction) | class name |
+  // null (off-class), time}; exported as the store's format (action "relabel" for a label alone).
   const LSKEY = "webkd-overrides:" + M.run.key;
-  const OV = new Map();                  // id -> {action, time}
+  const OV = new Map();
   const storedAction = (i) => (D.so[i] === 1 ? "accept" : D.so[i] === 2 ? "reject" : null);
+  const storedLabel = (i) => (D.sl[i] === -2 || D.sl[i] === -3 ? undefined : D.sl[i] === -1 ? null : M.classes[D.sl[i]]);
+  const labelText = (l) => (l === null ? "off-class" : l);
+  function sameAsStored(i, e) {
+    return i !== undefined && storedAction(i) === e.action && storedLabel(i) === e.label;
+  }
   function loadOV() {
     try {
       const raw = window.localStorage ? window.localStorage.getItem(LSKEY) : null;
@@ -56,10 +63,13 @@
       const o = JSON.parse(raw);
       for (const id of Object.keys(o)) {
         const e = o[id];
-        if (!e || (e.action !== "accept" && e.action !== "reject")) continue;
-        const i = byId.get(id);
-        if (i !== undefined && storedAction(i) === e.action) continue;   // already in the store
-        OV.set(id, {action: e.action, time: String(e.time || "")});
+        if (!e) continue;
+        const action = e.action === "accept" || e.action === "reject" ? e.action : null;
+        const label = "label" in e && (e.label === null || typeof e.label === "string") ? e.label : undefined;
+        if (!action && label === undefined) continue;
+        const x = {action: action, label: label, time: String(e.time || "")};
+        if (sameAsStored(byId.get(id), x)) continue;   // already in the store
+        OV.set(id, x);
       }
     } catch (err) { console.warn("webkd: cannot read saved overrides", err); }
   }
@@ -69,12 +79,30 @@
     } catch (err) { /* private mode, quota: the in-memory copy still works */ }
     $("n-ov").textContent = String(OV.size);
   }
-  function setOV(id, action) {
-    if (action) OV.set(id, {action: action, time: new Date().toISOString()}); else OV.delete(id);
+  // the entry a tile shows: the page's when it has one, else the store's
+  function current(id) {
+    if (OV.has(id)) return OV.get(id);
+    const i = byId.get(id);
+    return {action: i === undefined ? null : storedAction(i), label: i === undefined ? undefined : storedLabel(i)};
+  }
+  // patch: {action} and / or {label}; an entry equal to the store's is no page override
+  function setOV(id, patch) {
+    const cur = current(id), e = {action: cur.action, label: cur.label, time: new Date().toISOString()};
+    if (patch === null) { OV.delete(id); APP.changed([id]); return; }
+    if ("action" in patch) e.action = patch.action;
+    if ("label" in patch) e.label = patch.label;
+    const i = byId.get(id);
+    if (sameAsStored(i, e) || (i === undefined && !e.action && e.label === undefined)) OV.delete(id); else OV.set(id, e);
+    APP.changed([id]);
+  }
+  function toEntry(e, note) {
+    const x = {action: e.action || (e.label !== undefined ? "relabel" : null), note: note, time: e.time};
+    if (e.label !== undefined) x.label = e.label;
+    return x;
   }
   function exportOV() {
     const entries = {};
-    for (const [id, e] of OV) entries[id] = {action: e.action, note: "gallery", time: e.time};
+    for (const [id, e] of OV) { const x = toEntry(e, "gallery"); if (x.action) entries[id] = x; }
     const text = JSON.stringify({version: 1, entries: entries}, null, 2) + "\n";
     const a = document.createElement("a");
     a.href = URL.createObjectURL(new Blob([text], {type: "application/json"}));
@@ -103,6 +131,8 @@
     if (c === null) { if (S.smin > 0 || S.smax < 1) return false; }
     else if (c < S.smin || c > S.smax) return false;
     if (S.ovOnly && !OV.has(D.id[i])) return false;
+    if (S.cell && (D.wl[i] !== S.cell[0] || D.pl[i] !== S.cell[1])) return false;
+    if (S.like !== null && S.like !== i && D.nb[S.like].indexOf(i) < 0) return false;
     if (S.q && !textHit(i, S.q)) return false;
     return true;
   }
@@ -155,10 +185,16 @@
     countOptions("f-class", cc, "all classes");
     countOptions("f-reason", rc, "all reasons");
     const sgn = S.sort === "asc" ? 1 : -1;
+    const le = (x) => (D.le[x] === null ? -9 : D.le[x]);
+    const simTo = (x) => (x === S.like ? 2 : D.ns[S.like][D.nb[S.like].indexOf(x)]);
     list.sort((a, b) => {
+      if (S.like !== null) return simTo(b) - simTo(a);
+      if (S.sort === "le" && le(a) !== le(b)) return le(b) - le(a);   // likely label errors first, by margin
       const ca = D.conf[a] === null ? -1 : D.conf[a], cb = D.conf[b] === null ? -1 : D.conf[b];
-      return ca !== cb ? sgn * (ca - cb) : (D.id[a] < D.id[b] ? -1 : 1);
+      const s2 = S.sort === "le" ? 1 : sgn;
+      return ca !== cb ? s2 * (ca - cb) : (D.id[a] < D.id[b] ? -1 : 1);
     });
+    APP.filterNote();
     let tiles = list;
     if (S.group) {
       const inList = new Set(list);
@@ -202,13 +238,31 @@
     return k >= 0 ? s.slice(k + 1) : s;
   }
   function ovState(t, id, i) {
-    const e = OV.get(id), st = storedAction(i);
+    const e = OV.get(id), c = current(id), st = storedAction(i), sl = storedLabel(i);
     t.classList.toggle("ov-accept", !!e && e.action === "accept");
     t.classList.toggle("ov-reject", !!e && e.action === "reject");
-    t.querySelector("button.acc").classList.toggle("on", !!e && e.action === "accept");
-    t.querySelector("button.rej").classList.toggle("on", !!e && e.action === "reject");
+    t.querySelector("button.acc").classList.toggle("on", c.action === "accept");
+    t.querySelector("button.rej").classList.toggle("on", c.action === "reject");
+    const sel = t.querySelector("select.relabel");
+    sel.value = c.label === undefined ? "" : c.label === null ? "\u0000off" : "c" + M.classes.indexOf(c.label);
     const s = t.querySelector(".ovstate");
-    s.textContent = e ? "page: " + e.action : (st ? "stored: " + st : "");
+    const words = (a, l) => [a, l === undefined ? null : "label " + labelText(l)].filter((x) => x).join(", ");
+    s.textContent = e ? "page: " + (words(e.action, e.label) || "cleared") :
+      (st || sl !== undefined ? "stored: " + words(st, sl) : "");
+  }
+  function relabelSelect(id) {
+    const sel = el("select", "relabel");
+    sel.title = "correct the label (the image's class for training and validation)";
+    const o0 = el("option", null, "label: web query's"); o0.value = ""; sel.appendChild(o0);
+    M.classes.forEach((c, k) => { const o = el("option", null, c); o.value = "c" + k; sel.appendChild(o); });
+    const off = el("option", null, "off-class"); off.value = "\u0000off"; sel.appendChild(off);
+    sel.addEventListener("change", () => {
+      const v = sel.value;
+      setOV(id, {label: v === "" ? undefined : v === "\u0000off" ? null : M.classes[Number(v.slice(1))]});
+      saveOV();
+      APP.refreshTile(id);
+    });
+    return sel;
   }
   function history(i) {
     const h = D.h[i], box = el("div", "hist f-hist");
@@ -246,7 +300,10 @@
     const t = el("article", "tile " + decision(i));
     t.dataset.id = id;
     const top = el("div", "top");
-    top.appendChild(thumb(D.g[i]));
+    const th = thumb(D.g[i]);
+    th.classList.add("open"); th.title = "large view, decision history, more like this";
+    th.addEventListener("click", () => APP.openViewer(i));
+    top.appendChild(th);
     const info = el("div", "info");
     const head = el("div", "line");
     head.appendChild(el("span", "score f-score", fmt(D.conf[i], 3)));
@@ -275,6 +332,16 @@
       } else t.appendChild(line("f-url", "url:", u));
     }
     if (D.knn[i] !== null) t.appendChild(line("f-knn", "kNN agree:", fmt(D.knn[i])));
+    if (D.le[i] !== null) {
+      const d = el("div", "f-le"), txt = line("f-le-text", "likely label error:", "suggest " + className(D.sg[i]) + " (margin " + fmt(D.le[i]) + ")",
+                     "confident learning: the teacher is confident in " + className(D.sg[i]) + ", not in the web query's class");
+      d.appendChild(txt);
+      const fix = el("button", "fix", "Relabel to " + className(D.sg[i]));
+      fix.type = "button";
+      fix.addEventListener("click", () => { setOV(id, {label: M.classes[D.sg[i]]}); saveOV(); APP.refreshTile(id); });
+      d.appendChild(fix);
+      t.appendChild(d);
+    }
     t.appendChild(history(i));
     const idl = line("f-id", "id:", id.slice(0, 16), id);
     t.appendChild(idl);
@@ -285,7 +352,13 @@
     ba.type = "button"; br.type = "button";
     ba.title = "force keep (override)"; br.title = "force reject (override)";
     const st = el("span", "ovstate");
-    bar.appendChild(ba); bar.appendChild(br); bar.appendChild(st);
+    bar.appendChild(ba); bar.appendChild(br); bar.appendChild(relabelSelect(id)); bar.appendChild(st);
+    if (D.nb[i].length) {
+      const like = el("button", "like", "More like this");
+      like.type = "button"; like.title = "its nearest neighbours in the FAISS index";
+      like.addEventListener("click", () => APP.showLike(i));
+      bar.appendChild(like);
+    }
     if (nm) {
       const g = el("button", "grp", "+" + nm + " near-dup" + (nm > 1 ? "s" : ""));
       g.type = "button";
@@ -297,8 +370,7 @@
     }
     t.appendChild(bar);
     const click = (action) => {
-      const cur = OV.get(id);
-      setOV(id, cur && cur.action === action ? null : action);
+      setOV(id, {action: current(id).action === action ? null : action});
       saveOV();
       ovState(t, id, i);
     };
@@ -396,10 +468,13 @@
       classOptions(); update();
     });
     for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", () => { S.tab = b.dataset.tab; re(); });
-    const bulk = (action) => { for (const i of LIST) setOV(D.id[i], action); saveOV(); update(); };
+    const bulk = (action) => {
+      APP.batch(() => { for (const i of LIST) setOV(D.id[i], action === undefined ? null : {action: action}); });
+      saveOV(); update();
+    };
     $("b-accept-all").addEventListener("click", () => bulk("accept"));
     $("b-reject-all").addEventListener("click", () => bulk("reject"));
-    $("b-clear-filter").addEventListener("click", () => bulk(null));
+    $("b-clear-filter").addEventListener("click", () => bulk(undefined));
     $("b-export").addEventListener("click", exportOV);
     let armed = 0;
     $("b-clear-all").addEventListener("click", (e) => {      // two clicks, no dialog
@@ -408,12 +483,24 @@
     });
   }
 
+  // ---- what review.js (matrix, large view, more like this, the local server) hooks into ----
+  const APP = window.WEBKD_APP = {
+    M: M, D: D, N: N, S: S, OV: OV, byId: byId, el: el, thumb: thumb, fmt: fmt, className: className,
+    webName: webName, decision: decision, current: current, setOV: setOV, saveOV: saveOV, toEntry: toEntry,
+    storedLabel: storedLabel, update: update, labelText: labelText, reasonName: (k) => R[k],
+    changed: () => {}, started: () => {}, filterNote: () => {}, openViewer: () => {}, showLike: () => {},
+    batch: (f) => f(),
+    refreshTile: (id) => {
+      const t = document.querySelector('.tile[data-id="' + CSS.escape(id) + '"]');
+      if (t) ovState(t, id, byId.get(id));
+    },
+  };
   loadOV();
   summary();
   reasonOptions();
   classOptions();
   wire();
   saveOV();
-  update();
-  document.body.dataset.ready = "1";
+  // review.js (loaded next) installs its hooks before this runs
+  document.addEventListener("DOMContentLoaded", () => { update(); document.body.dataset.ready = "1"; APP.started(); });
 })();
