@@ -41,7 +41,7 @@ from webkd.pipeline.storage import atomic_write_json  # noqa: E402
 OUT = ROOT / "bench" / "out" / "fashion_web"
 SUMMARY = ROOT / "bench" / "results" / "fashion_web.json"
 # the rows that play the benchmark roles of bench/summary.py (the default: the shipped fashion_web.yaml)
-ROLES = {"kd_fmnist": "upper_bound", "kd": "vanilla_kd", "kd3": "paper_kd3", "kd3p_nosel": "default"}
+ROLES = {"kd_fmnist": "upper_bound", "kd": "vanilla_kd", "kd3": "paper_kd3", "soft_default": "default"}
 
 # every row names its method, arguments and selection mode: the rows do not follow the YAML defaults
 NO_ARGS = "train.method_args={}"
@@ -117,10 +117,16 @@ ROWS = {
     "kd_reldisc50": ("vanilla KD, balanced budgets keep 0.5 on teacher energy + web query prior + discrepancy",
                      ["train.method=kd", NO_ARGS, "selection.mode=balanced", "selection.budget.keep=0.5",
                       "selection.relevance.query_weight=1.0", "selection.relevance.discrepancy_weight=1.0"]),
+    # the shipped fashion_web.yaml: soft relevance weights (web query prior + 0.25 x energy, floor 0.5) on the
+    # KD^3 + logit KD objective (the same settings as `--rows sel_soft_qprior --set selection.soft.w_min=0.5`)
+    "soft_default": ("product default: KD^3 + logit KD, soft relevance weights (query prior + 0.25 energy, w_min 0.5)",
+                     ["train.method=kd3", KD3P, "selection.mode=soft", "selection.relevance.query_weight=1.0",
+                      "selection.relevance.ood_weight=0.25", "selection.relevance.discrepancy_weight=0.0",
+                      "selection.soft.w_min=0.5"]),
     "kd_rand50": ("vanilla KD, a fixed random 50% of the candidates", ["train.method=kd", NO_ARGS,
                                                                       "selection.mode=random", "selection.random_keep=0.5"]),
 }
-DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce", "kd3p", "kd3p_nosel", "kd3p_nomd"]
+DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce", "kd3p", "kd3p_nosel", "kd3p_nomd", "soft_default"]
 CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pixels", "features", "index", "test"]
 
 

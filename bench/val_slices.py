@@ -30,7 +30,7 @@ def slices(run_dir: Path, pool_cache: dict) -> dict[str, float]:
     cfg = load_config(run_dir / "config.yaml")
     base = run_dir.parent / "base_web"
     if base not in pool_cache:
-        pool_cache[base] = build_pool(RunPaths(run_dir), cfg.data, [t.key for t in cfg.teachers])
+        pool_cache[base] = build_pool(RunPaths(base), cfg.data, [t.key for t in cfg.teachers])  # the curated base
     pool = pool_cache[base]
     val = np.flatnonzero((pool.split == "val") & (pool.status == "ok"))
     model = load_student(run_dir / "export", torch.device("cpu"))
