@@ -52,11 +52,11 @@ def main(folders: list[str]) -> None:
         res = json.loads((folder / "results.json").read_text())["results"]
         for row, recs in res.items():
             for r in recs:
-                run = folder / f"{row}_s{r['seed']}"
+                run = folder / r.get("run_dir", f"{row}_s{r['seed']}")
                 if not (run / "export").is_dir() or row == "upper_bound":
                     continue
                 s = slices(run, cache)
-                print(f"| {run.name} ({folder.name}) | {100 * r['test_acc']:.2f} | {100 * s['all']:.2f} | "
+                print(f"| {row} s{r['seed']} ({folder.name}/{run.name}) | {100 * r['test_acc']:.2f} | {100 * s['all']:.2f} | "
                       f"{100 * s['in_class']:.2f} (n {s['n_in']}) | {100 * s['off_class']:.2f} |", flush=True)
 
 
