@@ -183,7 +183,12 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
 
         res = distill_stages.distill(load_config(CONFIG, kd_over))
         rows["kd"] = {k: getattr(res, k) for k in ROW_KEYS}
+    from webkd.pipeline.paths import RunPaths
+    from webkd.selection.counts import count_run, query_shares_line
+
+    counts = count_run(RunPaths(out / "kd3"))
     return {"teacher": teacher_metrics, "rows": rows, "gallery": gallery, "model_card": card,
+            "curation": query_shares_line(counts.in_class, counts.off_class),
             "pool": sum(scen.counts.values()), "epochs": epochs, "seconds": time.time() - t0,
             "run_dir": str(out)}
 
@@ -193,8 +198,9 @@ def describe_student(cfg) -> str:
     name = {"kd3": "KD^3", "kd": "vanilla KD", "ce": "CE"}.get(cfg.train.method, cfg.train.method)
     if cfg.train.method == "kd3" and cfg.train.args.get("kd_weight"):
         name += " + logit KD"
-    sel = {"none": "no instance selection", "teacher": "teacher-only selection",
-           "kd3": "KD^3 instance selection"}.get(cfg.selection.mode, f"selection {cfg.selection.mode}")
+    sel = {"none": "no instance selection", "teacher": "teacher-only selection", "kd3": "KD^3 instance selection",
+           "soft": "soft relevance weights", "balanced": "class-balanced relevance budgets",
+           "random": "a random subset"}.get(cfg.selection.mode, f"selection {cfg.selection.mode}")
     return f"student, {name}, {sel} (curated pool)"
 
 
@@ -213,5 +219,7 @@ def format_demo(result: dict[str, Any]) -> str:
         if r:
             lines.append(f"| {r.get('label') or names[key]} | {r['parameters']:,} | {pct(r['test_acc'], 1)} | {pct(r.get('val_acc'), 1)} | "
                          f"{pct(r.get('val_agreement'), 1)} | {r['kept']} / {r['candidates']} |")
+    if result.get("curation"):
+        lines += ["", f"curation (last epoch, training candidates): {result['curation']}"]
     lines += ["", f"gallery:    {result['gallery']}", f"model card: {result['model_card']}"]
     return "\n".join(lines)
