@@ -50,7 +50,33 @@ def api_url() -> str | None:
 
 
 def serve_deployments(config_path: str | Path, overrides: list[str] | tuple[str, ...] = (), limit: int = 1) -> None:
-    """Register the deployments and run their scheduled flow runs from this process (blocks)."""
-    from prefect import serve
+    """Register the deployments and run their scheduled flow runs from this process (blocks until
+    Ctrl-C or SIGTERM; the deployments are paused then, and resumed by the next `serve`).
 
-    serve(*build_deployments(config_path, overrides), limit=limit)
+    What `prefect.serve` does, but SIGTERM (systemd, `docker stop`, `kill`) takes the path of
+    Ctrl-C (the main task is cancelled, the runner pauses its deployments and returns): Prefect's
+    own SIGTERM handler calls `sys.exit` from inside the event loop, which printed a
+    RuntimeWarning ("coroutine 'Runner.astop' was never awaited") and, after a flow run, an
+    asyncio traceback."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    deps = build_deployments(config_path, overrides)
+    runner = Runner(pause_on_shutdown=True, limit=limit)
+    for d in deps:
+        runner.add_deployment(d)
+
+    async def main() -> None:
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        # Runner.start installs this as the SIGTERM handler (it runs between bytecodes of the loop)
+        runner.handle_sigterm = lambda *_: loop.call_soon_threadsafe(task.cancel)
+        await runner.start()
+
+    print(f"serving {', '.join(d.name for d in deps)} against {api_url()} (at most {limit} flow run(s) at a "
+          "time); Ctrl-C or SIGTERM stops", flush=True)
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    print("webkd serve: stopped; the deployments are paused until the next `webkd serve`", flush=True)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # .prefect/; one folder per user, so its database is migrated once, not in every session
 os.environ.setdefault("PREFECT_HOME", os.path.join(tempfile.gettempdir(), f"webkd-test-prefect-{os.getuid()}"))
 
+# every process a test starts inherits this: what still carries it when the session ends was left
+# behind (pytest_sessionfinish below); PYTEST_CURRENT_TEST alone would also match other sessions'
+SESSION_ENV = "WEBKD_TEST_SESSION"
+os.environ[SESSION_ENV] = f"{os.getpid()}-{secrets.token_hex(4)}"
+
+import procs  # noqa: E402
 from webkd.flows.prefect_env import local_defaults  # noqa: E402
 from webkd.pipeline import datasets  # noqa: E402
 
@@ -90,3 +98,40 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def _left_behind(session) -> dict[int, bytes]:
+    """Live processes started by this session: carrying its token, or a PREFECT_HOME under its tmp."""
+    found = procs.scan({SESSION_ENV: os.environ[SESSION_ENV]})
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    base = getattr(factory, "_basetemp", None)      # only if a test made one (never created here)
+    if base is not None:
+        found.update(procs.scan(env_prefix=("PREFECT_HOME", str(base) + os.sep)))
+    return found
+
+
+@pytest.hookimpl(trylast=True)           # after the runner tore down the session fixtures
+def pytest_sessionfinish(session, exitstatus):
+    """A session leaves no process behind: what it started and is still running a few seconds
+    after the last test (a watchdog stopping servers takes up to ~6 s) is listed, killed, and
+    fails the session. One /proc scan when there is nothing to find."""
+    if not os.path.isdir("/proc"):
+        return
+    server = sys.modules.get("prefect.server.api.server")
+    for s in list(getattr(server, "SubprocessASGIServer", type("_", (), {"_instances": {}}))._instances.values()):
+        s.stop()                          # in-process temporary servers: stopped at exit anyway
+    left = procs.wait_gone(lambda: _left_behind(session), timeout_s=10) if _left_behind(session) else {}
+    if not left:
+        return
+    lines = [f"left behind: {procs.describe(pid, cmd)} (started in {procs.env_of(pid, 'PYTEST_CURRENT_TEST') or '?'})"
+             for pid, cmd in sorted(left.items())]
+    procs.kill(left)
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_sep("=", f"{len(left)} process(es) left behind by this test session (killed now)", red=True)
+        for line in lines:
+            tr.write_line(line)
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
