@@ -5,6 +5,7 @@ import os
 import secrets
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,13 @@ def pytest_sessionfinish(session, exitstatus):
     server = sys.modules.get("prefect.server.api.server")
     for s in list(getattr(server, "SubprocessASGIServer", type("_", (), {"_instances": {}}))._instances.values()):
         s.stop()                          # in-process temporary servers: stopped at exit anyway
-    left = procs.wait_gone(lambda: _left_behind(session), timeout_s=10) if _left_behind(session) else {}
+    found = _left_behind(session)
+    for _ in range(3):                    # a process spawned by the last test a few ms ago was seen to be
+        if found:                         # missed by the first /proc scan: look again before concluding
+            break
+        time.sleep(0.2)
+        found = _left_behind(session)
+    left = procs.wait_gone(lambda: _left_behind(session), timeout_s=10) if found else {}
     if not left:
         return
     lines = [f"left behind: {procs.describe(pid, cmd)} (started in {procs.env_of(pid, 'PYTEST_CURRENT_TEST') or '?'})"
