@@ -290,7 +290,17 @@ build_pixel_cache(load_manifest(paths.manifest), paths.pixels(64, "squash"), 64,
 """
 
 FEATURES_CHILD = """
-import sys, numpy as np, torch
+import sys, time, numpy as np, torch
+from webkd.pipeline import npyfile
+# the features stage writes its arrays only in the final merge (shards are encoded first), a window
+# too short to kill in reliably on an idle machine: the child pauses after its first rows reach the
+# temp file, so the SIGKILL lands mid-write every time (a real kill of a real process, on real files)
+_write = npyfile.NpyWriter.write
+def _write_then_pause(self, rows):
+    _write(self, rows)
+    self.fh.flush()
+    time.sleep(60)
+npyfile.NpyWriter.write = _write_then_pause
 from webkd.pipeline.config import ModelSpec, PreprocessSpec, RunPaths
 from webkd.pipeline.features import extract_features
 from webkd.training import models as M
