@@ -412,17 +412,22 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
                                 "history": history, "best_val": best_val, "best_epoch": best_epoch,
                                 "keep": keep, "weights": weights, "run_fingerprint": run_fingerprint,
                                 "trained_on": identity})
-        atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val,
-                                          "trained_on": identity})
+        _write_metrics(paths, history, best_epoch, best_val, identity)
         log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f agreement %.4f", epoch, stats["loss"], len(rows),
                  record["candidates"], scores["val_acc"], scores["val_agreement"])
     if resumed_from is not None and read_metrics(paths.metrics) is None:   # damaged in a finished run
         log.warning("%s is damaged: written again from the checkpoint's history", paths.metrics)
-        atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val,
-                                          "trained_on": identity})
+        _write_metrics(paths, history, best_epoch, best_val, identity)
     return FitResult(history=history, best_epoch=best_epoch, best_val=best_val, paths=paths,
                      resumed_from=resumed_from, seconds=time.time() - t0,
                      kept_last=history[-1]["kept"] if history else 0, trained_on=identity)
+
+
+def _write_metrics(paths: RunPaths, history: list[dict[str, Any]], best_epoch: int, best_val: float,
+                   identity: dict[str, Any]) -> None:
+    """`metrics.json`: after every epoch, and again when a finished run's copy is damaged."""
+    atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val,
+                                      "trained_on": identity})
 
 
 def read_metrics(path: Path) -> dict[str, Any] | None:
