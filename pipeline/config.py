@@ -360,7 +360,25 @@ class RefineConfig(_Section):
     drop_disagree: bool = Field(False, description="no refined label where the query is outside the top-2 pair")
 
 
+class PriorCorrectionConfig(_Section):
+    """[project] post-hoc logit adjustment of the deployed student for the class mix of the images it
+    trained on (training/prior.py): logits + tau (log target - log prior); tau 0 is off."""
+
+    tau: float | Literal["auto"] = Field(0.0, description="a number >= 0, or auto: the value of `taus` with the "
+                                                          "highest class-balanced validation agreement")
+    taus: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0], description="what tau=auto tries")
+    target: Literal["uniform"] | list[float] = Field("uniform", description="the deployment class shares")
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_nonnegative(cls, v):
+        if isinstance(v, float) and v < 0:
+            raise ValueError("tau must be >= 0 (0 is off), or auto")
+        return v
+
+
 class ExportConfig(_Section):
+    prior_correction: PriorCorrectionConfig = Field(default_factory=PriorCorrectionConfig)
     onnx: bool = True
     opset: int = Field(18, ge=18, description="ONNX opset (the dynamo exporter needs >= 18)")
     atol: float = 1e-4

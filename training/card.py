@@ -30,6 +30,8 @@ METRIC_NAMES = {
     "teacher_val_acc": "teacher validation accuracy (web query labels)",
     "test_acc": "test accuracy",
     "teacher_test_acc": "teacher test accuracy",
+    "val_balanced_agreement": "validation class-balanced agreement with the teacher",
+    "test_acc_uncorrected": "test accuracy without the prior correction",
 }
 # an absolute path (or a URL's //host/path) after a start, space, '=', ':', quote or bracket
 _ABSOLUTE = re.compile(r"(?:(?<=^)|(?<=[\s=:'\"(\[,]))~?/[^\s'\",)\]]+")
@@ -223,6 +225,13 @@ def write_model_card(export_dir: str | Path, meta: dict[str, Any], metrics: dict
     lines += ["## Metrics", "", _table(rows, ["metric", "value"]), "",
               f"Checkpoint chosen on the validation split by `{metrics.get('val_metric') or '-'}` "
               f"(best epoch {metrics.get('best_epoch', '-')}); test metrics (if any) were read once at the end.", ""]
+    prior = meta.get("prior_correction") or {}
+    if prior:
+        shares = ", ".join(f"{c} {100 * v:.1f}%" for c, v in zip(classes, prior["prior"]))
+        lines += ["## Prior correction", "",
+                  f"The deployed logits add tau (log target - log prior) with tau = {prior['tau']:g}, chosen on the "
+                  "validation split's class-balanced agreement with the teacher (training/prior.py). The prior is the "
+                  f"teacher's class mix over the images the student trained on: {shares}.", ""]
     int8 = meta.get("int8") or {}
     if int8:
         rows8 = [["file size, int8 / fp32", f"{int8['size_ratio']:.3f}"]]

@@ -254,7 +254,9 @@ def save_student_predictions(export_dir: str | Path, ids: list[str], logits: np.
 def _weights(export_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(export_dir / WEIGHTS))
+    from webkd.training.prior import unwrap_state
+
+    return unwrap_state(load_file(str(export_dir / WEIGHTS)))   # without a prior correction's offset
 
 
 def load_student(export_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -273,6 +275,12 @@ def load_student(export_dir: str | Path, device: str | torch.device = "cpu") -> 
         raise ValueError(f"unknown deployed head {head!r} in {export_dir / META}")
     model = owner.load_deployed(student, meta)
     missing, unexpected = model.load_state_dict(_weights(export_dir), strict=False)
+    if (meta.get("prior_correction") or {}).get("tau"):   # training/prior.py: logits + the stored offset
+        from safetensors.torch import load_file
+
+        from webkd.training.prior import PriorCorrected
+
+        model = PriorCorrected(model, load_file(str(export_dir / WEIGHTS))["logit_offset"])
     if missing or unexpected:
         raise ValueError(f"export weights do not match the rebuilt model: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval()

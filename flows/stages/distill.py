@@ -136,6 +136,25 @@ class Trained:
     fit: Any                            # training.loop.FitResult
     best_val: dict[str, float]          # validation scores of the chosen checkpoint
     trained_on: dict[str, Any] = field(default_factory=dict)  # training.pool.pool_state of the pool it used
+    prior: Any = None                   # training.prior.Choice when export.prior_correction is on
+    uncorrected: Any = None             # the deployed module before the prior correction
+
+
+def correct_prior(cfg: Config, p: Pool, trained: Trained, out: RunPaths, device) -> Trained:
+    """Apply `export.prior_correction` (training/prior.py) to the chosen checkpoint's deployed module:
+    the prior from the run's ledgers, tau chosen on validation (the test set is not read here)."""
+    from webkd.training import prior
+
+    # the chosen checkpoint trained on the ledgers of epochs 0 .. best_epoch
+    ledgers = [out.ledger(e) for e in range(trained.fit.best_epoch + 1) if out.ledger(e).exists()]
+    deployed, choice = prior.correct(trained.deployed, p, ledgers, cfg.export.prior_correction, device,
+                                     cfg.train.eval_batch_size)
+    if choice is not None:
+        scores = choice.scores
+        log.info("prior correction: tau %g (class-balanced validation agreement %.4f, %.4f at tau 0)",
+                 choice.tau, scores[choice.tau][1], scores[0.0][1])
+    trained.uncorrected, trained.deployed, trained.prior = trained.deployed, deployed, choice
+    return trained
 
 
 def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device) -> Trained:
@@ -176,12 +195,19 @@ def evaluate(cfg: Config, p: Pool, trained: Trained, teachers: list, device) -> 
     val_rows, val_targets, groups = validation_targets(p, "val_acc")   # the rows fit() scores val_acc on
     if p.teacher_logits is not None and len(val_rows):
         metrics["teacher_val_acc"] = accuracy(p.teacher_logits[val_rows], val_targets, groups)
+    if trained.prior is not None:   # chosen on validation; the uncorrected student's test score is reported beside it
+        tau = trained.prior.tau
+        metrics.update(prior_tau=tau, val_balanced_agreement=trained.prior.scores[tau][1],
+                       val_balanced_agreement_uncorrected=trained.prior.scores[0.0][1])
     test = test_set(cfg)
     if test is not None:
         tpix, tlab = test
         rows = np.arange(len(tlab))
         with torch.no_grad():
             metrics["test_acc"] = accuracy(predict_logits(lambda x: trained.deployed(x), tpix, rows, device), tlab)
+            if trained.prior is not None and trained.prior.tau != 0:
+                metrics["test_acc_uncorrected"] = accuracy(
+                    predict_logits(lambda x: trained.uncorrected(x), tpix, rows, device), tlab)
             metrics["teacher_test_acc"] = accuracy(predict_logits(
                 lambda x: torch.stack([t(x).logits.float() for t in teacher_models]).mean(0), tpix, rows, device),
                 tlab) if teacher_models else None
@@ -246,6 +272,8 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
             "student_fingerprint": model_fingerprint(trained.student, cfg.student),
             "config_fingerprint": cfg.fingerprint(), "command": command_line(), "torch_version": torch.__version__,
             "trained_on": trained.trained_on}
+    if trained.prior is not None:
+        meta["prior_correction"] = trained.prior.info()
     # built in a hidden folder and renamed to export/ when complete: an export is whole or absent
     stage = out.export_stage
     shutil.rmtree(stage, ignore_errors=True)           # left by a killed export (we hold the run lock)
@@ -297,7 +325,7 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None,
         features(cfg, teachers=teachers)
         index(cfg, teachers)
     p = p if p is not None else pool(cfg)
-    trained = fit_student(cfg, p, teachers, out, device)
+    trained = correct_prior(cfg, p, fit_student(cfg, p, teachers, out, device), out, device)
     metrics = evaluate(cfg, p, trained, teachers, device)
     exp, card = export_student(cfg, p, trained, teachers, metrics, out)
     last = trained.fit.history[-1] if trained.fit.history else {}
