@@ -168,6 +168,7 @@ def _run_distill_torchrun(args: argparse.Namespace, world: int) -> int:
             _hold_run_lock(args, cfg.paths)
             print(distill_stages.distill(cfg, dist=dist).summary())
         else:
+            logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # rank 0 reports
             distill_stages.fit_worker(dist, cfg, cfg.paths)
     return 0
 

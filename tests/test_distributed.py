@@ -61,14 +61,15 @@ def scenario(clothing, tmp_path_factory):
     return root
 
 
-def _distill(root: Path, run: str, *extra: str, kill_at: str | None = None) -> tuple[int, str]:
+def _distill(root: Path, run: str, *extra: str, kill_at: str | None = None,
+             launcher: tuple[str, ...] = ()) -> tuple[int, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
     env.pop(KILL_AT_WRITE, None)
     if kill_at:
         env[KILL_AT_WRITE] = kill_at
-    p = subprocess.run([sys.executable, "-m", "webkd.flows", "-v", "distill", "--no-flow", str(root / "cfg.yaml"),
-                        f"run_dir={root / run}", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run([sys.executable, *(launcher or ("-m", "webkd.flows")), "-v", "distill", "--no-flow",
+                        str(root / "cfg.yaml"), f"run_dir={root / run}", *extra], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     return p.returncode, p.stdout + p.stderr
 
 
@@ -134,6 +135,24 @@ def test_killed_two_process_run_resumes_to_the_same_weights(scenario, two):
     h_res = json.loads((killed / "metrics.json").read_text())["history"]
     np.testing.assert_allclose([h["loss"] for h in h_res], [h["loss"] for h in h_full], rtol=1e-6)
     assert _kept(killed) == _kept(run2)
+
+
+@pytest.mark.slow   # one more 2-process run
+def test_torchrun_ranks_train_as_nproc(scenario, two):
+    """`torchrun --nproc-per-node 2 -m webkd.flows distill --no-flow` (the multi-machine way, here on
+    one machine): rank 0 curates, trains with rank 1 and exports; the same steps and weights as --nproc 2."""
+    run2, out2 = two
+    rc, out = _distill(scenario, "torchrun", launcher=("-m", "torch.distributed.run", "--standalone",
+                                                       "--nproc-per-node", "2", "-m", "webkd.flows"))
+    assert rc == 0, out
+    got, want = _steps(out), _steps(out2)
+    assert sorted(got) == sorted(want), out
+    np.testing.assert_allclose([got[k] for k in sorted(want)], [want[k] for k in sorted(want)], rtol=1e-6)
+    s2, st = _student(run2), _student(scenario / "torchrun")
+    for k in s2:
+        torch.testing.assert_close(st[k], s2[k], rtol=1e-6, atol=1e-7)
+    assert (scenario / "torchrun" / "export" / "student.safetensors").exists()
+    assert out.count("epoch 2: loss") == 1, out             # one rank reports (rank 1 logs warnings only)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -276,7 +276,7 @@ def _entry(rank: int, world: int, port: int, device_name: str | None, levels: di
     with process_group(device_name) as d:
         out = fn(d, *args)
     if rank == 0:
-        results.put(out)
+        results.send(out)
 
 
 def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), device_name: str | None = "auto") -> Any:
@@ -285,16 +285,17 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), device_name: st
     others; a kill is reported as one line (`WorkerFailed`), a Python error with its traceback."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
+    results, sender = mp.get_context("spawn").Pipe(duplex=False)
     levels = {**_logger_levels(), "": logging.getLogger().getEffectiveLevel()}
-    pc = mp.start_processes(_entry, args=(nproc, free_port(), device_name, levels, fn, args, results),
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")   # "Terminating process ..." per survivor
+    spawn_level, _ = spawn_log.level, spawn_log.setLevel(logging.ERROR)
+    pc = mp.start_processes(_entry, args=(nproc, free_port(), device_name, levels, fn, args, sender),
                             nprocs=nproc, join=False, start_method="spawn")
     out: list[Any] = []
     try:
         while not pc.join(timeout=0.2):
-            while not results.empty():     # read while they run: a large result must not fill the pipe
-                out.append(results.get())
+            while results.poll():          # read while they run: a large result must not fill the pipe
+                out.append(results.recv())
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         codes = [p.exitcode for p in pc.processes]
         killed = [(i, c) for i, c in enumerate(codes) if c is not None and c < 0 and -c != signal.SIGTERM]
@@ -307,12 +308,13 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), device_name: st
                                f"the others were stopped") from None
         raise
     finally:
+        spawn_log.setLevel(spawn_level)
         for p in pc.processes:
             if p.is_alive():
                 p.kill()
                 p.join()
-    while not results.empty():
-        out.append(results.get())
+    while results.poll():
+        out.append(results.recv())
     if not out:
         raise WorkerFailed(f"the {nproc} training processes ended without a result")
     return out[-1]
