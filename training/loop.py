@@ -7,6 +7,8 @@ with the same ledgers and metrics as an uninterrupted one (seeded, CPU). A check
 what it was trained on (`checkpoint_identity`: pool ids hash, overrides, config fingerprint) and
 holds tensors and plain values only, read back with `torch.load(weights_only=True)`; one of
 another pool or config, or one that is truncated, foreign or refused, is ignored with a warning.
+On several processes (`dist`, training/distributed.py) the same loop trains on each process's
+slice of every global batch; rank 0 alone resumes and writes.
 
 The best checkpoint is chosen on the validation split only; the test set never enters here.
 """
