@@ -140,7 +140,47 @@ verb("curate", "Prefect flow: ingest new web images, embed new rows, index, let 
      "webkd curate flows/configs/fashion_web.yaml --no-flow   # library calls only", _run_curate, _flow_args)
 
 
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    _flow_args(p)
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine (DDP: gloo on CPU, NCCL with one GPU each on CUDA; "
+                        "train.batch_size is the global batch); same as train.nproc=N. On several machines start "
+                        "`torchrun ... -m webkd.flows distill CONFIG --no-flow` instead (README)")
+
+
+def _run_distill_torchrun(args: argparse.Namespace, world: int) -> int:
+    """A rank of a torchrun group: rank 0 runs the whole distill (holding the run lock), the
+    others join its training only (flows.stages.distill.fit_worker)."""
+    from webkd.flows.stages import distill as distill_stages
+    from webkd.pipeline.config import ConfigError
+    from webkd.training import distributed
+
+    if not args.no_flow:
+        raise ConfigError(f"under torchrun (WORLD_SIZE={world}) run `webkd distill CONFIG --no-flow`: every rank is "
+                          f"a process of the one training, not a Prefect flow")
+    cfg = _load(args, lock=False)
+    if cfg.train.nproc != 1:
+        raise ConfigError(f"train.nproc={cfg.train.nproc} under torchrun (WORLD_SIZE={world}): torchrun starts the "
+                          f"processes (--nproc-per-node); leave train.nproc at 1 and drop --nproc")
+    distributed.check_processes(world, cfg.train.batch_size, cfg.device, where="WORLD_SIZE")
+    with distributed.process_group(cfg.device) as dist:
+        if dist.is_writer:
+            _hold_run_lock(args, cfg.paths)
+            print(distill_stages.distill(cfg, dist=dist).summary())
+        else:
+            logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # rank 0 reports
+            distill_stages.fit_worker(dist, cfg, cfg.paths)
+    return 0
+
+
 def _run_distill(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        args.overrides = [*args.overrides, f"train.nproc={args.nproc}"]
+    from webkd.training.distributed import torchrun_world
+
+    world = torchrun_world()
+    if world > 1:
+        return _run_distill_torchrun(args, world)
     if args.no_flow:
         from webkd.flows.stages import distill as distill_stages
 
@@ -162,7 +202,8 @@ verb("distill", "Prefect flow: curate (cached), then select, train and export a 
      "method; it becomes the champion in registry.json (previous champion scored on the same validation "
      "split for the record). --no-flow runs the library call without Prefect.",
      "webkd distill flows/configs/fashion_web.yaml train.method=kd3 train.epochs=20\n"
-     "webkd distill flows/configs/fashion_web.yaml --no-flow", _run_distill, _flow_args)
+     "webkd distill flows/configs/fashion_web.yaml --no-flow\n"
+     "webkd distill flows/configs/fashion_web.yaml --nproc 2   # DDP on 2 processes", _run_distill, _distill_args)
 
 
 def _run_refresh(args: argparse.Namespace) -> int:
@@ -483,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET_LOGGERS = ("faiss", "httpx", "httpcore", "urllib3", "PIL", "numexpr", "matplotlib", "filelock")
 # exceptions that are the user's to fix (matched by class name: no heavy imports to catch them)
 USER_ERRORS = {"ConfigError", "ModelLoadError", "DataNotFound", "GalleryError", "OverridesError", "RunLocked",
-               "PredictError", "RegistryError", "DiskFull"}
+               "PredictError", "RegistryError", "DiskFull", "WorkerFailed"}
 
 
 def _user_error(exc: BaseException) -> bool:

@@ -146,6 +146,9 @@ def check_run(cfg: Config, sources: bool = True) -> Config:
     """All checks, cheapest first; returns cfg so `cfg = check_run(load_config(...))` reads well.
     `sources=False` leaves the web sources' existence to the runs (webkd serve)."""
     check_paths(cfg, sources=sources)
+    from webkd.training.distributed import check_processes
+
+    check_processes(cfg.train.nproc, cfg.train.batch_size, cfg.device)
     check_method(cfg)
     check_teacher_classes(cfg)
     check_models(cfg)

@@ -322,6 +322,9 @@ class TrainConfig(_Section):
         "auto", description="checkpoint selection: agreement with the teacher on validation rows, or accuracy on "
                             "their query labels; auto = agreement for teacher-based methods, query_acc otherwise")
     warm_start: str | None = Field(None, description="student checkpoint or export dir to start from")
+    nproc: int = Field(1, ge=1, description="training processes on this machine (`webkd distill --nproc N`): DDP, gloo "
+                                            "on CPU, NCCL on CUDA (one GPU each); batch_size is the global batch, "
+                                            "batch_size / nproc rows per process")
 
     @field_validator("method_args", mode="before")
     @classmethod

@@ -22,13 +22,26 @@ class Backbone(NamedTuple):
     channels: list[int]          # output channels of each stage
 
 
-def conv_bn(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def norm_layer(c: int, norm: str = "batch") -> nn.Module:
+    """`batch`: BatchNorm2d (statistics of the batch, per process under DDP); `group`: GroupNorm
+    with 4 groups (per-image statistics: the same on any number of processes)."""
+    if norm == "batch":
+        return nn.BatchNorm2d(c)
+    if norm == "group":
+        return nn.GroupNorm(4, c)
+    raise TypeError(f"norm must be 'batch' or 'group', not {norm!r}")
 
 
-def cnn_tiny(in_chans: int = 3) -> Backbone:
-    """For tests only: a few thousand parameters, two stages (stride 2 each)."""
-    return Backbone(conv_bn(in_chans, 8), [conv_bn(8, 12, 2), conv_bn(12, 16, 2)], [12, 16])
+def conv_bn(cin: int, cout: int, stride: int = 1, k: int = 3, norm: str = "batch") -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), norm_layer(cout, norm),
+                         nn.ReLU(inplace=True))
+
+
+def cnn_tiny(in_chans: int = 3, norm: str = "batch") -> Backbone:
+    """For tests only: a few thousand parameters, two stages (stride 2 each); `norm=group` has
+    no batch statistics (the DDP equality test trains it)."""
+    return Backbone(conv_bn(in_chans, 8, norm=norm), [conv_bn(8, 12, 2, norm=norm), conv_bn(12, 16, 2, norm=norm)],
+                    [12, 16])
 
 
 def cnn_small(in_chans: int = 3, width: int = 32) -> Backbone:

@@ -7,6 +7,8 @@ with the same ledgers and metrics as an uninterrupted one (seeded, CPU). A check
 what it was trained on (`checkpoint_identity`: pool ids hash, overrides, config fingerprint) and
 holds tensors and plain values only, read back with `torch.load(weights_only=True)`; one of
 another pool or config, or one that is truncated, foreign or refused, is ignored with a warning.
+On several processes (`dist`, training/distributed.py) the same loop trains on each process's
+slice of every global batch; rank 0 alone resumes and writes.
 
 The best checkpoint is chosen on the validation split only; the test set never enters here.
 """
@@ -34,6 +36,7 @@ from webkd.pipeline.storage import atomic_path, atomic_write_json, read_json
 from webkd.selection import policy
 from webkd.selection.counts import collapsed_classes, kept_per_class
 from webkd.selection.overrides import apply_overrides
+from webkd.training.distributed import LOCAL, Dist
 from webkd.training.methods import Method
 from webkd.training.pool import Pool, pool_state
 
@@ -86,10 +89,12 @@ def to_tensor(pixels: np.ndarray, rows: np.ndarray, device: torch.device) -> tor
 
 
 def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float],
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
-    """Batched random-resized crop (+ horizontal flip) with one affine grid per image."""
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
+                        draws: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched random-resized crop (+ horizontal flip) with one affine grid per image; `draws`:
+    the (B, 5) uniforms to use (a process's slice of its global batch's), else drawn here."""
     b = x.shape[0]
-    u = torch.rand(b, 5, generator=generator)                                   # (B, 5) on CPU
+    u = torch.rand(b, 5, generator=generator) if draws is None else draws      # (B, 5) on CPU
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     r = torch.exp(logr)
@@ -263,26 +268,29 @@ def _scores_student(epoch: int, cfg: SelectionConfig) -> bool:
 def reselect(epoch: int, progress: float, pool: Pool, method: Method, student: nn.Module,
              teachers: list[nn.Module], cfg: SelectionConfig, device: torch.device,
              previous_keep: np.ndarray | None, overrides: dict[str, str] | None,
-             batch_size: int) -> tuple[policy.Selection, np.ndarray]:
+             batch_size: int, dist: Dist = LOCAL) -> tuple[policy.Selection, np.ndarray]:
     """Score the whole pool (deterministic view, eval mode, no grad) and select.
 
     Epoch 0 is before training: the teacher alone decides. Returns the selection over all rows
-    and the mask of rows to train on.
+    and the mask of rows to train on. Under DDP the scoring is shared out across the processes
+    (`Dist.gather_rows`) and every process selects from the same logits.
     """
     n = len(pool)
     rows = np.arange(n)
     teacher_logits = pool.teacher_logits
     if teacher_logits is None and teachers:
         states = _eval_mode(teachers)
-        teacher_logits = predict_logits(lambda x: torch.stack([t(x).logits.float() for t in teachers]).mean(0),
-                                        pool.pixels, rows, device, batch_size, desc="teacher scoring")
+        teacher_logits = dist.gather_rows(lambda r: predict_logits(
+            lambda x: torch.stack([t(x).logits.float() for t in teachers]).mean(0), pool.pixels, r, device,
+            batch_size, desc="teacher scoring"), rows, batch_size)
         _restore_mode(teachers, states)
     student_logits = None
     if _scores_student(epoch, cfg):
         mods = [student, method]
         states = _eval_mode(mods)
-        student_logits = predict_logits(lambda x: method.predict(student, teachers, x), pool.pixels, rows,
-                                        device, batch_size, desc="student scoring")
+        student_logits = dist.gather_rows(lambda r: predict_logits(
+            lambda x: method.predict(student, teachers, x), pool.pixels, r, device, batch_size,
+            desc="student scoring"), rows, batch_size)
         _restore_mode(mods, states)
     if teacher_logits is None:  # teacher-free methods: nothing to select with
         k = int(pool.labels.max()) + 1 if len(pool.labels) else 1
@@ -332,12 +340,14 @@ def _kept_at_start(path: Path, num_classes: int) -> np.ndarray | None:
 def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Pool, train_cfg: TrainConfig,
         selection_cfg: SelectionConfig, paths: RunPaths, seed: int = 0, device: str | torch.device = "cpu",
         overrides: dict[str, str] | None = None, run_fingerprint: str = "",
-        class_names: list[str] | None = None) -> FitResult:
+        class_names: list[str] | None = None, dist: Dist = LOCAL) -> FitResult:
     """Distill `student` on the pool. Resumes from `paths.last_checkpoint` when it belongs to the
     same run: same `run_fingerprint` (e.g. a hash of the resolved config), same pool ids and
     overrides (`checkpoint_identity`); any other checkpoint, or one that is unreadable or not
     plain tensors, is ignored with a warning and training starts fresh. `class_names` name the
-    classes in the warning about a class that lost its kept images."""
+    classes in the warning about a class that lost its kept images. `dist`: this process's
+    place in a DDP group (training/distributed.py); rank 0 alone reads the checkpoint to resume
+    from and writes checkpoints, ledgers and metrics."""
     device = torch.device(device)
     t0 = time.time()
     torch.manual_seed(seed)
@@ -357,13 +367,16 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
     weights: np.ndarray | None = None
     last = paths.last_checkpoint
     identity = checkpoint_identity(pool, overrides, run_fingerprint)
-    if last.exists():
+    dist.barrier()                            # every process is up before rank 0 reads what to resume from
+    resumed = None
+    if dist.is_writer and last.exists():
         resumed = _resume(last, paths.best_checkpoint, identity, train_cfg.epochs, student, method, opt, sched,
                           device, paths)
-        if resumed is not None:
-            history, best_val, best_epoch, keep, weights, resumed_from = resumed
-            start = resumed_from + 1
-            log.info("resuming after epoch %d from %s", resumed_from, last)
+    resumed = dist.share_start(resumed, [student, method, opt, sched])  # rank 0's decision and state
+    if resumed is not None:
+        history, best_val, best_epoch, keep, weights, resumed_from = resumed
+        start = resumed_from + 1
+        log.info("resuming after epoch %d from %s", resumed_from, last)
 
     val_rows = pool.validation_rows
     metric = val_metric_name(train_cfg.val_metric, method, pool)
@@ -373,49 +386,54 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
         # ---- reselect (epoch 0: before training, the teacher alone decides) -----------------
         if keep is None or epoch % selection_cfg.reselect_every == 0:
             sel, keep = reselect(epoch, (epoch + 1) / train_cfg.epochs, pool, method, student, teachers,
-                                 selection_cfg, device, keep, overrides, train_cfg.eval_batch_size)
-            weights = sel.weight
-            if epoch == 0:
-                kept_start = kept_per_class(sel.pseudo_label, sel.keep, pool.split, len(sel.class_thresholds))
-            elif kept_start is None:
-                kept_start = _kept_at_start(paths.ledger(0), len(sel.class_thresholds))
-            warn_collapsed(epoch, sel, pool.split, kept_start, class_names)
-            policy.write_ledger(paths.ledger(epoch), policy.ledger_table(
-                sel, pool.ids, np.arange(len(pool)), epoch, pool.split, pool.web_labels, pool.web_class,
-                label_columns=pool.label_columns))
+                                 selection_cfg, device, keep, overrides, train_cfg.eval_batch_size, dist)
+            keep, weights = dist.broadcast_object((keep, sel.weight))   # one selection on every process
+            if dist.is_writer:
+                if epoch == 0:
+                    kept_start = kept_per_class(sel.pseudo_label, sel.keep, pool.split, len(sel.class_thresholds))
+                elif kept_start is None:
+                    kept_start = _kept_at_start(paths.ledger(0), len(sel.class_thresholds))
+                warn_collapsed(epoch, sel, pool.split, kept_start, class_names)
+                policy.write_ledger(paths.ledger(epoch), policy.ledger_table(
+                    sel, pool.ids, np.arange(len(pool)), epoch, pool.split, pool.web_labels, pool.web_class,
+                    label_columns=pool.label_columns))
         rows = np.flatnonzero(keep)
         if method.needs_labels:
             rows = rows[pool.labels[rows] >= 0]
         # ---- train one epoch ---------------------------------------------------------------
         stats = train_one_epoch(student, teachers, method, pool, rows, weights, train_cfg, opt, epoch,
-                                progress, seed, device)
+                                progress, seed, device, dist)
         sched.step()
+        dist.broadcast_modules([student, method])    # (already equal: the same summed gradients everywhere)
         # ---- evaluate on validation -------------------------------------------------------
         mods = [student, method]
         states = _eval_mode(mods)
-        val_logits = predict_logits(lambda x: method.predict(student, teachers, x), pool.pixels, val_rows,
-                                    device, train_cfg.eval_batch_size)
+        val_logits = dist.gather_rows(lambda r: predict_logits(lambda x: method.predict(student, teachers, x),
+                                                               pool.pixels, r, device, train_cfg.eval_batch_size),
+                                      val_rows, train_cfg.eval_batch_size)
         _restore_mode(mods, states)
         scores = validation_scores(val_logits, val_rows, pool)
         score = scores[metric]
         record = {"epoch": epoch, "kept": int(len(rows)), "candidates": int(pool.candidates.sum()),
                   "val_rows": int(len(val_rows)), **scores, "val_metric": metric, "lr": opt.param_groups[0]["lr"], **stats}
         history.append(record)
-        if (not math.isnan(score) and score > best_val) or best_epoch < 0:
+        improved = (not math.isnan(score) and score > best_val) or best_epoch < 0
+        if improved:
             best_val, best_epoch = (score if not math.isnan(score) else best_val), epoch
-            _save_checkpoint(paths.best_checkpoint, {"epoch": epoch, "student": student.state_dict(),
-                                                     "method": method.state_dict(), "val": scores,
-                                                     "run_fingerprint": run_fingerprint, "trained_on": identity})
-        # ---- checkpoint --------------------------------------------------------------------
-        _save_checkpoint(last, {"epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
-                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                "history": history, "best_val": best_val, "best_epoch": best_epoch,
-                                "keep": keep, "weights": weights, "run_fingerprint": run_fingerprint,
-                                "trained_on": identity})
-        _write_metrics(paths, history, best_epoch, best_val, identity)
+        if dist.is_writer:   # ---- checkpoint (rank 0 only) --------------------------------------
+            if improved:
+                _save_checkpoint(paths.best_checkpoint, {"epoch": epoch, "student": student.state_dict(),
+                                                         "method": method.state_dict(), "val": scores,
+                                                         "run_fingerprint": run_fingerprint, "trained_on": identity})
+            _save_checkpoint(last, {"epoch": epoch, "student": student.state_dict(), "method": method.state_dict(),
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "history": history, "best_val": best_val, "best_epoch": best_epoch,
+                                    "keep": keep, "weights": weights, "run_fingerprint": run_fingerprint,
+                                    "trained_on": identity})
+            _write_metrics(paths, history, best_epoch, best_val, identity)
         log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f agreement %.4f", epoch, stats["loss"], len(rows),
                  record["candidates"], scores["val_acc"], scores["val_agreement"])
-    if resumed_from is not None and read_metrics(paths.metrics) is None:   # damaged in a finished run
+    if dist.is_writer and resumed_from is not None and read_metrics(paths.metrics) is None:   # damaged, finished run
         log.warning("%s is damaged: written again from the checkpoint's history", paths.metrics)
         _write_metrics(paths, history, best_epoch, best_val, identity)
     return FitResult(history=history, best_epoch=best_epoch, best_val=best_val, paths=paths,
@@ -494,13 +512,21 @@ def _resume(last: Path, best: Path, identity: dict[str, Any], epochs: int, stude
 
 def train_one_epoch(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Pool, rows: np.ndarray,
                     weights: np.ndarray, cfg: TrainConfig, opt: torch.optim.Optimizer, epoch: int,
-                    progress: float, seed: int, device: torch.device) -> dict[str, float]:
-    """One pass over the kept rows. Per-sample loss terms are summed, weighted, reduced here."""
+                    progress: float, seed: int, device: torch.device, dist: Dist = LOCAL) -> dict[str, float]:
+    """One pass over the kept rows. Per-sample loss terms are summed, weighted, reduced here.
+
+    Under DDP (`dist`) every process walks the same global batches and trains on its slice of
+    each (training/distributed.py: the same update as one process; a method's own randomness
+    is drawn per process)."""
     student.train()
     method.train()
     for t in teachers:
         t.eval()
     g_order, g_aug, g_method = (_generator(seed, epoch, s) for s in range(3))
+    if dist.rank:
+        g_method = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, dist.rank]).generate_state(1)[0]))
+    params = [p for p in list(student.parameters()) + list(method.parameters()) if p.requires_grad]
+    buffers = list(student.buffers()) + list(method.buffers())
     order = rows[torch.randperm(len(rows), generator=g_order).numpy()] if len(rows) else rows
     if cfg.steps_per_epoch and len(rows) >= 2:  # a fixed step budget: further reshuffled passes, cut to length
         if cfg.steps_per_epoch == "candidates":    # the budget of one pass over every training candidate
@@ -515,29 +541,39 @@ def train_one_epoch(student: nn.Module, teachers: list[nn.Module], method: Metho
     n_seen = 0
     bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", leave=False,
                disable=len(order) < 4 * cfg.batch_size)
-    for s in bar:
-        b = order[s:s + cfg.batch_size]
-        if len(b) < 2:  # BatchNorm and NT-Xent need two samples
+    for step, s in enumerate(bar):
+        b_all = order[s:s + cfg.batch_size]
+        if len(b_all) < 2 * dist.world:  # BatchNorm and NT-Xent need two samples (on each process)
             continue
-        x = random_resized_crop(to_tensor(pool.pixels, b, device), g_aug, cfg.crop_scale, hflip=cfg.hflip)
+        mine = dist.shard(len(b_all))
+        b = b_all[mine]
+        u = torch.rand(len(b_all), 5, generator=g_aug)[mine]       # crop draws of the global batch, this slice
+        x = random_resized_crop(to_tensor(pool.pixels, b, device), g_aug, cfg.crop_scale, hflip=cfg.hflip, draws=u)
         batch = {"x": x, "labels": torch.from_numpy(pool.labels[b]).to(device),
                  "index": torch.from_numpy(b).to(device), "generator": g_method,
                  "progress": progress}
         terms = method(batch, student, teachers, progress)
         per_sample = sum(v for k, v in terms.items() if k.startswith("loss"))       # (B,)
         w = torch.from_numpy(weights[b]).to(device=device, dtype=per_sample.dtype)  # (B,)
-        loss = (w * per_sample).sum() / w.sum().clamp_min(1e-8)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}: { {k: v.mean().item() for k, v in terms.items()} }")
+        loss = (w * per_sample).sum() / dist.all_sum(w.sum()).clamp_min(1e-8)  # this slice's part of the mean
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        loss = dist.reduce_step(params, buffers, loss)   # DDP: gradients summed, BN statistics averaged
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}: { {k: v.mean().item() for k, v in terms.items()} }")
         opt.step()
-        n_seen += len(b)
+        n_seen += len(b_all)
         for k, v in terms.items():
             if k.startswith("loss"):
                 totals[k] = totals.get(k, 0.0) + float(v.detach().sum())
-        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * len(b)
+        totals["loss"] = totals.get("loss", 0.0) + float(loss) * len(b_all)
+        if dist.is_writer:
+            log.debug("epoch %d step %d loss %.9g", epoch, step, float(loss))
         bar.set_postfix(loss=f"{loss.item():.4f}", kept=f"{len(rows) / max(1, int(pool.candidates.sum())):.2f}")
+    if dist.active and totals:   # the terms' sums over every process's slice
+        keys = sorted(k for k in totals if k != "loss")
+        summed = dist.all_sum(torch.tensor([totals[k] for k in keys], dtype=torch.float64)).tolist()
+        totals.update(zip(keys, summed))
     if n_seen == 0:
-        log.warning("epoch %d: fewer than 2 kept rows, nothing to train on", epoch)
+        log.warning("epoch %d: fewer than %d kept rows, nothing to train on", epoch, 2 * dist.world)
     return {"loss": float("nan")} | {k: v / max(n_seen, 1) for k, v in totals.items()} | {"seen": n_seen}

@@ -157,17 +157,44 @@ def correct_prior(cfg: Config, p: Pool, trained: Trained, out: RunPaths, device)
     return trained
 
 
-def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device) -> Trained:
-    """Train with the configured method (resumable), then reload the best validation checkpoint."""
-    from webkd.training.loop import fit, load_checkpoint
+def _fit(cfg: Config, p: Pool, teacher_models: list, out: RunPaths, device, dist):
+    """`training.loop.fit` with this config: (student, method, FitResult)."""
+    from webkd.training.loop import fit
+
+    student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))
+    result = fit(student, teacher_models, method, p, cfg.train, cfg.selection, out, seed=cfg.seed,
+                 device=device, overrides=load_overrides_for(cfg), run_fingerprint=cfg.fingerprint(),
+                 class_names=list(cfg.data.classes) or None, dist=dist)
+    return student, method, result
+
+
+def fit_worker(dist, cfg: Config, out: RunPaths):
+    """One DDP training process (a `--nproc` worker, or a torchrun rank past 0): waits for rank
+    0's pool (`fit_student` holds the same barrier), builds teachers, pool and student, fits."""
+    dist.barrier()
+    teachers = [m for _, m, _ in build_teachers(cfg, str(dist.device))]
+    return _fit(cfg, pool(cfg), teachers, out, dist.device, dist)[2]
+
+
+def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device, dist=None) -> Trained:
+    """Train with the configured method (resumable), then reload the best validation checkpoint.
+    With `train.nproc` > 1, `train.nproc` spawned processes train (DDP, training/distributed.py)
+    and this one reads their best checkpoint; `dist`: this is rank 0 of a torchrun group."""
+    from webkd.training import distributed
+    from webkd.training.loop import load_checkpoint
     from webkd.training.pool import pool_state
 
     teacher_models = [m for _, m, _ in teachers]
-    student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))
     overrides = load_overrides_for(cfg)
-    result = fit(student, teacher_models, method, p, cfg.train, cfg.selection, out, seed=cfg.seed,
-                 device=device, overrides=overrides, run_fingerprint=cfg.fingerprint(),
-                 class_names=list(cfg.data.classes) or None)
+    nproc = dist.world if dist is not None else cfg.train.nproc
+    distributed.check_rows(nproc, int((p.candidates & (p.split == "train")).sum()))
+    if dist is None and nproc > 1:
+        result = distributed.launch(fit_worker, nproc, (cfg, out), cfg.device)
+        student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))
+    else:
+        if dist is not None:
+            dist.barrier()      # the pool is ready: the other ranks build theirs (fit_worker)
+        student, method, result = _fit(cfg, p, teacher_models, out, device, dist or distributed.LOCAL)
     best = load_checkpoint(out.best_checkpoint, device)
     student.load_state_dict(best["student"])
     method.load_state_dict(best["method"])
@@ -305,12 +332,14 @@ def export_student(cfg: Config, p: Pool, trained: Trained, teachers: list, metri
     return exp, out.export_dir / card.name
 
 
-def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None, p: Pool | None = None) -> DistillResult:
+def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None, p: Pool | None = None,
+            dist=None) -> DistillResult:
     """ingest -> features -> index (all incremental) -> fit -> evaluate (test once) -> export.
 
     `out`: where the resolved config, checkpoints, ledgers, metrics and export go (default: the
     run directory; a refresh challenger uses `students/<version>/`). The pool is always read
-    from the run directory (or given as `p`, already built)."""
+    from the run directory (or given as `p`, already built). `dist`: this process is rank 0 of
+    a torchrun group whose other ranks run `fit_worker` (fit only)."""
     t0 = time.time()
     out = out or cfg.paths
     if out == cfg.paths:
@@ -325,7 +354,7 @@ def distill(cfg: Config, curate_first: bool = True, out: RunPaths | None = None,
         features(cfg, teachers=teachers)
         index(cfg, teachers)
     p = p if p is not None else pool(cfg)
-    trained = correct_prior(cfg, p, fit_student(cfg, p, teachers, out, device), out, device)
+    trained = correct_prior(cfg, p, fit_student(cfg, p, teachers, out, device, dist), out, device)
     metrics = evaluate(cfg, p, trained, teachers, device)
     exp, card = export_student(cfg, p, trained, teachers, metrics, out)
     last = trained.fit.history[-1] if trained.fit.history else {}
