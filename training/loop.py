@@ -191,8 +191,10 @@ def _plain(obj: Any) -> Any:
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(_plain(state), tmp)
+    """Saved through a file object: torch.save given a path names the zip's records after that
+    file (here the random temp name), so the same state gave other bytes in every run."""
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
+        torch.save(_plain(state), fh)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
