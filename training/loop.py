@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +184,10 @@ def _plain(obj: Any) -> Any:
         return torch.from_numpy(np.ascontiguousarray(obj))
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, str):   # equal strings one object: pickle's memo (and so the bytes) then
+        return sys.intern(obj)   # does not depend on whether a string was read back from a checkpoint
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {_plain(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_plain(v) for v in obj)
     return obj
