@@ -13,6 +13,7 @@ The best checkpoint is chosen on the validation split only; the test set never e
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import sys
@@ -420,8 +421,9 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
         _write_metrics(paths, history, best_epoch, best_val, identity)
         log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f agreement %.4f", epoch, stats["loss"], len(rows),
                  record["candidates"], scores["val_acc"], scores["val_agreement"])
-    if resumed_from is not None and read_metrics(paths.metrics) is None:   # damaged in a finished run
-        log.warning("%s is damaged: written again from the checkpoint's history", paths.metrics)
+    if resumed_from is not None and not _metrics_match(paths.metrics, history):
+        log.warning("%s is damaged or behind the checkpoint (a run killed between the two writes): "
+                    "written again from the checkpoint's history", paths.metrics)
         _write_metrics(paths, history, best_epoch, best_val, identity)
     return FitResult(history=history, best_epoch=best_epoch, best_val=best_val, paths=paths,
                      resumed_from=resumed_from, seconds=time.time() - t0,
@@ -430,9 +432,16 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
 
 def _write_metrics(paths: RunPaths, history: list[dict[str, Any]], best_epoch: int, best_val: float,
                    identity: dict[str, Any]) -> None:
-    """`metrics.json`: after every epoch, and again when a finished run's copy is damaged."""
+    """`metrics.json`: after every epoch, and again on a resume when the copy is damaged or behind last.pt."""
     atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val,
                                       "trained_on": identity})
+
+
+def _metrics_match(path: Path, history: list[dict[str, Any]]) -> bool:
+    """Whether `metrics.json` holds this history (not damaged, not an epoch behind last.pt)."""
+    m = read_metrics(path)
+    return m is not None and json.dumps(m["history"], sort_keys=True, default=str) == \
+        json.dumps(history, sort_keys=True, default=str)
 
 
 def read_metrics(path: Path) -> dict[str, Any] | None:
