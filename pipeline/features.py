@@ -235,6 +235,9 @@ def merge_features(paths: RunPaths | str | Path, key: str, fingerprint: str, n: 
         log.warning("feature cache %s: no rows to encode", key)
         return FeatureCache(key, fingerprint, np.zeros((0, 0), np.float16), np.zeros((0, 0), np.float16))
     if cached is not None and n_old == n:
+        # shard files still there belong to a merge that completed (its sidecar is written) in a
+        # run killed before it removed them: nothing will read them again
+        clear_shards(paths.root, f"features-{key}")
         return FeatureCache(key, fingerprint, cached.embeddings, cached.logits, computed=0)
     parts = []
     for sh, f in zip(shards, files):

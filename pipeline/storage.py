@@ -18,7 +18,8 @@ at PATH"): large writes check the free space first (`ensure_free_space`), and an
 write is turned into the same line, the temp file removed.
 
 Tests kill a process between two writes with `WEBKD_KILL_AT_WRITE=N` (SIGKILL after the N-th
-completed write or rename made through these helpers).
+completed write or rename made through these helpers), and count them with `WEBKD_WRITE_LOG=PATH`
+(one line "<n>\t<target>" appended per completed write or rename).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from filelock import FileLock, Timeout
 log = logging.getLogger(__name__)
 
 KILL_AT_WRITE = "WEBKD_KILL_AT_WRITE"     # tests: SIGKILL this process after its N-th write
+WRITE_LOG = "WEBKD_WRITE_LOG"             # tests: append "<n>\t<target>" to this file per write
 _writes = 0
 
 
@@ -57,6 +59,9 @@ def _written(target: str | Path = "") -> None:
     called NAME."""
     global _writes
     _writes += 1
+    if os.environ.get(WRITE_LOG):
+        with open(os.environ[WRITE_LOG], "a", encoding="utf-8", errors="backslashreplace") as fh:
+            fh.write(f"{_writes}\t{target}\n")
     at = os.environ.get(KILL_AT_WRITE)
     if not at:
         return

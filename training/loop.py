@@ -15,8 +15,10 @@ The best checkpoint is chosen on the validation split only; the test set never e
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,16 +190,20 @@ def _plain(obj: Any) -> Any:
         return torch.from_numpy(np.ascontiguousarray(obj))
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, str):   # equal strings one object: pickle's memo (and so the bytes) then
+        return sys.intern(obj)   # does not depend on whether a string was read back from a checkpoint
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {_plain(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_plain(v) for v in obj)
     return obj
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(_plain(state), tmp)
+    """Saved through a file object: torch.save given a path names the zip's records after that
+    file (here the random temp name), so the same state gave other bytes in every run."""
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
+        torch.save(_plain(state), fh)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -433,8 +439,9 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
             _write_metrics(paths, history, best_epoch, best_val, identity)
         log.info("epoch %d: loss %.4f kept %d/%d val acc %.4f agreement %.4f", epoch, stats["loss"], len(rows),
                  record["candidates"], scores["val_acc"], scores["val_agreement"])
-    if dist.is_writer and resumed_from is not None and read_metrics(paths.metrics) is None:   # damaged, finished run
-        log.warning("%s is damaged: written again from the checkpoint's history", paths.metrics)
+    if dist.is_writer and resumed_from is not None and not _metrics_match(paths.metrics, history):
+        log.warning("%s is damaged or behind the checkpoint (a run killed between the two writes): "
+                    "written again from the checkpoint's history", paths.metrics)
         _write_metrics(paths, history, best_epoch, best_val, identity)
     return FitResult(history=history, best_epoch=best_epoch, best_val=best_val, paths=paths,
                      resumed_from=resumed_from, seconds=time.time() - t0,
@@ -443,9 +450,16 @@ def fit(student: nn.Module, teachers: list[nn.Module], method: Method, pool: Poo
 
 def _write_metrics(paths: RunPaths, history: list[dict[str, Any]], best_epoch: int, best_val: float,
                    identity: dict[str, Any]) -> None:
-    """`metrics.json`: after every epoch, and again when a finished run's copy is damaged."""
+    """`metrics.json`: after every epoch, and again on a resume when the copy is damaged or behind last.pt."""
     atomic_write_json(paths.metrics, {"history": history, "best_epoch": best_epoch, "best_val": best_val,
                                       "trained_on": identity})
+
+
+def _metrics_match(path: Path, history: list[dict[str, Any]]) -> bool:
+    """Whether `metrics.json` holds this history (not damaged, not an epoch behind last.pt)."""
+    m = read_metrics(path)
+    return m is not None and json.dumps(m["history"], sort_keys=True, default=str) == \
+        json.dumps(history, sort_keys=True, default=str)
 
 
 def read_metrics(path: Path) -> dict[str, Any] | None:

@@ -155,17 +155,39 @@ def judge_challenger(cfg: Config, plan: dict[str, Any], result: DistillResult, p
             "champion_now": registry.load_registry(paths.registry).champion}
 
 
+def _registered_distill(reg, sha: str | None, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest registry entry when it is an explicit distill of these weights and this training
+    state: the same student, registered by a run killed before it had finished promoting it
+    (an older entry with the same weights is left alone: a re-run after a refresh is a new version)."""
+    e = reg.entries[-1] if reg.entries else None
+    if e is not None and sha is not None and e.get("kind") == "distill" and e.get("weights_sha256") == sha \
+            and meta.get("trained_on") is not None and e.get("trained_on") == meta["trained_on"]:
+        return e
+    return None
+
+
 def register_distilled(cfg: Config, result: DistillResult, p: Pool | None = None) -> dict[str, Any]:
     """Version a student trained in the run directory (`distill`): archive its export under
     `students/<version>/`, compare it with the previous champion on the same validation split
     (recorded, not gating: an explicit distill is the user's choice) and make it the champion.
-    Ledgers of epochs beyond this training are removed from `selection/`."""
+    Ledgers of epochs beyond this training are removed from `selection/`. The same student
+    registered last (a re-run after a kill during registration) is promoted again, not copied
+    into a new version."""
     from webkd.training import registry
 
     paths = cfg.paths
     reg = registry.load_registry(paths.registry)
+    sha = registry.weights_sha256(result.export_dir)
+    done = _registered_distill(reg, sha, read_json(result.export_dir / "student.json", default={}) or {})
+    if done is not None:   # this very student is registered: a re-run (after a kill before its promotion
+        log.info("%s is already registered as %s: making it the champion again", result.export_dir,
+                 done["version"])                # was complete) finishes that version, no duplicate
+        registry.promote(paths, done["version"])
+        registry.publish_selection(paths.selection_dir, paths.selection_dir, cfg.train.epochs)
+        return {"version": done["version"], "promoted": True, "decision": done["decision"],
+                **(done.get("validation") or {}), "champion_now": done["version"]}
     # an archive left by a run killed before it registered this very student is reused, not orphaned
-    version = registry.unregistered_version(paths, registry.weights_sha256(result.export_dir))
+    version = registry.unregistered_version(paths, sha)
     if version is None:
         version = registry.allocate_version(paths, reuse=False)
         registry.archive_export(paths, version, result.export_dir)
