@@ -124,6 +124,18 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
                          ["train.method=kd", "selection.mode=none", f"train.method_args={{kd: {{temperature: {t}.0}}}}"])
        for t in (1, 2, 8)},
 }
+# [project] the prior correction (export.prior_correction, training/prior.py): the shipped config turns it on
+# (tau auto); every other row spells it out, off unless the row is a `_pc` row (bench/prior_correction.py
+# computes a `_pc` row from its source row's finished runs: training and checkpoint are the same)
+PC_ON, PC_OFF = "export.prior_correction.tau=auto", "export.prior_correction.tau=0"
+ROWS["default_nopc"] = ("the product default without the prior correction", None, "web", DEFAULT + [PC_OFF])
+ROWS["default"] = (ROWS["default"][0] + " + prior correction", "default", "web", DEFAULT + [PC_ON])
+for _src in ("vanilla_kd", "random_selection", "kd_disc50", "function_matching"):
+    _label, _, _base, _over = ROWS[_src]
+    ROWS[f"{_src}_pc"] = (f"{_label} + prior correction", None, _base, _over + [PC_ON])
+for _name, (_label, _role, _base, _over) in list(ROWS.items()):
+    if not any(o.startswith("export.prior_correction") for o in _over):
+        ROWS[_name] = (_label, _role, _base, _over + [PC_OFF])
 DEFAULT_ROWS = ["upper_bound", "vanilla_kd", "function_matching", "paper_kd3", "default", "random_selection"]
 # the random row copies the kept share of the product's selection; while the default selects
 # nothing (mode none) it copies the first of these rows that does select
@@ -326,6 +338,25 @@ def table(results: dict[str, list[dict]], rows: list[str]) -> str:
     return "\n".join(lines)
 
 
+# the issue's comparisons, and the same at equal prior correction (both rows with it, or both without)
+PAIRS = [("default", "vanilla_kd"), ("default", "vanilla_kd_pc"), ("default_nopc", "vanilla_kd"),
+         ("default", "random_selection"), ("default", "random_selection_pc"), ("default_nopc", "random_selection")]
+
+
+def paired(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per-seed differences (points of CIFAR-10 test) over the seeds both rows have."""
+    out = {}
+    for a, b in PAIRS:
+        ra = {r["seed"]: r["test_acc"] for r in results.get(a, [])}
+        rb = {r["seed"]: r["test_acc"] for r in results.get(b, [])}
+        seeds = sorted(set(ra) & set(rb))
+        if seeds:
+            d = [100 * (ra[s] - rb[s]) for s in seeds]
+            out[f"{a} - {b}"] = {"seeds": seeds, "per_seed": [round(x, 2) for x in d], "mean": round(float(np.mean(d)), 2),
+                                 "spread": round(float(np.std(d, ddof=1)) if len(d) > 1 else 0.0, 2)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -348,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
           + f"; seeds {args.seeds}; epochs {args.epochs}; pool {args.pool_size}; total {(time.time() - t_all) / 60:.0f} min")
     command = " ".join(["python", "bench/cifar_tinyimagenet.py"] + argv)
     out = summarize(results, rows, {r: ROWS[r][1] for r in rows}, command)
+    out["comparisons"] = paired(results)
+    for name, c in out["comparisons"].items():
+        print(f"{name}: {c['mean']:+.2f} points (per seed {', '.join(f'{d:+.2f}' for d in c['per_seed'])})")
     out["teacher"] = {k: t_metrics.get(k) for k in ("test_acc", "val_acc", "parameters")}
     out["settings"] = {"pool_size": args.pool_size, "epochs": args.epochs, "batch_size": args.batch_size,
                        "test_size": args.test_size or 10000}

@@ -126,6 +126,21 @@ ROWS = {
     "kd_rand50": ("vanilla KD, a fixed random 50% of the candidates", ["train.method=kd", NO_ARGS,
                                                                       "selection.mode=random", "selection.random_keep=0.5"]),
 }
+# [project] vanilla KD with the shipped soft relevance weights (issue 11, 2026-12-02)
+ROWS["kd_soft"] = ("vanilla KD, soft relevance weights (query prior + 0.25 energy, w_min 0.5)",
+                   ["train.method=kd", NO_ARGS] + ROWS["soft_default"][1][2:])
+# [project] the prior correction (export.prior_correction, training/prior.py): `_pc` rows turn it on (tau auto,
+# chosen on class-balanced validation agreement); every other row spells it out as off
+PC_ON, PC_OFF = "export.prior_correction.tau=auto", "export.prior_correction.tau=0"
+for _src in ("kd", "kd_soft", "kd3p_nosel"):
+    ROWS[f"{_src}_pc"] = (ROWS[_src][0] + " + prior correction", ROWS[_src][1] + [PC_ON])
+# the shipped fashion_web.yaml turns the correction on: `soft_default` is the recipe with it (the runs of
+# 2026-12-02 recorded it as `soft_default_pc`), `soft_nopc` the same recipe without it
+ROWS["soft_nopc"] = (ROWS["soft_default"][0] + ", without the prior correction", ROWS["soft_default"][1] + [PC_OFF])
+ROWS["soft_default"] = (ROWS["soft_default"][0] + " + prior correction", ROWS["soft_default"][1] + [PC_ON])
+for _name, (_label, _over) in list(ROWS.items()):
+    if not any(o.startswith("export.prior_correction") for o in _over):
+        ROWS[_name] = (_label, _over + [PC_OFF])
 DEFAULT_ROWS = ["kd_fmnist", "kd", "kd3", "kd3_nosel", "kd3_nomd", "ce", "kd3p", "kd3p_nosel", "kd3p_nomd", "soft_default"]
 CURATED = ["manifest.parquet", "quarantine.parquet", "ingest_state.parquet", "pixels", "features", "index", "test"]
 
@@ -226,6 +241,9 @@ def main() -> None:
                    "teacher_test_acc": res.teacher_test_acc,
                    "teacher_val_acc": res.teacher_val_acc, "kept": res.kept, "candidates": res.candidates,
                    "best_epoch": res.best_epoch, "seconds": time.time() - t0, "parameters": res.parameters}
+            final = json.loads((run_dir / "metrics.json").read_text()).get("final", {})
+            rec.update({k: final[k] for k in ("prior_tau", "test_acc_uncorrected", "val_balanced_agreement",
+                                              "val_balanced_agreement_uncorrected") if k in final})
             results[row].append(rec)
             print(f"[{row} seed {seed}] test {res.test_acc:.4f} val {res.val_acc:.4f} kept {res.kept}/{res.candidates} "
                   f"({rec['seconds']:.0f}s)", flush=True)

@@ -157,7 +157,7 @@ def run_demo(data_dir: str | Path | None = None, out: str | Path = "runs/demo", 
               f"teachers.0.weights={weights}", f"train.epochs={epochs}", "data.image_size=28"]
     kd3_over = common + [f"run_dir={out / 'kd3'}"]
     kd_over = common + [f"run_dir={out / 'kd_baseline'}", "train.method=kd", "selection.mode=none",
-                        "train.method_args={}"]
+                        "train.method_args={}", "export.prior_correction.tau=0"]   # plain vanilla KD
     cfg = load_config(CONFIG, kd3_over)
     if use_flows:
         from webkd.flows.curate import curate_flow, run_flow
@@ -201,7 +201,9 @@ def describe_student(cfg) -> str:
     sel = {"none": "no instance selection", "teacher": "teacher-only selection", "kd3": "KD^3 instance selection",
            "soft": "soft relevance weights", "balanced": "class-balanced relevance budgets",
            "random": "a random subset"}.get(cfg.selection.mode, f"selection {cfg.selection.mode}")
-    return f"student, {name}, {sel} (curated pool)"
+    pc = cfg.export.prior_correction.tau
+    fix = f", prior correction (tau {pc})" if pc not in (0, 0.0) else ""
+    return f"student, {name}, {sel}{fix} (curated pool)"
 
 
 def format_demo(result: dict[str, Any]) -> str:
