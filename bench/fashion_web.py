@@ -185,6 +185,8 @@ def main() -> None:
                     help="train.steps_per_epoch of every row (the same step budget whatever each row keeps)")
     ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config overrides for every run")
     ap.add_argument("--tag", default="", help="suffix for run directories and the results file (ablations)")
+    ap.add_argument("--merge-from", type=Path, nargs="*", default=[],
+                    help="with --summary-only: more results files of the same pool and settings (other --tag runs)")
     ap.add_argument("--summary-only", action="store_true",
                     help=f"only rewrite {SUMMARY.relative_to(ROOT)} from the recorded results file")
     args = ap.parse_args()
@@ -192,8 +194,8 @@ def main() -> None:
     cfg_path = ROOT / "flows" / "configs" / "fashion_web.yaml"
     t_all = time.time()
     if args.summary_only:
-        write_summary(json.loads((OUT / f"results{'_tiny' if args.tiny_clothing else ''}{args.tag}.json")
-                                 .read_text())["results"], rows, args.tiny_clothing)
+        files = [OUT / f"results{'_tiny' if args.tiny_clothing else ''}{args.tag}.json", *args.merge_from]
+        write_summary(merged([json.loads(f.read_text())["results"] for f in files]), rows, args.tiny_clothing)
         return
 
     pool_tag = "_tiny" if args.tiny_clothing else ""
@@ -272,12 +274,34 @@ def main() -> None:
           f"total {(time.time() - t_all) / 60:.0f} min")
 
 
+# runs recorded under an earlier name of their row
+ALIASES = {"soft_default_pc": "soft_default"}
+
+
+def merged(parts: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Per-row records from several results files (the first record of a row and seed wins), rows
+    renamed by ALIASES; a corrected run's `test_acc_uncorrected` is also the record of its row without
+    the correction (`soft_default` -> `soft_nopc`: the same trained student, tau 0)."""
+    out: dict[str, list[dict]] = {}
+    for results in parts:
+        for row, recs in results.items():
+            row = ALIASES.get(row, row)
+            have = {r["seed"] for r in out.get(row, [])}
+            out.setdefault(row, []).extend(r for r in recs if r["seed"] not in have)
+    have = {r["seed"] for r in out.get("soft_nopc", [])}
+    out.setdefault("soft_nopc", []).extend(
+        {**r, "test_acc": r.get("test_acc_uncorrected", r["test_acc"]), "post_hoc_from": "soft_default"}
+        for r in out.get("soft_default", []) if "prior_tau" in r and r["seed"] not in have)   # tau 0: the same
+    return out
+
+
 def write_summary(results: dict[str, list[dict]], rows: list[str], tiny: bool = False) -> None:
-    """bench/results/fashion_web.json (bench/summary.py's shape) from the per-run records; the pool
-    with the Tiny ImageNet clothing queries writes fashion_web_tiny.json."""
+    """bench/results/fashion_web.json (bench/summary.py's shape) from the per-run records of the pool
+    with the Tiny ImageNet clothing queries (the benchmark's scenario since 2026-12-02); the smaller
+    pool without them (the demo's) writes fashion_web_small.json."""
     command = " ".join(["python", "bench/fashion_web.py"] + sys.argv[1:])
     out = summarize(results, rows, {r: ROLES.get(r) for r in rows}, command)
-    path = SUMMARY.with_name("fashion_web_tiny.json") if tiny else SUMMARY
+    path = SUMMARY if tiny else SUMMARY.with_name("fashion_web_small.json")
     atomic_write_json(path, out)
     print(f"summary: {path}")
 

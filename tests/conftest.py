@@ -82,6 +82,33 @@ def write_query_folder(root: Path, images: np.ndarray, labels: np.ndarray, class
     return out
 
 
+def clothing_web(root: Path, clothing: datasets.ImageSet, per_query: dict[str, int], seed: int) -> Path:
+    """Real clothing photos as <root>/web/<query>/c<i>.jpg, `per_query[q]` drawn (seeded) from query q."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, n in per_query.items():
+        k = clothing.class_names.index(name)
+        for i in rng.choice(np.flatnonzero(clothing.labels == k), n, replace=False):
+            p = root / "web" / name / f"c{i}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(clothing.images[i]).save(p, quality=90)
+    return root / "web"
+
+
+def tiny_teacher(root: Path, num_classes: int) -> Path:
+    """An untrained `cnn_small` width-8 teacher (seed 0) saved as <root>/teacher.safetensors."""
+    import torch
+
+    from webkd.pipeline.config import ModelSpec, PreprocessSpec
+    from webkd.training.models import build_model, save_weights
+
+    torch.manual_seed(0)
+    teacher = build_model(ModelSpec(name="cnn_small", kwargs={"width": 8}, preprocess=PreprocessSpec(size=32)),
+                          num_classes=num_classes)
+    return save_weights(teacher, root / "teacher.safetensors")
+
+
 @pytest.fixture
 def query_folder_factory(tmp_path):
     def make(images, labels, class_names, name="web", fmt="JPEG", prefix="img"):

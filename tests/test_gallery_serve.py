@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
 
+from conftest import clothing_web, tiny_teacher
 from test_gallery import text
 from test_gallery import browser  # noqa: F401 (the fixture, shared)
 from webkd.selection.overrides import load_entries, load_labels
@@ -37,23 +36,9 @@ def _env():
 def distilled(tmp_path_factory, clothing):
     """A real `webkd curate --no-flow` run (ingest, teacher features, FAISS index, teacher selection,
     gallery) on 72 real photos (5 classes + an off-class query)."""
-    import torch
-
-    from webkd.pipeline.config import ModelSpec, PreprocessSpec
-    from webkd.training.models import build_model, save_weights
-
     root = tmp_path_factory.mktemp("review")
-    rng = np.random.default_rng(0)
-    for name in CLASSES + ["hat"]:
-        k = clothing.class_names.index(name)
-        for i in rng.choice(np.flatnonzero(clothing.labels == k), 12, replace=False):
-            p = root / "web" / name / f"c{i}.jpg"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(clothing.images[i]).save(p, quality=90)
-    torch.manual_seed(0)
-    teacher = build_model(ModelSpec(name="cnn_small", kwargs={"width": 8}, preprocess=PreprocessSpec(size=32)),
-                          num_classes=len(CLASSES))
-    save_weights(teacher, root / "teacher.safetensors")
+    clothing_web(root, clothing, {name: 12 for name in CLASSES + ["hat"]}, seed=0)
+    tiny_teacher(root, len(CLASSES))
     cfg = {"name": "review", "seed": 3,
            "data": {"sources": [f"folder:{root / 'web'}"], "classes": CLASSES, "image_size": 32, "val_fraction": 0.2},
            "teachers": [{"key": "t", "name": "cnn_small", "kwargs": {"width": 8},

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import clothing_web, tiny_teacher
 from webkd.training import prior
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,23 +89,9 @@ def test_prior_corrected_module_adds_the_offset_and_keeps_the_base_weights():
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corrected_run(tmp_path_factory, clothing):
-    from PIL import Image
-
-    from webkd.pipeline.config import ModelSpec, PreprocessSpec
-    from webkd.training.models import build_model, save_weights
-
     root = tmp_path_factory.mktemp("prior")
-    rng = np.random.default_rng(1)
-    for name, n in zip(CLASSES, (40, 10, 10, 30, 10)):       # a skewed pool
-        k = clothing.class_names.index(name)
-        for i in rng.choice(np.flatnonzero(clothing.labels == k), n, replace=False):
-            p = root / "web" / name / f"c{i}.jpg"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(clothing.images[i]).save(p, quality=90)
-    torch.manual_seed(0)
-    teacher = build_model(ModelSpec(name="cnn_small", kwargs={"width": 8}, preprocess=PreprocessSpec(size=32)),
-                          num_classes=len(CLASSES))
-    save_weights(teacher, root / "teacher.safetensors")
+    clothing_web(root, clothing, dict(zip(CLASSES, (40, 10, 10, 30, 10))), seed=1)   # a skewed pool
+    tiny_teacher(root, len(CLASSES))
     cfg = {"name": "prior", "seed": 0,
            "data": {"sources": [f"folder:{root / 'web'}"], "classes": CLASSES, "image_size": 32, "val_fraction": 0.25},
            "teachers": [{"key": "t", "name": "cnn_small", "kwargs": {"width": 8},
