@@ -166,3 +166,33 @@ def test_a_warm_start_from_a_corrected_export_reads_the_plain_weights(corrected_
     assert r.returncode == 0, r.stdout + r.stderr
     meta = json.loads((run2 / "export" / "student.json").read_text())
     assert "prior_correction" not in meta
+
+
+class _Pool:
+    """What prior.correct reads of a training.pool.Pool."""
+
+    def __init__(self, logits, candidates, val_rows, size=8):
+        self.teacher_logits, self.candidates = logits, np.asarray(candidates)
+        self.validation_rows = np.asarray(val_rows, dtype=np.int64)
+        self.pixels = np.zeros((len(candidates), size, size, 3), np.uint8)
+
+    def __len__(self):
+        return len(self.candidates)
+
+
+def test_correct_without_ledger_rows_or_teacher_logits_says_so(caplog):
+    from types import SimpleNamespace
+
+    base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    cfg = SimpleNamespace(tau=1.0, taus=[], target="uniform")
+    logits = np.log(np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.5, 0.5]]))
+    pool = _Pool(logits, [True, True, True, False], [3])
+    with caplog.at_level("WARNING"):
+        deployed, choice = prior.correct(base, pool, [], cfg, torch.device("cpu"))
+    assert "every training candidate" in caplog.text
+    np.testing.assert_allclose(choice.prior, [1.9 / 3, 1.1 / 3])   # the three candidates, once each
+    assert isinstance(deployed, prior.PriorCorrected)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        same, none = prior.correct(base, _Pool(None, [True], []), [], cfg, torch.device("cpu"))
+    assert same is base and none is None and "exported uncorrected" in caplog.text

@@ -20,6 +20,7 @@ predicted "Sandal", no coat recognised). The target, the teacher's own task, is 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 PRIOR_FLOOR = 1e-4   # no class is taken rarer than this (log pi stays finite)
 BASE = "base."       # the wrapped module's key prefix in the export's weights
@@ -149,12 +152,21 @@ def correct(deployed: nn.Module, pool, ledgers: Sequence[Path], cfg, device: tor
     """(the module to deploy, the choice) for `export.prior_correction` `cfg` (tau 0: `deployed`
     unchanged, no choice). `pool` is the run's training.pool.Pool; `ledgers` the run's decision
     ledgers up to the last epoch trained."""
-    if cfg.tau == 0 or pool.teacher_logits is None:
+    if cfg.tau == 0:
+        return deployed, None
+    if pool.teacher_logits is None:
+        log.warning("export.prior_correction: no teacher logits over the run's classes (teachers of other tasks, "
+                    "or no feature cache): the student is exported uncorrected")
         return deployed, None
     from webkd.training.loop import predict_logits
 
     K = pool.teacher_logits.shape[1]
-    prior = trained_prior(pool.teacher_logits, ledger_mass(ledgers, len(pool)))
+    mass = ledger_mass(ledgers, len(pool))
+    if mass.sum() <= 0:   # no ledger rows (none written yet): every training candidate once
+        log.warning("export.prior_correction: the ledgers name no trained rows; the prior is taken over every "
+                    "training candidate")
+        mass = np.asarray(pool.candidates, dtype=np.float64)
+    prior = trained_prior(pool.teacher_logits, mass)
     target = target_prior(cfg.target, K)
     rows = pool.validation_rows
     if cfg.tau == "auto" and not len(rows):
