@@ -202,7 +202,7 @@ def describe_student(cfg) -> str:
            "soft": "soft relevance weights", "balanced": "class-balanced relevance budgets",
            "random": "a random subset"}.get(cfg.selection.mode, f"selection {cfg.selection.mode}")
     pc = cfg.export.prior_correction.tau
-    fix = f", prior correction (tau {pc})" if pc not in (0, 0.0) else ""
+    fix = f", prior correction (tau {pc})" if pc != 0 else ""
     return f"student, {name}, {sel}{fix} (curated pool)"
 
 

@@ -273,14 +273,15 @@ def load_student(export_dir: str | Path, device: str | torch.device = "cpu") -> 
     owner = next((cls for cls in METHODS.values() if cls.deploy_head == head), None)
     if owner is None:
         raise ValueError(f"unknown deployed head {head!r} in {export_dir / META}")
+    from safetensors.torch import load_file
+
+    from webkd.training.prior import PriorCorrected, unwrap_state
+
     model = owner.load_deployed(student, meta)
-    missing, unexpected = model.load_state_dict(_weights(export_dir), strict=False)
+    state = load_file(str(export_dir / WEIGHTS))
+    missing, unexpected = model.load_state_dict(unwrap_state(state), strict=False)
     if (meta.get("prior_correction") or {}).get("tau"):   # training/prior.py: logits + the stored offset
-        from safetensors.torch import load_file
-
-        from webkd.training.prior import PriorCorrected
-
-        model = PriorCorrected(model, load_file(str(export_dir / WEIGHTS))["logit_offset"])
+        model = PriorCorrected(model, state["logit_offset"])
     if missing or unexpected:
         raise ValueError(f"export weights do not match the rebuilt model: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval()

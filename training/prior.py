@@ -29,17 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from webkd.selection.scores import softmax
+
 log = logging.getLogger(__name__)
 
 PRIOR_FLOOR = 1e-4   # no class is taken rarer than this (log pi stays finite)
 BASE = "base."       # the wrapped module's key prefix in the export's weights
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def ledger_mass(ledgers: Sequence[Path], num_rows: int) -> np.ndarray:
