@@ -187,7 +187,7 @@ def fit_student(cfg: Config, p: Pool, teachers: list, out: RunPaths, device, dis
     teacher_models = [m for _, m, _ in teachers]
     overrides = load_overrides_for(cfg)
     nproc = dist.world if dist is not None else cfg.train.nproc
-    distributed.check_rows(nproc, int((p.candidates & (p.split == "train")).sum()))
+    distributed.check_rows(nproc, int(p.candidates.sum()))   # candidates: train split, status ok
     if dist is None and nproc > 1:
         result = distributed.launch(fit_worker, nproc, (cfg, out), cfg.device)
         student, method = build_student_and_method(cfg, teacher_models, sample_batch(p))
