@@ -7,7 +7,7 @@ from the run's own ledgers. So a finished run's corrected student is the one `we
 recorded run directory and records it as a row of its own (ROW_PC below), read once on the test set:
 
     .venv/bin/python bench/prior_correction.py bench/out/c4a bench/out/c7c ...      # cifar-tinyimagenet
-    .venv/bin/python bench/prior_correction.py --bench fashion_web bench/out/fashion_web/results_x.json
+    .venv/bin/python bench/prior_correction.py --run-format "{row}_tinypcb_s{seed}" bench/out/fashion_web/results_tinypcb.json
 
 Every folder's results.json (or the given results file) gains, for each recorded run of a row in
 ROW_PC, a record under ROW_PC[row] with `post_hoc_from` naming its source (resumable: a record
