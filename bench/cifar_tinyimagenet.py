@@ -110,11 +110,17 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
     # with the student in the loop (kd_qdisc: the web query says what is relevant, the student what is still to
     # learn), and all three (kd_eqdisc)
     **{f"kd_{name}{int(100 * k)}": (f"vanilla KD, balanced budgets keep {k:g}, {label}", None, "web", KD + bal(k, **w))
-       for k in (0.1, 0.25, 0.5) for name, label, w in (
+       for k in (0.1, 0.15, 0.25, 0.5) for name, label, w in (
            ("eq", "energy + query prior", {"ood": 1.0, "query": 1.0}),
            ("qdisc", "query prior + teacher-student discrepancy", {"query": 1.0, "disc": 1.0}),
            ("q2disc", "query prior x2 + teacher-student discrepancy", {"query": 2.0, "disc": 1.0}),
            ("eqdisc", "energy + query prior + teacher-student discrepancy", {"ood": 1.0, "query": 1.0, "disc": 1.0}))},
+    # [project] the default's relevance with budgets shared out by m_c^beta instead of the share of each
+    # pseudo-class (selection.budget.class_power): beta 0 the same count for every pseudo-class (the kept set
+    # no longer inherits the teacher's class mix on the pool: frog 9,659 vs horse 2,817 candidates), 0.5 between
+    **{f"kd_qdisc25_{tag}": (f"vanilla KD, keep 0.25 by query prior + KL(p_T||p_S), budgets ~ m_c^{b:g} ({label})",
+                             None, "web", DEFAULT + [f"selection.budget.class_power={b}"])
+       for tag, b, label in (("eq", 0.0, "the same count per pseudo-class"), ("sqrt", 0.5, "square root"))},
     # fixed random subsets of a stated share (selection.random_seed = the run's seed)
     **{f"random_{int(100 * k)}": (f"vanilla KD, a fixed random {k:g} of the candidates", None, "web",
                                   ["train.method=kd", NO_ARGS, "selection.mode=random", f"selection.random_keep={k}"])
@@ -130,7 +136,8 @@ ROWS: dict[str, tuple[str, str | None, str, list[str]]] = {
 PC_ON, PC_OFF = "export.prior_correction.tau=auto", "export.prior_correction.tau=0"
 ROWS["default_nopc"] = ("the product default without the prior correction", None, "web", DEFAULT + [PC_OFF])
 ROWS["default"] = (ROWS["default"][0] + " + prior correction", "default", "web", DEFAULT + [PC_ON])
-for _src in ("vanilla_kd", "random_selection", "kd_disc50", "function_matching"):
+for _src in ("vanilla_kd", "random_selection", "kd_disc50", "function_matching", "kd_qdisc25_eq", "kd_qdisc25_sqrt",
+             "kd_qdisc10", "kd_qdisc15"):
     _label, _, _base, _over = ROWS[_src]
     ROWS[f"{_src}_pc"] = (f"{_label} + prior correction", None, _base, _over + [PC_ON])
 for _name, (_label, _role, _base, _over) in list(ROWS.items()):

@@ -252,6 +252,13 @@ class BudgetConfig(_Section):
     cap_median: float | None = Field(
         2.0, gt=0.0, description="cap = ceil(cap_median x the median of ceil(q m_c) over classes with "
                                  "candidates); None: no relative cap")
+    class_power: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="beta: 1 keeps ceil(keep m_c) per class (the share of each class, capped as above); "
+                    "below 1 the total ceil(keep sum m_c) is shared out in proportion to m_c^beta, water-filled "
+                    "(a class with fewer candidates than its share keeps them all, the rest goes to the others): "
+                    "0 gives every pseudo-class the same count, whatever the teacher's class mix on the pool "
+                    "(cap_median is then not used; max_per_class still is)")
     refresh: bool = Field(
         False, description="group by the mixed teacher/student argmax at each reselection (alpha floored at "
                            "refresh_alpha_min) instead of the teacher's top-1; relevance stays the teacher's")

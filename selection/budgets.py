@@ -10,7 +10,10 @@ count-based thresholds, ../notes and BENCHMARKS.md's fashion-web section):
   n_c = min(m_c, max(min_per_class, min(ceil(q m_c), cap))),
   cap = min(max_per_class, ceil(cap_median * median{ceil(q m_c) : m_c > 0})) (each optional),
   so a class with candidates is never emptied (min_per_class >= 1) and a catch-all class cannot
-  take the pool; within a class the n_c highest R are kept, ties to the lower row;
+  take the pool; within a class the n_c highest R are kept, ties to the lower row. With
+  budget.class_power beta < 1 the same total is shared out in proportion to m_c^beta instead
+  (`shared_budgets`; beta 0: the same count for every pseudo-class, so the kept set does not
+  inherit the teacher's class mix on the pool);
 - soft weights: u = average-rank percentile of R in [0, 1] among the eligible candidates (over
   the pool, or within the pseudo-class with soft.per_class), w = w_min + (1 - w_min) u^power,
   non-decreasing in R.
@@ -30,6 +33,8 @@ def class_budgets(groups: np.ndarray, eligible: np.ndarray, num_classes: int, cf
     """(K,) int64 n_c, the number of rows kept per pseudo-class (see the module docstring)."""
     m = np.bincount(np.asarray(groups, dtype=np.int64)[np.asarray(eligible, dtype=bool)],
                     minlength=num_classes)[:num_classes]
+    if cfg.class_power < 1.0:
+        return shared_budgets(m, cfg)
     want = np.array([math.ceil(cfg.keep * int(c) - 1e-9) for c in m], dtype=np.int64)  # ceil(q m_c)
     cap = np.iinfo(np.int64).max
     if cfg.max_per_class is not None:
@@ -83,3 +88,33 @@ def soft_weights(u: np.ndarray, cfg: SoftConfig) -> np.ndarray:
     u = np.asarray(u, dtype=np.float64)
     w = cfg.w_min + (1.0 - cfg.w_min) * np.power(np.clip(np.nan_to_num(u, nan=0.0), 0.0, 1.0), cfg.power)
     return np.where(np.isnan(u), 0.0, w)
+
+
+def shared_budgets(m: np.ndarray, cfg: BudgetConfig) -> np.ndarray:
+    """(K,) int64 n_c for budget.class_power beta < 1: the total B = ceil(keep sum m_c) shared out in
+    proportion to m_c^beta and water-filled, n_c = min(m_c, cap, max(min_per_class, ceil(s m_c^beta)))
+    with the smallest s whose budgets reach B (or every candidate, when the caps leave less than B).
+    beta 0 gives every class with candidates the same count L = s, except those with fewer than L
+    (they keep all theirs and the others share what they leave). Monotone in s, so found by bisection;
+    exact, deterministic, and never more than B + (number of classes) rows."""
+    m = np.asarray(m, dtype=np.int64)
+    total = math.ceil(cfg.keep * int(m.sum()) - 1e-9)
+    cap = m if cfg.max_per_class is None else np.minimum(m, cfg.max_per_class)
+    base = np.where(m > 0, np.power(np.maximum(m, 1).astype(np.float64), cfg.class_power), 0.0)
+
+    def at(scale: float) -> np.ndarray:
+        want = np.ceil(scale * base - 1e-9).astype(np.int64)
+        return np.minimum(cap, np.maximum(np.minimum(cfg.min_per_class, m), want))
+
+    if int(at(float(m.max(initial=0)) + 1.0).sum()) <= total:  # the caps bind everywhere: keep what they allow
+        return at(float(m.max(initial=0)) + 1.0)
+    lo, hi = 0.0, float(m.max(initial=0)) + 1.0      # at(hi) reaches the total, at(lo) may not
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if int(at(mid).sum()) >= total:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-9:
+            break
+    return at(hi)

@@ -137,6 +137,43 @@ def test_class_budgets_formula():
     assert bud.class_budgets(groups, el, 4, BudgetConfig(keep=0.3, min_per_class=1, cap_median=None))[0] == 30
 
 
+def test_shared_budgets_equal_counts_water_filled():
+    """class_power 0: the same total as keep x candidates, one count L for every class that has more
+    than L, all of a class that has fewer (what it leaves goes to the others)."""
+    groups = np.repeat(np.arange(5), [1000, 400, 100, 20, 0])
+    el = np.ones(len(groups), bool)
+    b = bud.class_budgets(groups, el, 5, BudgetConfig(keep=0.25, class_power=0.0))
+    total = math.ceil(0.25 * len(groups))
+    np.testing.assert_array_equal(b[2:], [100, 20, 0])             # the small classes keep all they have
+    assert b[0] == b[1] and total <= b.sum() <= total + 5        # the large ones share the rest equally
+    assert b[0] == math.ceil((total - 120) / 2)
+    # class_power 1 is the proportional rule, unchanged; 0.5 lies between (monotone in m_c, same total)
+    assert (bud.class_budgets(groups, el, 5, BudgetConfig(keep=0.25, class_power=1.0, cap_median=None))
+            == [250, 100, 25, 10, 0]).all()              # (10: the default min_per_class)
+    h = bud.class_budgets(groups, el, 5, BudgetConfig(keep=0.25, class_power=0.5))
+    assert h[0] > h[1] > h[2] > h[3] and 250 > h[0] > b[0] and total <= h.sum() <= total + 5
+    # ineligible rows do not count; an absolute cap leaves fewer than the total when it binds everywhere
+    el2 = el & (groups != 0)
+    assert bud.class_budgets(groups, el2, 5, BudgetConfig(keep=0.25, class_power=0.0))[0] == 0
+    c = bud.class_budgets(groups, el, 5, BudgetConfig(keep=0.9, class_power=0.0, max_per_class=50))
+    np.testing.assert_array_equal(c, [50, 50, 50, 20, 0])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_shared_budgets_reach_the_total_and_keep_the_floor(seed):
+    rng = np.random.default_rng(100 + seed)
+    k = int(rng.integers(2, 12))
+    groups = rng.integers(0, k, int(rng.integers(5, 3000))) ** int(rng.integers(1, 3)) % k  # skewed
+    el = rng.random(len(groups)) < 0.9
+    cfg = BudgetConfig(keep=float(rng.uniform(0.01, 1)), class_power=float(rng.choice([0.0, 0.3, 0.5])),
+                       min_per_class=int(rng.integers(1, 20)))
+    b = bud.class_budgets(groups, el, k, cfg)
+    m = np.bincount(groups[el], minlength=k)
+    assert (b <= m).all() and (b[m > 0] >= np.minimum(cfg.min_per_class, m[m > 0])).all()
+    total = math.ceil(cfg.keep * m.sum() - 1e-9)
+    assert total <= b.sum() <= total + k + k * cfg.min_per_class
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_budgets_never_empty_a_class_with_candidates(seed):
     rng = np.random.default_rng(seed)
