@@ -137,7 +137,7 @@ PC_ON, PC_OFF = "export.prior_correction.tau=auto", "export.prior_correction.tau
 ROWS["default_nopc"] = ("the product default without the prior correction", None, "web", DEFAULT + [PC_OFF])
 ROWS["default"] = (ROWS["default"][0] + " + prior correction", "default", "web", DEFAULT + [PC_ON])
 for _src in ("vanilla_kd", "random_selection", "kd_disc50", "function_matching", "kd_qdisc25_eq", "kd_qdisc25_sqrt",
-             "kd_qdisc10", "kd_qdisc15"):
+             "kd_qdisc10", "kd_qdisc15", "random_25"):
     _label, _, _base, _over = ROWS[_src]
     ROWS[f"{_src}_pc"] = (f"{_label} + prior correction", None, _base, _over + [PC_ON])
 for _name, (_label, _role, _base, _over) in list(ROWS.items()):
@@ -310,9 +310,14 @@ def run_rows(args, weights: Path, paths: dict[str, Path]) -> dict[str, list[dict
     return results
 
 
+UNCORRECTED_TWIN = {"default": "default_nopc"}
+
+
 def recorded(args, weights: Path) -> dict[str, list[dict]]:
     """The runs recorded in --out and the --merge-from folders under this invocation's settings
-    (one record per row and seed, --out first)."""
+    (one record per row and seed, --out first). A run of a prior-corrected row (`X_pc`, `default`)
+    also gives its uncorrected twin (`X`, `default_nopc`) for its seed, from the run's
+    metrics.json `test_acc_uncorrected`, unless the twin has a run of its own for that seed."""
     settings = {k: (str(weights.resolve()) if k == "teacher" else vars(args)[k]) for k in SAME}
     out: dict[str, list[dict]] = {}
     for folder in [args.out, *args.merge_from]:
@@ -325,6 +330,12 @@ def recorded(args, weights: Path) -> dict[str, list[dict]]:
         for row, runs in rec["results"].items():
             have = {r["seed"] for r in out.get(row, [])}
             out.setdefault(row, []).extend(r for r in runs if r["seed"] not in have)
+            twin = UNCORRECTED_TWIN.get(row, row[:-3] if row.endswith("_pc") else None)
+            for r in runs:   # a corrected run is also its uncorrected twin's run: same training, same checkpoint
+                m = read_json(folder / f"{row}_s{r['seed']}" / "metrics.json", {}).get("final") or {}
+                if twin in ROWS and m.get("test_acc_uncorrected") is not None and \
+                        all(x["seed"] != r["seed"] for x in out.get(twin, [])):
+                    out.setdefault(twin, []).append({**r, "test_acc": m["test_acc_uncorrected"], "uncorrected_of": row})
     return out
 
 
@@ -347,7 +358,8 @@ def table(results: dict[str, list[dict]], rows: list[str]) -> str:
 
 # the issue's comparisons, and the same at equal prior correction (both rows with it, or both without)
 PAIRS = [("default", "vanilla_kd"), ("default", "vanilla_kd_pc"), ("default_nopc", "vanilla_kd"),
-         ("default", "random_selection"), ("default", "random_selection_pc"), ("default_nopc", "random_selection")]
+         ("default", "random_selection"), ("default", "random_selection_pc"), ("default_nopc", "random_selection"),
+         ("default", "random_25"), ("default", "random_25_pc"), ("default_nopc", "random_25")]
 
 
 def paired(results: dict[str, list[dict]]) -> dict[str, dict]:
