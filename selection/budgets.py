@@ -96,7 +96,7 @@ def shared_budgets(m: np.ndarray, cfg: BudgetConfig) -> np.ndarray:
     with the smallest s whose budgets reach B (or every candidate, when the caps leave less than B).
     beta 0 gives every class with candidates the same count L = s, except those with fewer than L
     (they keep all theirs and the others share what they leave). Monotone in s, so found by bisection;
-    exact, deterministic, and never more than B + (number of classes) rows."""
+    deterministic; at most B + K rows above the min_per_class floors (ceil rounds each class up)."""
     m = np.asarray(m, dtype=np.int64)
     total = math.ceil(cfg.keep * int(m.sum()) - 1e-9)
     cap = m if cfg.max_per_class is None else np.minimum(m, cfg.max_per_class)
@@ -106,9 +106,10 @@ def shared_budgets(m: np.ndarray, cfg: BudgetConfig) -> np.ndarray:
         want = np.ceil(scale * base - 1e-9).astype(np.int64)
         return np.minimum(cap, np.maximum(np.minimum(cfg.min_per_class, m), want))
 
-    if int(at(float(m.max(initial=0)) + 1.0).sum()) <= total:  # the caps bind everywhere: keep what they allow
-        return at(float(m.max(initial=0)) + 1.0)
-    lo, hi = 0.0, float(m.max(initial=0)) + 1.0      # at(hi) reaches the total, at(lo) may not
+    lo, hi = 0.0, float(m.max(initial=0)) + 1.0      # at(hi): every class at its cap
+    full = at(hi)
+    if int(full.sum()) <= total:                       # the caps bind everywhere: keep what they allow
+        return full
     for _ in range(100):
         mid = (lo + hi) / 2
         if int(at(mid).sum()) >= total:
