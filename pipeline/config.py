@@ -175,6 +175,9 @@ class IndexConfig(_Section):
                     "embedding: the indexed encoder's (centred) embeddings",
     )
     near_dup_side: int = Field(16, ge=4, le=64, description="thumbnail side for near_dup_space=pixels")
+    near_dup_exact_max: int = Field(20_000, ge=1, description="exact (Flat) near-duplicate search up to this many "
+                                                             "candidate rows; past it an IVF{~2 sqrt N},SQ8 index")
+    near_dup_nprobe: int = Field(8, ge=1, description="lists probed by the IVF near-duplicate search")
     center: bool = Field(True, description="subtract the pool mean before L2-normalising (ReLU features share a direction)")
     use_gpu: Literal["auto", "never"] = "auto"
 

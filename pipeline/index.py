@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -297,6 +298,69 @@ def perceptual_vectors(pixels: np.ndarray, side: int = 16) -> np.ndarray:
     return out
 
 
+def near_dup_factory(n: int, exact_max: int) -> str:
+    """The FAISS factory for a near-duplicate search over n vectors: exact `Flat` up to
+    `exact_max`, else `IVF{~2 sqrt n},SQ8`. Near duplicates sit at cosine >= ~0.99, so a coarse
+    partition (a few probed lists) finds them; 8-bit scalar codes hold the index at one byte per
+    dimension; every decision is then made on exact float32 cosines (`leader_groups`)."""
+    if n <= exact_max:
+        return "Flat"
+    return f"IVF{max(1, min(int(round(2 * math.sqrt(n))), n // MIN_POINTS_PER_LIST))},SQ8"
+
+
+def leader_groups(vectors: Callable[[np.ndarray], np.ndarray], n: int, threshold: float, index: faiss.Index,
+                  k: int = 10, block_size: int = 4096, start: int = 0, rep: np.ndarray | None = None,
+                  add: bool = True, margin: float = 1e-4) -> np.ndarray:
+    """Representative row of each of n rows by leader grouping in row order (see
+    `near_duplicate_groups`), streamed in blocks so only one block of vectors is in memory.
+
+    `vectors(rows)` returns the L2-normalised float32 vectors of the given rows (any order).
+    `index` searches them by inner product: with `add`, it holds rows 0..start-1 and each block is
+    added before it is searched (a row's neighbours are then earlier rows and its own block);
+    without, it already holds all n rows. Rows before `start` keep the representatives in `rep`
+    (a refresh groups only the new rows). A neighbour j of row i is only followed when its search
+    score can be within reach of the threshold: on the sphere, cos(i, rep[j]) >= t and
+    cos(j, rep[j]) >= t need cos(i, j) >= cos(2 arccos t), less `margin` for an approximate
+    index's score error. The representative is chosen on exact float32 cosines."""
+    out = np.arange(n, dtype=np.int64)
+    if rep is not None:
+        out[:start] = np.asarray(rep, np.int64)[:start]
+    if add and index.ntotal != start:
+        raise ValueError(f"index holds {index.ntotal} vectors, expected the {start} rows before the first new one")
+    if not add and index.ntotal != n:
+        raise ValueError(f"index holds {index.ntotal} vectors, embeddings have {n} rows")
+    reach = math.cos(min(math.pi, 2 * math.acos(min(1.0, max(-1.0, threshold))))) - margin  # -inf: follow all
+    kk = k + 1                                                  # +1 for the row itself
+    starts = range(start, n, block_size)
+    for lo in tqdm(starts, desc="near-duplicate search", unit="block", disable=len(starts) < _PROGRESS_MIN_BLOCKS):
+        rows = np.arange(lo, min(n, lo + block_size))
+        v = np.ascontiguousarray(vectors(rows), np.float32)     # (B, D)
+        if add:
+            index.add(v)
+        scores, ids = index.search(v, min(kk, int(index.ntotal)))  # (B, kk)
+        near = (ids >= 0) & (ids < rows[:, None]) & (scores >= reach)
+        if not near.any():
+            continue
+        # every representative a row of this block can meet: its near neighbours and, for those
+        # before the block, their representatives (those within the block are found in the loop
+        # and are themselves near neighbours or representatives of earlier ones)
+        nb = np.unique(ids[near])
+        need = np.union1d(nb, out[nb[nb < lo]])
+        outside = need[need < lo]
+        vec = {int(r): v[r - lo] for r in need[need >= lo]}
+        if len(outside):
+            vec.update(zip(outside.tolist(), np.ascontiguousarray(vectors(outside), np.float32)))
+        for b in np.flatnonzero(near.any(1)):
+            i = lo + int(b)
+            cands = {int(out[j]) for j in ids[b][near[b]]}
+            c = np.fromiter(cands, np.int64)
+            cos = np.array([float(vec[int(r)] @ v[b]) for r in c])  # exact cosines to the leaders
+            best = int(np.argmax(cos))
+            if cos[best] >= threshold:
+                out[i] = c[best]
+    return out
+
+
 def near_duplicate_groups(embeddings: np.ndarray, threshold: float, k: int = 10, block_size: int = 4096,
                           index: faiss.Index | None = None) -> np.ndarray:
     """Representative row of each row's near-duplicate group.
@@ -307,29 +371,18 @@ def near_duplicate_groups(embeddings: np.ndarray, threshold: float, k: int = 10,
     threshold of its representative (no chains of "similar to something similar"), and since
     rows are only ever appended, representatives stay stable as the pool grows. Rows with
     `rep[i] == i` are kept. `index` (built over the same rows) is used for the search when
-    given; otherwise an exact Flat index.
+    given; otherwise an exact Flat index filled block by block (`leader_groups`).
     """
     x = normalize(embeddings)  # (N, D)
     n = x.shape[0]
-    rep = np.arange(n, dtype=np.int64)
     if n < 2:
-        return rep
-    if index is None:
+        return np.arange(n, dtype=np.int64)
+    add = index is None
+    if add:
         index = faiss.IndexFlatIP(x.shape[1])
-        index.add(x)
-    elif index.ntotal != n:
-        raise ValueError(f"index holds {index.ntotal} vectors, embeddings have {n} rows")
-    _, ids = search(index, x, min(k + 1, n), block_size)  # (N, k+1): +1 for the row itself
-    for i in range(n):
-        cands = {int(rep[j]) for j in ids[i] if 0 <= j < i}  # earlier rows -> their representatives
-        if not cands:
-            continue
-        c = np.fromiter(cands, np.int64)
-        cos = x[c] @ x[i]                                      # exact cosines to the leaders
-        best = int(np.argmax(cos))
-        if cos[best] >= threshold:
-            rep[i] = c[best]
-    return rep
+    # a given index may be approximate (PQ scores): follow every neighbour it proposes
+    return leader_groups(lambda rows: x[rows], n, threshold, index, k=k, block_size=block_size, add=add,
+                         margin=1e-4 if add else math.inf)
 
 
 def index_vectors(embeddings: np.ndarray, center: np.ndarray | None) -> np.ndarray:

@@ -28,9 +28,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from webkd.pipeline import near_dup
 from webkd.pipeline.config import IndexConfig
 from webkd.pipeline.index import (_PROGRESS_MIN_BLOCKS, _gpu_count, _no_polysemous, choose_factory, index_meta_path,
-                                  index_vectors, load_index, load_index_center, near_duplicate_groups, normalize,
+                                  index_vectors, load_index, load_index_center, normalize,
                                   perceptual_vectors, recall_at_k, save_index, search, set_nprobe, train_rows)
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.progress import tqdm
@@ -173,12 +174,14 @@ class IndexReport:
     recall: dict | None = None  # recall@10 vs brute force on sampled rows (None: exact index)
     up_to_date: bool = False  # inputs unchanged since the last build: nothing rebuilt or rewritten
     decontam: object = None   # the decontamination stage's report when it ran first (pipeline/decontam.py)
+    near_dup: object = None   # near_dup.NearDupPlan: how the marks were found (full | incremental) when they ran
 
     def __str__(self) -> str:
         nd = ("near-duplicates: off" if self.threshold is None else
               f"near-duplicates (cosine >= {self.threshold}): {self.near_duplicates} rows in "
               f"{self.groups} groups of {self.candidates} candidates, {self.changed} changed")
         dc = f"\n{self.decontam}" if self.decontam is not None else ""
+        nd = nd + (f"\n{self.near_dup}" if self.near_dup is not None else "")
         rc = f", recall@10 {self.recall['recall_at_10']:.3f} ({self.recall['queries']} sampled rows)" \
             if self.recall else ""
         how = "unchanged" if self.up_to_date else ("built" if self.action == "build" else f"extended by {self.added} rows")
@@ -258,7 +261,8 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
     decoded pixel cache, row-aligned, passed as `pixels`) or `embedding`. Among manifest rows
     whose status is ok or near_duplicate, each non-representative row gets
     `status="near_duplicate"`, `dup_of=<representative id>` and one quarantine row (reason
-    near_duplicate). The marks are recomputed from scratch on every run: rows whose group
+    near_duplicate). When only new rows arrived since the last run, only they are grouped
+    (`pipeline.near_dup`); otherwise every candidate is grouped again: rows whose group
     dissolved go back to ok, and old near_duplicate quarantine rows are replaced, never
     repeated. `near_dup_threshold: null` clears every mark.
     """
@@ -283,20 +287,39 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
     cand = np.array([r.status in (OK, NEAR_DUPLICATE) for r in records], dtype=bool)
     rows = np.flatnonzero(cand)
     rep_rows = rows.copy()
-    space = None
+    vectors, nd_plan = None, None
     if cfg.near_dup_threshold is not None and len(rows) > 1:
         if cfg.near_dup_space == "pixels":
             if pixels is None or len(pixels) != len(records):
                 raise ValueError("index.near_dup_space=pixels needs the pixel cache, row-aligned with the manifest")
-            space, sub_index = normalize(perceptual_vectors(pixels, cfg.near_dup_side)), None
+            side = cfg.near_dup_side
+
+            def vectors(manifest_rows: np.ndarray) -> np.ndarray:
+                return normalize(perceptual_vectors(pixels[manifest_rows], side))
+            space = list(pixels.shape[1:])
         else:
-            space, sub_index = index_vectors(emb, center), (index if len(rows) == len(records) else None)
-        rep_local = near_duplicate_groups(space[rows], cfg.near_dup_threshold, k=cfg.k,
-                                          block_size=cfg.block_size, index=sub_index)
+            def vectors(manifest_rows: np.ndarray) -> np.ndarray:
+                return index_vectors(emb[manifest_rows], center)
+            space = [read_json(paths.features_meta(key), default=None), meta["center"]]
+        cand_recs = [records[i] for i in rows.tolist()]
+        rep_local, nd_plan = near_dup.group(
+            paths, key, cfg, [r.id for r in cand_recs], [r.status for r in cand_recs], [r.dup_of for r in cand_recs],
+            lambda pos: vectors(rows[pos]), dim=int(vectors(rows[:1]).shape[1]), space=space)
         rep_rows = rows[rep_local]
+    else:
+        near_dup.clear(paths, key, cfg)
 
     changed = 0
+    kept_q = {q.id: q for q in load_quarantine(paths.quarantine) if q.reason == NEAR_DUPLICATE}
     quarantine = [q for q in load_quarantine(paths.quarantine) if q.reason != NEAR_DUPLICATE]
+    dup_pairs = [(row, rep) for row, rep in zip(rows.tolist(), rep_rows.tolist()) if rep != row]
+    fresh = [(row, rep) for row, rep in dup_pairs
+             if not (records[row].id in kept_q and kept_q[records[row].id].dup_of == records[rep].id
+                     and records[row].status == NEAR_DUPLICATE)]
+    cos = {}
+    if fresh:
+        a = np.array([p[0] for p in fresh]), np.array([p[1] for p in fresh])
+        cos = dict(zip(fresh, np.einsum("ij,ij->i", vectors(a[0]), vectors(a[1])).tolist()))
     for row, rep in zip(rows.tolist(), rep_rows.tolist()):
         r = records[row]
         new_status, new_dup = (OK, None) if rep == row else (NEAR_DUPLICATE, records[rep].id)
@@ -304,14 +327,18 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
             changed += 1
             r.status, r.dup_of = new_status, new_dup
         if rep != row:
-            cos = float(space[row] @ space[rep])
+            if (row, rep) not in cos:                      # unchanged since the last run: its row as it was
+                quarantine.append(kept_q[r.id])
+                continue
             quarantine.append(QuarantineRow(uri=r.uri, source=r.source, reason=NEAR_DUPLICATE,
-                                            detail=f"cosine {cos:.4f} ({cfg.near_dup_space}) to row {rep} "
+                                            detail=f"cosine {cos[(row, rep)]:.4f} ({cfg.near_dup_space}) to row {rep} "
                                                    f"({records[rep].uri})",
                                             id=r.id, web_label=r.web_label, dup_of=records[rep].id,
                                             batch=r.batch))
     save_manifest(paths.manifest, records)
     save_quarantine(paths.quarantine, quarantine)
+    if nd_plan is not None:
+        near_dup.commit(nd_plan)
     # written last, with the inputs it was built from: a kill before this line rebuilds next time
     atomic_write_json(index_meta_path(paths.index(key)),
                       {**meta, "inputs": _index_inputs(paths, key, cfg, records, pixels)})
@@ -320,6 +347,6 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
                          path=paths.index(key), action=meta["action"], added=meta["added"], recall=meta.get("recall"),
                          threshold=cfg.near_dup_threshold, candidates=len(rows),
                          groups=len(set(rep_rows[rep_rows != rows].tolist())), near_duplicates=n_dup,
-                         changed=changed, seconds=time.perf_counter() - t0)
+                         changed=changed, seconds=time.perf_counter() - t0, near_dup=nd_plan)
     log.info("%s", report)
     return report
