@@ -23,7 +23,7 @@ from webkd.pipeline.config import IngestConfig
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.records import (DUPLICATE, OK, QuarantineRow, Record, load_manifest, load_quarantine, path_to_uri,
                                     save_manifest, save_quarantine)
-from webkd.pipeline.sources import Entry, iter_source
+from webkd.pipeline.sources import Entry, ShardMemo, iter_source
 from webkd.pipeline.shards import Shard, clear_shards, content_key, local_map, plan_shards, shard_file
 from webkd.pipeline.storage import atomic_write_json, atomic_write_table, commit_files, read_json, recover_files
 
@@ -187,6 +187,7 @@ class IngestPlan:
     skipped_unchanged: int = 0
     sidecars: int = 0
     upstream_failed: int = 0
+    shard_memo: dict[str, dict[str, Any]] | None = None   # tar shards listed this round (sources.ShardMemo)
 
     def entries(self, shard: Shard) -> list[Entry]:
         return self.todo[shard.start:shard.stop]
@@ -204,9 +205,10 @@ def plan_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, shard_si
     batch = 1 + max([r["batch"] for r in state.values()] + [r.batch for r in records] + [-1])
     notes: Counter = Counter()
     todo: list[Entry] = []
+    memo = ShardMemo(known=_load_memo(paths, len(state)))
     seen = skipped = 0
     for source in sources:
-        for entry in iter_source(source, cfg, notes):
+        for entry in iter_source(source, cfg, notes, memo):
             seen += 1
             prev = state.get(entry.key)
             if prev is not None and (prev["size"], prev["mtime_ns"], prev["offset"]) == \
@@ -214,10 +216,20 @@ def plan_ingest(sources: list[str], paths: RunPaths, cfg: IngestConfig, shard_si
                 skipped += 1
                 continue
             todo.append(entry)
+    seen, skipped = seen + memo.skipped_entries, skipped + memo.skipped_entries
     settings = cfg.model_dump(mode="json")
     shards = plan_shards("ingest", len(todo), shard_size, lambda lo, hi: content_key(
         settings, [(e.key, e.size, e.mtime_ns, e.offset, e.container, e.error) for e in todo[lo:hi]]))
-    return IngestPlan(batch, todo, shards, seen, skipped, notes["sidecars"], notes["upstream_failed"])
+    return IngestPlan(batch, todo, shards, seen, skipped, notes["sidecars"], notes["upstream_failed"], memo.listed)
+
+
+def _load_memo(paths: RunPaths, state_rows: int) -> dict[str, dict[str, Any]]:
+    """The last round's listed tar shards, when committed with the ingest state as it is now (a
+    state lost or replaced since would let a skipped shard's entries go unread: then none)."""
+    memo = read_json(paths.ingest_shards, default=None)
+    if not isinstance(memo, dict) or memo.get("state_rows") != state_rows or not isinstance(memo.get("shards"), dict):
+        return {}
+    return memo["shards"]
 
 
 _OUTCOME_FIELDS = ("id", "reason", "detail", "width", "height", "format", "mode")
@@ -320,11 +332,16 @@ def merge_ingest(plan: IngestPlan, paths: RunPaths, files: list[Path]) -> Ingest
             format=out.format, mode=out.mode, status=OK, batch=batch))
         report.kept += 1
 
+    memo = {"state_rows": len(state), "shards": plan.shard_memo or {}}
+    memo_writes = [(paths.ingest_shards, lambda p: atomic_write_json(p, memo))] \
+        if memo["shards"] or paths.ingest_shards.exists() else []     # tar shards only
     if todo or not (paths.manifest.exists() and paths.ingest_state.exists()):  # nothing read: nothing to write
-        # one commit for the round's three files: a kill leaves all old or all new (recover_files)
+        # one commit for the round's files: a kill leaves all old or all new (recover_files)
         commit_files(paths.ingest_stage, [(paths.manifest, lambda p: save_manifest(p, records)),
                                           (paths.quarantine, lambda p: save_quarantine(p, quarantine)),
-                                          (paths.ingest_state, lambda p: _save_state(p, state))])
+                                          (paths.ingest_state, lambda p: _save_state(p, state))] + memo_writes)
+    elif memo_writes and read_json(paths.ingest_shards, default=None) != memo:
+        atomic_write_json(paths.ingest_shards, memo)
     clear_shards(paths.root, "ingest")
     report.quarantined = dict(quarantined)
     report.total_records, report.total_quarantined = len(records), len(quarantine)

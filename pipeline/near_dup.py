@@ -63,9 +63,10 @@ class NearDupPlan:
     action: str            # full | incremental
     new_rows: int          # candidate rows searched and grouped by this run
     seconds: float
+    why: str = ""          # why every row was grouped again, or how many rows are new
 
     def __str__(self) -> str:
-        return (f"near-duplicate search {self.meta['factory']}: {self.action}, {self.new_rows} of "
+        return (f"near-duplicate search {self.meta['factory']}: {self.action} ({self.why}), {self.new_rows} of "
                 f"{self.meta['rows']} candidates grouped in {self.seconds:.1f}s")
 
 
@@ -158,7 +159,7 @@ def group(paths: RunPaths, key: str, cfg: IndexConfig, cand_ids: list[str], stat
     save_index(index, path)
     plan = NearDupPlan(path=path, action=action, new_rows=n - start, seconds=time.perf_counter() - t0,
                        meta={"fingerprint": fp, "rows": n, "ids_sha256": ids_sha256(cand_ids),
-                             "factory": factory_used, "trained_rows": int(trained), "why": why})
+                             "factory": factory_used, "trained_rows": int(trained)}, why=why)
     return rep, plan
 
 

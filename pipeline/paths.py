@@ -64,6 +64,11 @@ class RunPaths:
         return self.root / "ingest_state.parquet"
 
     @property
+    def ingest_shards(self) -> Path:
+        """Tar shards listed by the last ingest round (`sources.ShardMemo`), committed with the state."""
+        return self.root / "ingest_shards.json"
+
+    @property
     def ingest_stage(self) -> Path:
         """`.ingest_round/`: one ingest round's manifest, quarantine and state (or the pixel stage's
         `source_missing` marks in manifest and quarantine) before they are committed together

@@ -119,7 +119,7 @@ def test_ivf_search_finds_the_exact_groups_and_refresh_groups_only_new_rows(tmp_
         _run(b, grown2, load_manifest(b.manifest) + more, ivf)
     monkeypatch.undo()
     again = index_run(b, "k", ivf, pixels=grown2)
-    assert again.near_dup.action == "full" and "sidecar" in again.near_dup.meta["why"]
+    assert again.near_dup.action == "full" and "sidecar" in again.near_dup.why
     d = RunPaths(tmp_path / "exact_grown2")
     _run(d, grown2, [Record(**vars(r)) for r in recs + recs2 + more], exact)
     assert _marks(d) == _marks(b)
