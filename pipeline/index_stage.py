@@ -126,11 +126,13 @@ def exact_knn_blocked(emb: np.ndarray, center: np.ndarray | None, queries: np.nd
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
     for lo in range(0, len(emb), block):
-        sims = q @ index_vectors(emb[lo:lo + block], center).T    # (Q, B)
-        s = np.concatenate([best_s, sims], 1)
-        i = np.concatenate([best_i, np.broadcast_to(np.arange(lo, lo + sims.shape[1]), sims.shape)], 1)
+        # faiss's exact k-NN of the block keeps only (Q, k) per block: a (Q, B) score matrix with
+        # its argpartition was ~1.5 GB at Q 1000, B 65536
+        base = index_vectors(emb[lo:lo + block], center)
+        s, i = faiss.knn(q, base, min(k, len(base)), metric=faiss.METRIC_INNER_PRODUCT)   # (Q, k)
+        s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + lo], 1)
         kk = min(k, s.shape[1])
-        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        top = np.argsort(-s, axis=1, kind="stable")[:, :kk]
         best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
     return best_i
 
@@ -296,15 +298,19 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
 
             def vectors(manifest_rows: np.ndarray) -> np.ndarray:
                 return normalize(perceptual_vectors(pixels[manifest_rows], side))
-            space = list(pixels.shape[1:])
+            # the cache's shape and its first rows' bytes (another size or fit is another space)
+            space = [list(pixels.shape[1:]), hashlib.sha256(np.ascontiguousarray(pixels[:64]).tobytes()).hexdigest()]
+            dim = 3 * side * side
         else:
             def vectors(manifest_rows: np.ndarray) -> np.ndarray:
                 return index_vectors(emb[manifest_rows], center)
-            space = [read_json(paths.features_meta(key), default=None), meta["center"]]
+            fm = read_json(paths.features_meta(key), default=None) or {}
+            space = [fm.get("fingerprint"), fm.get("dim"), meta["center"]]   # the encoder and the centring
+            dim = int(emb.shape[1])
         cand_recs = [records[i] for i in rows.tolist()]
         rep_local, nd_plan = near_dup.group(
             paths, key, cfg, [r.id for r in cand_recs], [r.status for r in cand_recs], [r.dup_of for r in cand_recs],
-            lambda pos: vectors(rows[pos]), dim=int(vectors(rows[:1]).shape[1]), space=space)
+            lambda pos: vectors(rows[pos]), dim=dim, space=space)
         rep_rows = rows[rep_local]
     else:
         near_dup.clear(paths, key, cfg)
@@ -313,13 +319,15 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
     kept_q = {q.id: q for q in load_quarantine(paths.quarantine) if q.reason == NEAR_DUPLICATE}
     quarantine = [q for q in load_quarantine(paths.quarantine) if q.reason != NEAR_DUPLICATE]
     dup_pairs = [(row, rep) for row, rep in zip(rows.tolist(), rep_rows.tolist()) if rep != row]
+    incremental = nd_plan is not None and nd_plan.action == "incremental"   # old marks kept: their rows too
     fresh = [(row, rep) for row, rep in dup_pairs
-             if not (records[row].id in kept_q and kept_q[records[row].id].dup_of == records[rep].id
+             if not (incremental and records[row].id in kept_q and kept_q[records[row].id].dup_of == records[rep].id
                      and records[row].status == NEAR_DUPLICATE)]
     cos = {}
-    if fresh:
-        a = np.array([p[0] for p in fresh]), np.array([p[1] for p in fresh])
-        cos = dict(zip(fresh, np.einsum("ij,ij->i", vectors(a[0]), vectors(a[1])).tolist()))
+    for lo in range(0, len(fresh), cfg.block_size):                      # the quarantine rows' cosines
+        part = fresh[lo:lo + cfg.block_size]
+        a, b = np.array([p[0] for p in part]), np.array([p[1] for p in part])
+        cos.update(zip(part, np.einsum("ij,ij->i", vectors(a), vectors(b)).tolist()))
     for row, rep in zip(rows.tolist(), rep_rows.tolist()):
         r = records[row]
         new_status, new_dup = (OK, None) if rep == row else (NEAR_DUPLICATE, records[rep].id)

@@ -10,9 +10,11 @@ float32 cosines). What this module adds is how it scales:
   lists probed). At 1M candidates in the 768-d thumbnail space that is ~0.8 GB of codes instead
   of an O(N^2) exact search (~2-3 h on one core);
 - the index is saved (`index/near_dup_<space>.faiss` + a JSON sidecar written after the
-  manifest). When the candidate rows of the last run are a prefix of today's and nothing the
-  grouping depends on changed, only the new rows are searched and grouped; the old rows keep
-  their marks from the manifest (leader grouping looks back only, so they would not change).
+  manifest). When the candidate rows of the last run are a prefix of today's, their marks in the
+  manifest are the ones it committed (a digest) and nothing the grouping depends on changed, only
+  the new rows are searched and grouped; the old rows keep their marks (leader grouping looks
+  back only; a regroup from scratch could differ only where a row has more than k near
+  neighbours in one search block).
   Anything else (a row left or changed status, settings, the space, an IVF pool grown past
   `retrain_factor` x the rows it was trained on, a kill between the files) groups every row
   again.
@@ -93,6 +95,13 @@ def _prefix_reps(cand_ids: list[str], statuses: list[str], dup_of: list[str | No
     return rep
 
 
+def _marks_digest(rep: np.ndarray) -> str:
+    """Digest of a grouping (local representative of each candidate): an incremental run starts
+    only from the marks the saved search committed, not from marks changed since (a row that left
+    the candidates and came back, a grouping made in another space)."""
+    return hashlib.sha256(np.ascontiguousarray(rep, np.int64).tobytes()).hexdigest()
+
+
 def _try_incremental(path: Path, meta: dict[str, Any], fp: str, factory: str, cand_ids: list[str],
                      statuses: list[str], dup_of: list[str | None], cfg: IndexConfig
                      ) -> tuple[faiss.Index, int, np.ndarray, int] | str:
@@ -110,8 +119,8 @@ def _try_incremental(path: Path, meta: dict[str, Any], fp: str, factory: str, ca
     if saved != "Flat" and n > cfg.retrain_factor * max(1, trained):
         return f"{n} candidates, past {cfg.retrain_factor:g} x the {trained} the IVF was trained on"
     rep = _prefix_reps(cand_ids, statuses, dup_of, m)
-    if rep is None:
-        return "the manifest's near-duplicate marks are not from the saved grouping"
+    if rep is None or meta.get("marks_sha256") != _marks_digest(rep):
+        return "the manifest's near-duplicate marks are not those of the saved grouping"
     try:
         index = load_index(path)
     except RuntimeError as exc:
@@ -155,11 +164,12 @@ def group(paths: RunPaths, key: str, cfg: IndexConfig, cand_ids: list[str], stat
     action = "full" if prefix is None else "incremental"
     log.info("near duplicates: %s grouping with %s (%s)", action, factory_used, why)
     rep = leader_groups(vectors, n, float(cfg.near_dup_threshold), index, k=cfg.k, block_size=cfg.block_size,
-                        start=start, rep=prefix, margin=0.0 if factory_used == "Flat" else APPROX_MARGIN)
+                        start=start, rep=prefix, margin=1e-4 if factory_used == "Flat" else APPROX_MARGIN)
     save_index(index, path)
     plan = NearDupPlan(path=path, action=action, new_rows=n - start, seconds=time.perf_counter() - t0,
                        meta={"fingerprint": fp, "rows": n, "ids_sha256": ids_sha256(cand_ids),
-                             "factory": factory_used, "trained_rows": int(trained)}, why=why)
+                             "factory": factory_used, "trained_rows": int(trained),
+                             "marks_sha256": _marks_digest(rep)}, why=why)
     return rep, plan
 
 

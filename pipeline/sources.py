@@ -230,6 +230,7 @@ def _shard_metadata(shard: str, cfg: IngestConfig, notes: Counter) -> dict[str, 
         rows = pq.read_table(pq_path).to_pylist()
     except Exception as exc:
         log.warning("%s: unreadable shard metadata (%s); using members' .txt/.json only", pq_path, exc)
+        notes["unclean_listing"] += 1                        # list it again next round
         return {}
     out = {}
     for row in rows:
@@ -247,7 +248,7 @@ class ShardMemo:
     """The tar shards listed by the last ingest round, so that an unchanged shard is not opened
     again (listing parses every member header and reads every caption: ~0.2 ms an image).
 
-    `known` / `listed`: absolute shard path -> {"sig": the tar's and its Parquet's size and
+    `known` / `listed`: "<source>\t<absolute shard path>" -> {"sig": the tar's and its Parquet's size and
     mtime and the listing settings, "entries": entries it listed, "sidecars", "upstream_failed"}.
     `plan_ingest` uses `known` only when the ingest state it was committed with is intact, so a
     skipped shard's entries are all in the state, unchanged."""
@@ -288,22 +289,25 @@ def _iter_wds(source: str, pattern: str, cfg: IngestConfig, notes: Counter,
         if not os.path.isfile(shard):
             yield Entry(uri=shard, source=source, error=("not_found", "shard does not exist"))
             continue
+        mkey = f"{source}\t{shard}"                                  # the same shard under another source: its own
         sig = _shard_sig(shard, cfg) if memo is not None else None
-        prev = memo.known.get(shard) if memo is not None else None
+        prev = memo.known.get(mkey) if memo is not None else None
         if prev is not None and prev.get("sig") == sig:            # listed before, unchanged
-            memo.listed[shard] = prev
+            memo.listed[mkey] = prev
             memo.skipped_entries += int(prev["entries"])
             notes["sidecars"] += int(prev["sidecars"])
             notes["upstream_failed"] += int(prev["upstream_failed"])
             continue
-        before = (notes["sidecars"], notes["upstream_failed"])
+        before = (notes["sidecars"], notes["upstream_failed"], notes["unclean_listing"])
         count = 0
         for e in _shard_entries(shard, source, cfg, notes):
             count += 1
             yield e
-        if memo is not None:
-            memo.listed[shard] = {"sig": sig, "entries": count, "sidecars": notes["sidecars"] - before[0],
-                                  "upstream_failed": notes["upstream_failed"] - before[1]}
+        # only a clean listing is remembered: an unreadable tar or Parquet, or a tar that ended
+        # early, may be fixed without its size or mtime changing (permissions, a network mount)
+        if memo is not None and notes["unclean_listing"] == before[2]:
+            memo.listed[mkey] = {"sig": sig, "entries": count, "sidecars": notes["sidecars"] - before[0],
+                                 "upstream_failed": notes["upstream_failed"] - before[1]}
 
 
 def _shard_entries(shard: str, source: str, cfg: IngestConfig, notes: Counter) -> Iterator[Entry]:
@@ -321,6 +325,7 @@ def _shard_entries(shard: str, source: str, cfg: IngestConfig, notes: Counter) -
                     fh = tf.extractfile(m)
                     texts[(key, fld.lower())] = fh.read().decode("utf-8", "replace") if fh else ""
     except (tarfile.TarError, OSError, EOFError) as exc:
+        notes["unclean_listing"] += 1
         if not members:
             yield Entry(uri=shard, source=source, error=("unreadable", f"not a plain tar shard: {exc}"))
             return

@@ -391,9 +391,24 @@ def test_unchanged_tar_shards_are_not_opened_again(tmp_path, photos, monkeypatch
     assert third.skipped_unchanged == 6 + 6                   # shard 0 (memo) and shard 1's old samples (state)
     assert len(load_manifest(paths.manifest)) == 18
 
+    # an unclean listing (here an unreadable Parquet) is not remembered: once the file is fixed
+    # with its size and mtime as they were, the shard is read again and gets its labels
+    pqf = shards / "00000.parquet"
+    good, st = pqf.read_bytes(), pqf.stat()
+    pqf.write_bytes(b"x" * len(good))
+    os.utime(pqf, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shard(3, photos[18:20])
+    opened.clear()
+    run_ingest([src.replace("00002", "00003")], paths, cfg, workers=1)
+    pqf.write_bytes(good)
+    os.utime(pqf, ns=(st.st_atime_ns, st.st_mtime_ns))
+    opened.clear()
+    run_ingest([src.replace("00002", "00003")], paths, cfg, workers=1)
+    assert sorted(opened) == ["00000.tar"]                    # shards 1-3 were listed cleanly
+
     # a lost ingest state: the memo is not trusted, every shard is listed again, nothing is lost
     paths.ingest_state.unlink()
     opened.clear()
     fourth = run_ingest([src], paths, cfg, workers=1)
     assert sorted(opened) == ["00000.tar", "00001.tar", "00002.tar"]
-    assert fourth.kept == 0 and len(load_manifest(paths.manifest)) == 18
+    assert fourth.kept == 0 and len(load_manifest(paths.manifest)) == 20

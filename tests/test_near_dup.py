@@ -134,3 +134,20 @@ def test_near_duplicates_off_forgets_the_saved_search(tmp_path, photos):
     assert off.near_duplicates == 0 and off.near_dup is None
     assert not near_dup.near_dup_path(paths, "k", "pixels").exists()
     assert all(s == "ok" for s, _ in _marks(paths))
+
+
+def test_marks_changed_since_the_saved_grouping_are_regrouped(tmp_path, photos):
+    """A near duplicate that left the candidates and came back as ok (pixel stage: source_missing,
+    then its file back) must not become a leader because a refresh trusted the manifest."""
+    cfg = IndexConfig(near_dup_threshold=0.97)
+    pix, src = _pool(photos, 300, 12, seed=4)
+    paths = RunPaths(tmp_path / "run")
+    _run(paths, pix, _records(pix, 0, 0), cfg)
+    man = load_manifest(paths.manifest)
+    row = int(np.flatnonzero(src >= 0)[0])
+    assert man[row].status == NEAR_DUPLICATE
+    man[row].status, man[row].dup_of = "ok", None
+    more = photos[1300:1320]
+    report = _run(paths, np.concatenate([pix, more]), man + _records(more, len(pix), 1), cfg)
+    assert report.near_dup.action == "full" and "marks" in report.near_dup.why
+    assert load_manifest(paths.manifest)[row].status == NEAR_DUPLICATE
