@@ -359,8 +359,8 @@ def run_lock(lock_file: str | Path, command: str = "") -> Iterator[None]:
         lock.acquire()
     except Timeout:
         h = _holder(info)
-        for _ in range(20):   # the new holder may not have written its name yet
-            if h is not None and _alive(h["pid"]):
+        for _ in range(100):  # the new holder may not have written its name yet (an fsync on a busy
+            if h is not None and _alive(h["pid"]):   # disk took more than the 1 s waited before)
                 break
             time.sleep(0.05)
             h = _holder(info)
