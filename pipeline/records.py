@@ -127,7 +127,7 @@ def name_to_text(name: str) -> str:
     return printable(os.fsencode(name).decode("utf-8", "backslashreplace"))
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     id: str                                  # sha256 hex of the file bytes
     uri: str                                 # file path, or "<tar>/<member>" for shard members
@@ -199,7 +199,9 @@ def load_manifest(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.exists():
         return []
-    return [Record(**row) for row in pq.read_table(path, schema=RECORD_SCHEMA).to_pylist()]
+    cols = pq.read_table(path, schema=RECORD_SCHEMA).to_pydict()   # column lists: no dict per row held at once
+    names = list(cols)
+    return [Record(**dict(zip(names, vals))) for vals in zip(*cols.values())]
 
 
 def save_quarantine(path: str | Path, rows: Iterable[QuarantineRow]) -> None:

@@ -3,6 +3,7 @@ the same groups as the exact one on real photos with planted copies, and a refre
 the new rows without changing any old mark."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 
@@ -77,8 +78,8 @@ def test_ivf_search_finds_the_exact_groups_and_refresh_groups_only_new_rows(tmp_
     recs = _records(pix, 0, batch=0)
 
     a, b = RunPaths(tmp_path / "exact"), RunPaths(tmp_path / "ivf")
-    ra = _run(a, pix, [Record(**vars(r)) for r in recs], exact)
-    rb = _run(b, pix, [Record(**vars(r)) for r in recs], ivf)
+    ra = _run(a, pix, [dataclasses.replace(r) for r in recs], exact)
+    rb = _run(b, pix, [dataclasses.replace(r) for r in recs], ivf)
     assert ra.near_dup.meta["factory"] == "Flat" and rb.near_dup.meta["factory"].startswith("IVF")
     assert rb.near_dup.meta["factory"].endswith(",SQ8") and rb.near_dup.action == "full"
     assert _marks(a) == _marks(b)
@@ -101,7 +102,7 @@ def test_ivf_search_finds_the_exact_groups_and_refresh_groups_only_new_rows(tmp_
     assert all(_marks(b)[i][0] == NEAR_DUPLICATE for i in new_copies)
     # ... and they are what grouping the whole grown pool from scratch gives
     c = RunPaths(tmp_path / "exact_grown")
-    _run(c, grown, [Record(**vars(r)) for r in recs + recs2], exact)
+    _run(c, grown, [dataclasses.replace(r) for r in recs + recs2], exact)
     assert _marks(c) == _marks(b)
     q = load_quarantine(b.quarantine)
     assert sorted(r.id for r in q if r.reason == NEAR_DUPLICATE) == \
@@ -121,7 +122,7 @@ def test_ivf_search_finds_the_exact_groups_and_refresh_groups_only_new_rows(tmp_
     again = index_run(b, "k", ivf, pixels=grown2)
     assert again.near_dup.action == "full" and "sidecar" in again.near_dup.why
     d = RunPaths(tmp_path / "exact_grown2")
-    _run(d, grown2, [Record(**vars(r)) for r in recs + recs2 + more], exact)
+    _run(d, grown2, [dataclasses.replace(r) for r in recs + recs2 + more], exact)
     assert _marks(d) == _marks(b)
 
 
