@@ -530,7 +530,8 @@ def _index(cfg: Any) -> dict[str, Any]:
                             (ist, "perceptual_vectors", "near_dup_vectors"),
                             (near_dup, "group", "near_dup"), (ist, "load_manifest", "manifest_io"),
                             (ist, "save_manifest", "manifest_io"), (ist, "save_quarantine", "manifest_io"),
-                            (ist, "load_quarantine", "manifest_io"), (stages, "decontaminate", "decontaminate"),
+                            (ist, "load_quarantine", "manifest_io"), (stages, "load_manifest", "manifest_io"),
+                            (stages, "decontaminate", "decontaminate"),
                             (stages, "pixels", "pixel_cache_check")):
         setattr(mod, name, timed(part, getattr(mod, name)))
     t0 = time.perf_counter()
@@ -544,7 +545,7 @@ def _index(cfg: Any) -> dict[str, Any]:
     return {"seconds": seconds, "images": rep.rows, "rows": rep.rows, "dim": rep.dim, "factory": rep.factory,
             "action": rep.action, "added": rep.added, "up_to_date": rep.up_to_date,
             "recall_at_10": recall.get("recall_at_10"), "recall_queries": recall.get("queries"),
-            "nprobe": cfg.index.nprobe, "near_dup_space": cfg.index.near_dup_space,
+            "nprobe": recall.get("nprobe", cfg.index.nprobe), "near_dup_space": cfg.index.near_dup_space,
             "near_dup_threshold": cfg.index.near_dup_threshold, "near_duplicates": rep.near_duplicates,
             "candidates": rep.candidates, "index_mb": round(rep.path.stat().st_size / 2**20, 1),
             "split_s": split, "faiss_threads": faiss.omp_get_max_threads()}
@@ -555,7 +556,7 @@ def _query(cfg: Any, n_queries: int, seed: int) -> dict[str, Any]:
     import numpy as np
 
     from webkd.flows.stages.curate import index_key
-    from webkd.pipeline.index import index_vectors, load_index, load_index_center, search
+    from webkd.pipeline.index import index_nprobe, index_vectors, load_index, load_index_center, search
 
     key = index_key(cfg)
     path = cfg.paths.index(key)
@@ -576,7 +577,7 @@ def _query(cfg: Any, n_queries: int, seed: int) -> dict[str, Any]:
     single_ms = 1000 * (time.perf_counter() - t0) / max(1, len(singles))
     self_hit = float(np.mean(ids[:, 0] == rows))
     return {"seconds": seconds, "images": len(rows), "queries": int(len(rows)), "k": k, "load_s": round(load_s, 3),
-            "single_query_ms": round(single_ms, 3), "self_top1": round(self_hit, 4), "nprobe": cfg.index.nprobe,
+            "single_query_ms": round(single_ms, 3), "self_top1": round(self_hit, 4), "nprobe": index_nprobe(index),
             "rows": int(len(emb)), "faiss_threads": faiss.omp_get_max_threads()}
 
 
@@ -589,10 +590,15 @@ def _knn(cfg: Any) -> dict[str, Any]:
     # the neighbour search curate's `pool()` builds (flows/stages/curate.py)
     search = NeighborSearch(index_key(cfg), cfg.selection.knn.k, cfg.index.nprobe, cfg.index.block_size,
                             cfg.index.mmap_budget_mb)
+    from webkd.pipeline.index import index_meta_path, resolve_nprobe
+    from webkd.pipeline.storage import read_json
+
     t0 = time.perf_counter()
     nb = neighbors_of(cfg.paths, search)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "images": int(len(nb)), "rows": int(len(nb)), "k": search.k, "nprobe": search.nprobe,
+    factory = (read_json(index_meta_path(cfg.paths.index(search.encoder)), default=None) or {}).get("factory") or ""
+    return {"seconds": seconds, "images": int(len(nb)), "rows": int(len(nb)), "k": search.k, "factory": factory,
+            "nprobe": search.nprobe if search.nprobe is not None else resolve_nprobe(cfg.index, factory),
             "faiss_threads": faiss.omp_get_max_threads()}
 
 

@@ -153,8 +153,10 @@ class IndexConfig(_Section):
     factory: str | None = Field(None, description="FAISS factory string; default: chosen by size")
     flat_max: int = Field(20_000, description="exact Flat index up to this many vectors")
     memory_budget_mb: float = Field(2048, description="past this, IVF-PQ instead of IVF-Flat")
-    ivfpq_min: int = Field(1_000_000, ge=1, description="from this many vectors on, IVF-PQ whatever the memory budget "
-                                                         "(trained on a sample, filled in blocks)")
+    ivfpq_min: int = Field(500_000, ge=1, description="from this many vectors on, fast-scan IVF-PQ with exact re-ranking "
+                                                       "(trained on a sample, filled in blocks; see choose_factory)")
+    refine_k_factor: float = Field(4.0, ge=1.0, description="a re-ranking index (`...,RFlat`) re-scores k x this many "
+                                                            "candidates by exact cosine")
     train_per_list: int = Field(128, ge=30, le=256, description="IVF training sample: vectors per inverted list "
                                                                 "(FAISS guidelines: 30..256)")
     retrain_factor: float = Field(2.0, ge=1.0, description="a refresh adds only the new rows to the index; it is "
@@ -164,7 +166,9 @@ class IndexConfig(_Section):
                                                           "searches (faiss.IO_FLAG_MMAP), not read into memory")
     recall_queries: int = Field(1000, ge=0, description="rows sampled to report recall@10 of an approximate index "
                                                         "against brute force after each build or extension (0: off)")
-    nprobe: int = Field(16, ge=1)
+    nprobe: int | None = Field(None, ge=1, description="lists probed per search; default by index type: 16 for "
+                                                        "IVF-Flat, 10 for fast-scan IVF-PQ (measured at 1M rows, "
+                                                        "BENCHMARKS.md Scale)")
     k: int = Field(10, ge=1)
     block_size: int = Field(4096, ge=1, description="queries per search block")
     near_dup_threshold: float | None = Field(

@@ -30,9 +30,9 @@ import numpy as np
 
 from webkd.pipeline import near_dup
 from webkd.pipeline.config import IndexConfig
-from webkd.pipeline.index import (_PROGRESS_MIN_BLOCKS, _gpu_count, _no_polysemous, choose_factory, index_meta_path,
-                                  index_vectors, load_index, load_index_center, normalize,
-                                  perceptual_vectors, recall_at_k, save_index, search, set_nprobe, train_rows)
+from webkd.pipeline.index import (_PROGRESS_MIN_BLOCKS, _gpu_count, choose_factory, index_meta_path, index_vectors,
+                                  load_index, load_index_center, new_index, normalize, perceptual_vectors, recall_at_k,
+                                  resolve_nprobe, save_index, search, set_k_factor, set_nprobe, train_rows)
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.progress import tqdm
 from webkd.pipeline.records import (NEAR_DUPLICATE, OK, QuarantineRow, load_manifest, load_quarantine, save_manifest,
@@ -104,9 +104,7 @@ def build_blocked(emb: np.ndarray, center: np.ndarray | None, cfg: IndexConfig,
     """(index, factory) over every row of `emb` (float16 memory map is fine), trained on a sample."""
     n, d = emb.shape
     factory = choose_factory(n, d, cfg)
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    _no_polysemous(index)
-    index = _to_device(index, factory, cfg)
+    index = _to_device(new_index(d, factory, cfg), factory, cfg)
     t0 = time.perf_counter()
     if not index.is_trained:
         rows = train_rows(n, cfg, seed)
@@ -151,7 +149,7 @@ def sampled_recall(index: faiss.Index, emb: np.ndarray, center: np.ndarray | Non
     _, approx = search(index, q, k, cfg.block_size)
     exact = exact_knn_blocked(emb, center, q, k)
     recall = recall_at_k(approx, exact)
-    return {"recall_at_10": round(recall, 4), "queries": int(len(rows)), "nprobe": cfg.nprobe,
+    return {"recall_at_10": round(recall, 4), "queries": int(len(rows)), "nprobe": resolve_nprobe(cfg, factory),
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -239,7 +237,8 @@ def _build_or_extend(paths: RunPaths, key: str, cfg: IndexConfig, records: list,
         center = pool_mean(emb) if cfg.center and len(emb) else None
         index, factory = build_blocked(emb, center, cfg)
         trained = added = len(emb)
-    set_nprobe(index, cfg.nprobe)
+    set_nprobe(index, resolve_nprobe(cfg, factory))
+    set_k_factor(index, cfg.refine_k_factor)
     recall = meta.get("recall") if action == "extend" and added == 0 else \
         sampled_recall(index, emb, center, cfg, factory)
     if action == "build" or added:
@@ -254,7 +253,8 @@ def _build_or_extend(paths: RunPaths, key: str, cfg: IndexConfig, records: list,
                    "added": int(added), "recall": recall}
 
 
-def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | None = None) -> IndexReport:
+def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | None = None,
+              records: list | None = None) -> IndexReport:
     """Build and save `index/<key>.faiss` over `features/<key>.npy`, then mark near duplicates.
 
     The index holds the (centred, when `cfg.center`) L2-normalised embeddings; the centring
@@ -266,10 +266,11 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
     near_duplicate). When only new rows arrived since the last run, only they are grouped
     (`pipeline.near_dup`); otherwise every candidate is grouped again: rows whose group
     dissolved go back to ok, and old near_duplicate quarantine rows are replaced, never
-    repeated. `near_dup_threshold: null` clears every mark.
+    repeated. `near_dup_threshold: null` clears every mark. `records`: the manifest as on disk,
+    when the caller has read it already (it is updated in place and saved).
     """
     t0 = time.perf_counter()
-    records = load_manifest(paths.manifest)
+    records = load_manifest(paths.manifest) if records is None else records
     feat_path = paths.features(key)
     if not feat_path.exists():
         raise FileNotFoundError(f"no feature cache {feat_path}: run `webkd features` first")
@@ -316,8 +317,9 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
         near_dup.clear(paths, key, cfg)
 
     changed = 0
-    kept_q = {q.id: q for q in load_quarantine(paths.quarantine) if q.reason == NEAR_DUPLICATE}
-    quarantine = [q for q in load_quarantine(paths.quarantine) if q.reason != NEAR_DUPLICATE]
+    old_q = load_quarantine(paths.quarantine)
+    kept_q = {q.id: q for q in old_q if q.reason == NEAR_DUPLICATE}
+    quarantine = [q for q in old_q if q.reason != NEAR_DUPLICATE]
     dup_pairs = [(row, rep) for row, rep in zip(rows.tolist(), rep_rows.tolist()) if rep != row]
     incremental = nd_plan is not None and nd_plan.action == "incremental"   # old marks kept: their rows too
     fresh = [(row, rep) for row, rep in dup_pairs

@@ -141,6 +141,38 @@ def test_ivfpq_past_memory_budget_still_searchable(emb):
     assert ix.recall_at_k(i, exact) >= 0.5
 
 
+def test_fast_scan_ivfpq_past_ivfpq_min_gives_cosines(emb, tmp_path):
+    """Past ivfpq_min: 4-bit fast-scan IVF-PQ with exact re-ranking, built with L2 on the unit
+    vectors; `search` still returns cosines (the same scores as brute force on the neighbours it
+    finds), and the probes and the re-ranking factor travel with the saved file."""
+    import faiss
+
+    cfg = IndexConfig(flat_max=500, ivfpq_min=1000, refine_k_factor=4.0)
+    factory = ix.choose_factory(*emb.shape, cfg)
+    assert factory == "IVF76,PQ32x4fs,RFlat" and ix.is_fast_scan(factory)   # 2 sqrt(3000) -> 3000 // 39; m = 64 / 2
+    assert ix.resolve_nprobe(cfg, factory) == ix.FAST_SCAN_NPROBE
+    index = ix.build_index(emb, cfg)
+    assert index.metric_type == faiss.METRIC_L2 and ix.index_nprobe(index) == ix.FAST_SCAN_NPROBE
+    s, i = ix.search(index, emb, 10)
+    bs, bi = ix.brute_force_knn(emb, emb, 10)
+    recall = ix.recall_at_k(i, bi)
+    assert recall >= 0.9, recall
+    assert (i[:, 0] == np.arange(len(emb))).mean() > 0.99          # a row finds itself first, at cosine ~1
+    np.testing.assert_allclose(s[:, 0], 1.0, atol=1e-4)
+    x = ix.normalize(emb)
+    np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", x, x[i]), atol=1e-4)   # exact re-ranked cosines
+    assert (np.diff(s, axis=1) <= 1e-6).all()                                     # best first
+    # fewer candidates re-ranked, fewer probes: lower recall (both settings are live)
+    ix.set_nprobe(index, 1)
+    ix.set_k_factor(index, 1.0)
+    assert ix.recall_at_k(ix.search(index, emb, 10)[1], bi) < recall
+    ix.set_nprobe(index, 6)
+    ix.set_k_factor(index, 3.0)
+    loaded = ix.load_index(ix.save_index(index, tmp_path / "fs.faiss"))
+    assert ix.index_nprobe(loaded) == 6 and faiss.downcast_index(loaded).k_factor == 3.0
+    np.testing.assert_array_equal(ix.search(loaded, emb[:300], 10)[1], ix.search(index, emb[:300], 10)[1])
+
+
 @pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat"])
 def test_save_load_round_trip(emb, tmp_path, factory):
     cfg = IndexConfig(factory=factory, nprobe=8)

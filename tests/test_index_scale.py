@@ -63,7 +63,11 @@ def _centroids(index) -> tuple[np.ndarray, np.ndarray]:
 
 def _search_old_rows(index, q: np.ndarray, n_old: int, k: int = 10):
     """k-NN restricted to ids < n_old (the old rows) through a FAISS id selector."""
-    params = faiss.SearchParametersIVF(sel=faiss.IDSelectorRange(0, n_old), nprobe=CFG.nprobe)
+    sel = faiss.IDSelectorRange(0, n_old)
+    params = ivf = faiss.SearchParametersIVF(sel=sel, nprobe=CFG.nprobe)
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexRefine):     # fast-scan IVF-PQ + exact re-ranking: the selector goes to the IVF
+        params = faiss.IndexRefineSearchParameters(k_factor=inner.k_factor, base_index_params=ivf)
     return index.search(q, k, params=params)
 
 

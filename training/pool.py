@@ -68,7 +68,7 @@ class NeighborSearch:
 
     encoder: str
     k: int
-    nprobe: int = 8
+    nprobe: int | None = None         # None: the probes saved with the index (its type's default)
     block_size: int = 4096
     mmap_mb: float | None = None      # an index file larger than this is memory-mapped (IO_FLAG_MMAP)
 
@@ -127,8 +127,11 @@ def neighbors_of(paths: RunPaths, search: NeighborSearch) -> np.ndarray:
     cache = load_features(paths, search.encoder)
     idx = load_index(paths.index(search.encoder), nprobe=search.nprobe, mmap_over_mb=search.mmap_mb)
     queries = index_vectors(cache.embeddings, load_index_center(paths.index(search.encoder)))
-    _, nb = knn_search(idx, queries, search.k + 1, search.block_size)
-    return np.array([[j for j in row if j != i][: search.k] for i, row in enumerate(nb)], np.int64)
+    _, nb = knn_search(idx, queries, search.k + 1, search.block_size)   # (N, k + 1), usually itself first
+    # drop each row's own id (or, when the search missed it, the last neighbour): stable, vectorised
+    own = nb == np.arange(len(nb))[:, None]
+    own[~own.any(1), -1] = True
+    return nb[~own].reshape(len(nb), search.k)
 
 
 def build_pool(paths: RunPaths, data: DataConfig, teacher_keys: Sequence[str] = (), label_source: str = "web",
