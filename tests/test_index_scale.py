@@ -163,3 +163,43 @@ def test_blocked_exact_search_equals_numpy_brute_force(pool):
     ids = exact_knn_blocked(emb[:1000], center, q, 10, block=128)
     _, ref = ix.brute_force_knn(ix.index_vectors(emb[:1000], center), q, 10)
     assert np.mean([len(set(a) & set(b)) for a, b in zip(ids, ref)]) / 10 > 0.999
+
+
+def test_neighbors_of_every_row_in_chunks_equals_one_search(tmp_path, pacs32):
+    """`training.pool.neighbors_of` (the all-rows k-NN of selection.knn) makes its queries a chunk
+    of rows at a time: the same neighbours as one search of every row, itself left out, and the
+    same as brute force for most rows (fast-scan IVF-PQ past ivfpq_min, re-ranked exactly)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from webkd.pipeline.features import extract_features
+    from webkd.training.pool import NeighborSearch, neighbors_of
+
+    pix = np.ascontiguousarray(pacs32.images[:1500])                 # real PACS photos, 32 px
+    paths = RunPaths(tmp_path / "run")
+    recs = [Record(id=hashlib.sha256(p.tobytes() + i.to_bytes(4, "little")).hexdigest(), uri=f"pacs/{i}.png",
+                   source="folder:pacs", web_label="q", web_labels=["q"], width=32, height=32, format="PNG",
+                   mode="RGB") for i, p in enumerate(pix)]
+    save_manifest(paths.manifest, recs)
+    torch.manual_seed(0)
+    proj = torch.randn(3 * 8 * 8, 24)
+
+    def encode(x):   # 8x8 thumbnails, standardised, randomly projected to 24 dims
+        t = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+        t = (t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + 1e-3)
+        return SimpleNamespace(embedding=t @ proj, logits=t[:, :3])
+
+    extract_features(encode, pix, KEY, "thumbs-v1", paths, device="cpu", row_ids=[r.id for r in recs])
+    report = index_run(paths, KEY, CFG)
+    assert ix.is_fast_scan(report.factory)
+    search = NeighborSearch(KEY, k=5)
+    chunked = neighbors_of(paths, search, chunk=97)
+    whole = neighbors_of(paths, search, chunk=10_000)
+    np.testing.assert_array_equal(chunked, whole)
+    assert chunked.shape == (1500, 5) and not (chunked == np.arange(1500)[:, None]).any()   # never itself
+    emb = np.load(paths.features(KEY))
+    x = ix.index_vectors(emb, ix.load_index_center(paths.index(KEY)))
+    _, exact = ix.brute_force_knn(x, x, 6)
+    exact = np.array([[j for j in row if j != i][:5] for i, row in enumerate(exact)])
+    assert ix.recall_at_k(chunked, exact) > 0.8

@@ -119,19 +119,28 @@ def mean_teacher_logits(paths: RunPaths, teacher_keys: Sequence[str], rows: int,
     return np.mean([np.asarray(c.logits, np.float32) for c in same], axis=0) if same else None
 
 
-def neighbors_of(paths: RunPaths, search: NeighborSearch) -> np.ndarray:
-    """(N, k) FAISS neighbours of every row (itself left out), from the run's index."""
+def neighbors_of(paths: RunPaths, search: NeighborSearch, chunk: int = 65536) -> np.ndarray:
+    """(N, k) FAISS neighbours of every row (itself left out), from the run's index. The queries
+    are made (centred, normalised float32) a chunk of rows at a time: besides the index and the
+    (N, k) answer, memory holds one chunk, not float32 copies of all N embeddings."""
     from webkd.pipeline.index import index_vectors, load_index, load_index_center
     from webkd.pipeline.index import search as knn_search
+    from webkd.pipeline.progress import tqdm
 
     cache = load_features(paths, search.encoder)
     idx = load_index(paths.index(search.encoder), nprobe=search.nprobe, mmap_over_mb=search.mmap_mb)
-    queries = index_vectors(cache.embeddings, load_index_center(paths.index(search.encoder)))
-    _, nb = knn_search(idx, queries, search.k + 1, search.block_size)   # (N, k + 1), usually itself first
-    # drop each row's own id (or, when the search missed it, the last neighbour): stable, vectorised
-    own = nb == np.arange(len(nb))[:, None]
-    own[~own.any(1), -1] = True
-    return nb[~own].reshape(len(nb), search.k)
+    center = load_index_center(paths.index(search.encoder))
+    emb = cache.embeddings
+    out = np.empty((len(emb), search.k), np.int64)
+    starts = range(0, len(emb), chunk)
+    for lo in tqdm(starts, desc="neighbours", unit="chunk", disable=len(starts) < 4):
+        q = index_vectors(emb[lo:lo + chunk], center)
+        _, nb = knn_search(idx, q, search.k + 1, max(1, len(q)))     # (B, k + 1), usually itself first
+        # drop each row's own id (or, when the search missed it, the last neighbour)
+        own = nb == np.arange(lo, lo + len(nb))[:, None]
+        own[~own.any(1), -1] = True
+        out[lo:lo + len(nb)] = nb[~own].reshape(len(nb), search.k)
+    return out
 
 
 def build_pool(paths: RunPaths, data: DataConfig, teacher_keys: Sequence[str] = (), label_source: str = "web",
