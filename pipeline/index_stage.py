@@ -351,7 +351,7 @@ def index_run(paths: RunPaths, key: str, cfg: IndexConfig, pixels: np.ndarray | 
         near_dup.commit(nd_plan)
     # written last, with the inputs it was built from: a kill before this line rebuilds next time
     atomic_write_json(index_meta_path(paths.index(key)),
-                      {**meta, "inputs": _index_inputs(paths, key, cfg, records, pixels)})
+                      {**meta, "inputs": inputs})   # marks move rows only between ok and near_duplicate: same candidates
     n_dup = int((rep_rows != rows).sum())
     report = IndexReport(key=key, rows=int(emb.shape[0]), dim=int(emb.shape[1]), factory=meta["factory"],
                          path=paths.index(key), action=meta["action"], added=meta["added"], recall=meta.get("recall"),
