@@ -15,6 +15,7 @@ Prefect runs locally: with no `PREFECT_API_URL` a temporary server starts (SQLit
 Prefect defaults (`flows/prefect_env.py`) before Prefect is imported.
 """
 import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -37,18 +38,30 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # tasks: one library call each (no Prefect cache: the stages cache on content themselves)
 # --------------------------------------------------------------------------------------------
+# Shard tasks take their bulky arguments as one opaque value (pickled bytes, a JSON string):
+# Prefect walks every parameter of every task looking for upstream futures, in the flow's process
+# and again in the worker, and Dask tokenizes it. A shard's 1,000 listing entries as a list of
+# dataclasses cost more than reading its images: on the 100k-image scale bench (py-spy, 2 Dask
+# workers) the flow's process was busy 83 s of an 89 s ingest, in Prefect's visit_collection,
+# Dask's tokenize and cloudpickle, and the workers spent a quarter of their time on the same.
 @task(name="ingest-shard", cache_policy=NO_CACHE)
-def ingest_shard_task(entries: list, shard: Any, root: str, ingest_cfg: Any):
-    """One ingest shard on the task runner (idempotent: its output is keyed on its content)."""
+def ingest_shard_task(entries: bytes, shard: Any, root: str, ingest_cfg: Any):
+    """One ingest shard on the task runner (idempotent: its output is keyed on its content).
+    `entries`: the shard's listing entries, pickled (`pack_entries`)."""
     from webkd.pipeline.ingest import ingest_shard
 
-    return ingest_shard(entries, shard, root, ingest_cfg)
+    return ingest_shard(pickle.loads(entries), shard, root, ingest_cfg)
 
 
 @task(name="features-shard", cache_policy=NO_CACHE)
-def feature_shard_task(cfg: Config, key: str, shard: Any):
-    """One features shard on the task runner (idempotent, keyed on encoder and rows)."""
-    return curate_stages.encode_feature_shard(cfg, key, shard)
+def feature_shard_task(cfg_json: str, key: str, shard: Any):
+    """One features shard on the task runner (idempotent, keyed on encoder and rows); the config
+    travels as its JSON."""
+    return curate_stages.encode_feature_shard(Config.model_validate_json(cfg_json), key, shard)
+
+
+def pack_entries(entries: list) -> bytes:
+    return pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _results(futures: Any) -> list:
@@ -58,13 +71,13 @@ def _results(futures: Any) -> list:
 def map_ingest_shards(cfg: Config) -> Callable[[Any], list]:
     """`run_shards` for the ingest stage: its shards mapped over the flow's task runner."""
     t = with_retries(ingest_shard_task, cfg)
-    return lambda plan: _results(t.map([plan.entries(s) for s in plan.shards], plan.shards,
+    return lambda plan: _results(t.map([pack_entries(plan.entries(s)) for s in plan.shards], plan.shards,
                                        unmapped(str(cfg.paths.root)), unmapped(cfg.ingest)))
 
 
 def map_feature_shards(cfg: Config) -> Callable[[str, list], list]:
     t = with_retries(feature_shard_task, cfg)
-    return lambda key, shards: _results(t.map(unmapped(cfg), unmapped(key), shards))
+    return lambda key, shards: _results(t.map(unmapped(cfg.model_dump_json()), unmapped(key), shards))
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
