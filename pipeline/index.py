@@ -115,7 +115,7 @@ def choose_factory(n: int, d: int, cfg: IndexConfig) -> str:
                     "using an exact Flat index", n)
         return "Flat"
     if n >= cfg.ivfpq_min and n >= PQ_MIN_TRAIN:
-        m = max(m for m in range(1, max(1, d // 2) + 1) if d % m == 0 and m <= 64)
+        m = _pq_m(n, d, math.inf)   # the most sub-quantisers _pq_m allows: 4-bit codes, no budget to fit
         return f"IVF{_nlist(n, FAST_SCAN_LISTS_PER_SQRT)},PQ{m}x4fs,RFlat"
     if n <= cfg.flat_max:
         return "Flat"
@@ -128,6 +128,18 @@ def new_index(d: int, factory: str, cfg: IndexConfig) -> faiss.Index:
     index = faiss.index_factory(d, factory, metric_for(factory))
     _no_polysemous(index)
     set_k_factor(index, cfg.refine_k_factor)
+    return index
+
+
+def to_device(index: faiss.Index, factory: str, cfg: IndexConfig) -> faiss.Index:
+    """`index` on every GPU faiss sees when `cfg.use_gpu == "auto"`, else (or when the GPU
+    kernels refuse it) the CPU index itself."""
+    if cfg.use_gpu == "auto" and _gpu_count() > 0:
+        try:
+            index = faiss.index_cpu_to_all_gpus(index)
+            log.info("FAISS index %s on %d GPU(s)", factory, _gpu_count())
+        except RuntimeError as exc:  # e.g. a PQ size the GPU kernels do not support
+            log.warning("FAISS GPU index for %s failed (%s); staying on CPU", factory, exc)
     return index
 
 
@@ -199,13 +211,7 @@ def build_index(embeddings: np.ndarray, cfg: IndexConfig, seed: int = 0) -> fais
     x = normalize(embeddings)  # (N, D)
     n, d = x.shape
     factory = choose_factory(n, d, cfg)
-    index = new_index(d, factory, cfg)
-    if cfg.use_gpu == "auto" and _gpu_count() > 0:
-        try:
-            index = faiss.index_cpu_to_all_gpus(index)
-            log.info("FAISS index %s on %d GPU(s)", factory, _gpu_count())
-        except RuntimeError as exc:  # e.g. a PQ size the GPU kernels do not support
-            log.warning("FAISS GPU index for %s failed (%s); staying on CPU", factory, exc)
+    index = to_device(new_index(d, factory, cfg), factory, cfg)
     t0 = time.perf_counter()
     if not index.is_trained:
         rows = train_rows(n, cfg, seed)

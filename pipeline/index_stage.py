@@ -30,9 +30,10 @@ import numpy as np
 
 from webkd.pipeline import near_dup
 from webkd.pipeline.config import IndexConfig
-from webkd.pipeline.index import (_PROGRESS_MIN_BLOCKS, _gpu_count, choose_factory, index_meta_path, index_vectors,
+from webkd.pipeline.index import (_PROGRESS_MIN_BLOCKS, choose_factory, index_meta_path, index_vectors,
                                   load_index, load_index_center, new_index, normalize, perceptual_vectors, recall_at_k,
-                                  resolve_nprobe, save_index, search, set_k_factor, set_nprobe, train_rows)
+                                  resolve_nprobe, save_index, search, set_k_factor, set_nprobe, to_device,
+                                  train_rows)
 from webkd.pipeline.paths import RunPaths
 from webkd.pipeline.progress import tqdm
 from webkd.pipeline.records import (NEAR_DUPLICATE, OK, QuarantineRow, load_manifest, load_quarantine, save_manifest,
@@ -78,15 +79,6 @@ def plan(meta: dict[str, Any], struct: str, ids: list[str], cfg: IndexConfig, pa
     return "extend", f"{len(ids) - rows} new rows added to the index trained on {trained}"
 
 
-def _to_device(index: faiss.Index, factory: str, cfg: IndexConfig) -> faiss.Index:
-    if cfg.use_gpu == "auto" and _gpu_count() > 0:
-        try:
-            return faiss.index_cpu_to_all_gpus(index)
-        except RuntimeError as exc:  # e.g. a PQ size the GPU kernels do not support
-            log.warning("FAISS GPU index for %s failed (%s); staying on CPU", factory, exc)
-    return index
-
-
 def extend(index: faiss.Index, emb: np.ndarray, center: np.ndarray | None, start: int,
            block: int = ADD_BLOCK) -> int:
     """Add rows start.. of `emb` (ids = row numbers, appended in order); returns how many."""
@@ -104,7 +96,7 @@ def build_blocked(emb: np.ndarray, center: np.ndarray | None, cfg: IndexConfig,
     """(index, factory) over every row of `emb` (float16 memory map is fine), trained on a sample."""
     n, d = emb.shape
     factory = choose_factory(n, d, cfg)
-    index = _to_device(new_index(d, factory, cfg), factory, cfg)
+    index = to_device(new_index(d, factory, cfg), factory, cfg)
     t0 = time.perf_counter()
     if not index.is_trained:
         rows = train_rows(n, cfg, seed)
