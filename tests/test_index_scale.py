@@ -193,9 +193,8 @@ def test_neighbors_of_every_row_in_chunks_equals_one_search(tmp_path, pacs32):
     extract_features(encode, pix, KEY, "thumbs-v1", paths, device="cpu", row_ids=[r.id for r in recs])
     report = index_run(paths, KEY, CFG)
     assert ix.is_fast_scan(report.factory)
-    search = NeighborSearch(KEY, k=5)
-    chunked = neighbors_of(paths, search, chunk=97)
-    whole = neighbors_of(paths, search, chunk=10_000)
+    chunked = neighbors_of(paths, NeighborSearch(KEY, k=5, block_size=97))
+    whole = neighbors_of(paths, NeighborSearch(KEY, k=5, block_size=10_000))
     np.testing.assert_array_equal(chunked, whole)
     assert chunked.shape == (1500, 5) and not (chunked == np.arange(1500)[:, None]).any()   # never itself
     emb = np.load(paths.features(KEY))

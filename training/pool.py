@@ -119,10 +119,10 @@ def mean_teacher_logits(paths: RunPaths, teacher_keys: Sequence[str], rows: int,
     return np.mean([np.asarray(c.logits, np.float32) for c in same], axis=0) if same else None
 
 
-def neighbors_of(paths: RunPaths, search: NeighborSearch, chunk: int = 65536) -> np.ndarray:
+def neighbors_of(paths: RunPaths, search: NeighborSearch) -> np.ndarray:
     """(N, k) FAISS neighbours of every row (itself left out), from the run's index. The queries
-    are made (centred, normalised float32) a chunk of rows at a time: besides the index and the
-    (N, k) answer, memory holds one chunk, not float32 copies of all N embeddings."""
+    are made (centred, normalised float32) `search.block_size` rows at a time: besides the index
+    and the (N, k) answer, memory holds one block, not float32 copies of all N embeddings."""
     from webkd.pipeline.index import index_vectors, load_index, load_index_center
     from webkd.pipeline.index import search as knn_search
     from webkd.pipeline.progress import tqdm
@@ -132,10 +132,10 @@ def neighbors_of(paths: RunPaths, search: NeighborSearch, chunk: int = 65536) ->
     center = load_index_center(paths.index(search.encoder))
     emb = cache.embeddings
     out = np.empty((len(emb), search.k), np.int64)
-    starts = range(0, len(emb), chunk)
-    for lo in tqdm(starts, desc="neighbours", unit="chunk", disable=len(starts) < 4):
-        q = index_vectors(emb[lo:lo + chunk], center)
-        _, nb = knn_search(idx, q, search.k + 1, max(1, len(q)))     # (B, k + 1), usually itself first
+    starts = range(0, len(emb), search.block_size)
+    for lo in tqdm(starts, desc="neighbours", unit="block", disable=len(starts) < 4):
+        q = index_vectors(emb[lo:lo + search.block_size], center)
+        _, nb = knn_search(idx, q, search.k + 1, search.block_size)   # (B, k + 1), usually itself first
         # drop each row's own id (or, when the search missed it, the last neighbour)
         own = nb == np.arange(lo, lo + len(nb))[:, None]
         own[~own.any(1), -1] = True
